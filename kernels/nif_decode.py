@@ -1,0 +1,312 @@
+"""Fused Triton decoder: one kernel evaluates a whole FoldedNetwork for a tile of pixels.
+
+Reference: ``to_pixels(evaluate_folded(net, pixel_grid(...)))`` in pillow_nif.model. Eager torch writes and
+re-reads every hidden activation (addmm, multiply by the period, sine: ~4 passes of 4 bytes per unit), so
+widths [360, 150, 70, 32] move ~10 KB per pixel for ~88 K multiply-adds. Fused, a pixel costs only its C
+output bytes: coordinates are made from the pixel index, activations stay in registers and the weights
+(a few hundred KB) are re-read from L2 by each tile.
+
+Design
+- A program decodes BLOCK_M consecutive pixels of the band (a 1D grid over the band's pixels).
+- An activation is a tuple of register tiles BLOCK_M x 32 (the last one x 16 when that suffices), so widths
+  pad to a multiple of 16 rather than to a power of two, and every tl.dot has K, N in {16, 32} (>= 16 as
+  the GPU needs).
+- A layer too wide to hold whole (padded width > WHOLE_MAX) is *streamed*: a loop computes CHUNK of its
+  outputs, applies the sine and accumulates them at once into the next layer, so it never exists whole.
+  A tiny search over which layers to stream minimises padded multiply-adds under that register bound.
+- The layer structure is a tuple of tl.constexpr descriptors, unrolled with tl.static_range: one kernel is
+  compiled per architecture, for any depth. Weights are packed once per device into one zero-padded float32
+  buffer, cached on the FoldedNetwork.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from pillow_nif.model import FoldedNetwork
+
+CHUNK = 32  # register-tile width, and columns per step of a streamed layer
+WHOLE_MAX = 256  # widest activation held whole: 64 x 256 fp32 is 128 registers/thread at 4 warps
+BLOCK_M = 64  # pixels per program on a GPU (tl.dot M); lowered when an activation must exceed WHOLE_MAX
+INTERPRET_BLOCK_M = 512  # the interpreter's cost is per operation, so it wants few, large tiles
+
+# Layer descriptor: (w_off, b_off, n_pad, in_pieces, out_pieces, mode, act, n_chunks); pieces are ((off, size), ...).
+WHOLE, STREAM, FUSED = 0, 1, 2  # FUSED: the layer after a STREAM one, evaluated inside its loop
+ACT_NONE, ACT_PERIOD, ACT_SINE = 0, 1, 2  # output layer | genesis: sin(period * z) | modulation: sin(z)
+
+
+# ---- kernel ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _encode(y, x, freq_ptr, OFF: tl.constexpr, SIZE: tl.constexpr, FREQS: tl.constexpr):
+    """Columns [OFF, OFF + SIZE) of encode_positions([y, x]), zero past its 2 + 4 FREQS columns."""
+    col = OFF + tl.arange(0, SIZE)[None, :]
+    j = tl.maximum(col - 2, 0)  # per frequency: sin y, cos y, sin x, cos x
+    f = tl.load(freq_ptr + j // 4, mask=(col >= 2) & (col < 2 + 4 * FREQS), other=0.0)
+    coord = tl.where((col == 1) | ((col >= 2) & ((j // 2) % 2 == 1)), x[:, None], y[:, None])
+    ang = coord * f  # one f32 multiply, as the reference: huge angles round identically
+    enc = tl.where(col < 2, coord, tl.where(j % 2 == 0, tl.sin(ang), tl.cos(ang)))
+    return tl.where(col < 2 + 4 * FREQS, enc, 0.0)
+
+
+@triton.jit
+def _act(z, period, ACT: tl.constexpr):
+    if ACT == 1:
+        z = tl.sin(period[:, None] * z)
+    elif ACT == 2:
+        z = tl.sin(z)
+    return z
+
+
+@triton.jit
+def _tile(ptr, row0, ROWS: tl.constexpr, col0, COLS: tl.constexpr, STRIDE: tl.constexpr):
+    """Block [row0 : row0 + ROWS, col0 : col0 + COLS] of a row-major matrix with STRIDE columns."""
+    r = row0 + tl.arange(0, ROWS)
+    c = col0 + tl.arange(0, COLS)
+    return tl.load(ptr + r[:, None] * STRIDE + c[None, :])
+
+
+@triton.jit
+def _whole(hs, period, buf, L: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """One layer, input and output held whole as tuples of tiles."""
+    out = ()
+    for q in tl.static_range(len(L[4])):
+        acc = tl.zeros((BLOCK_M, L[4][q][1]), tl.float32)
+        for p in tl.static_range(len(L[3])):
+            w = _tile(buf + L[0], L[3][p][0], L[3][p][1], L[4][q][0], L[4][q][1], L[2])
+            acc = tl.dot(hs[p], w, acc, input_precision=PREC)
+        b = tl.load(buf + L[1] + L[4][q][0] + tl.arange(0, L[4][q][1]))
+        out = out + (_act(acc + b[None, :], period, L[6]),)
+    return out
+
+
+@triton.jit
+def _streamed(hs, period, buf, A: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """Layer A in CHUNK-column steps, each accumulated at once into layer B: A's output is never whole."""
+    CH: tl.constexpr = A[2] // A[7]
+    accs = ()
+    for q in tl.static_range(len(B[4])):
+        accs = accs + (tl.zeros((BLOCK_M, B[4][q][1]), tl.float32),)
+    for c in range(A[7]):
+        c0 = c * CH
+        z = tl.zeros((BLOCK_M, CH), tl.float32)
+        for p in tl.static_range(len(A[3])):
+            z = tl.dot(hs[p], _tile(buf + A[0], A[3][p][0], A[3][p][1], c0, CH, A[2]), z, input_precision=PREC)
+        a = _act(z + tl.load(buf + A[1] + c0 + tl.arange(0, CH))[None, :], period, A[6])
+        new = ()
+        for q in tl.static_range(len(B[4])):
+            w = _tile(buf + B[0], c0, CH, B[4][q][0], B[4][q][1], B[2])
+            new = new + (tl.dot(a, w, accs[q], input_precision=PREC),)
+        accs = new
+    out = ()
+    for q in tl.static_range(len(B[4])):
+        b = tl.load(buf + B[1] + B[4][q][0] + tl.arange(0, B[4][q][1]))
+        out = out + (_act(accs[q] + b[None, :], period, B[6]),)
+    return out
+
+
+@triton.jit
+def _mlp(y, x, period, buf, FREQS: tl.constexpr, LAYERS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """Encode (y, x), run the layers; returns the output layer's tiles."""
+    hs = ()
+    for p in tl.static_range(len(LAYERS[0][3])):
+        hs = hs + (_encode(y, x, buf, LAYERS[0][3][p][0], LAYERS[0][3][p][1], FREQS),)
+    for i in tl.static_range(len(LAYERS)):
+        if LAYERS[i][5] == 0:
+            hs = _whole(hs, period, buf, LAYERS[i], BLOCK_M, PREC)
+        elif LAYERS[i][5] == 1:
+            hs = _streamed(hs, period, buf, LAYERS[i], LAYERS[i + 1], BLOCK_M, PREC)
+    return hs
+
+
+@triton.jit
+def _nif_decode_kernel(
+    out_ptr,  # (n_pix, CHANNELS) uint8 or int32 pixels of the band, row-major
+    buf,  # packed float32: frequency table at 0, then every padded weight and bias
+    n_pix,  # pixels in this launch: rows * width
+    width,  # output width and height, which set the pixel-centre coordinates
+    height,
+    row0,  # first output row of this launch
+    omega,  # the constant period when there is no modulation network
+    maxval,  # clamp bound: 255 or 65535
+    CHANNELS: tl.constexpr,
+    GEN_FREQS: tl.constexpr,  # positional-encoding frequencies of the genesis / modulation networks
+    MOD_FREQS: tl.constexpr,
+    GEN: tl.constexpr,  # layer descriptors (see the module constants); MOD is () without modulation
+    MOD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PREC: tl.constexpr,  # tl.dot input_precision: "ieee" (exact fp32) or "tf32x3"
+):
+    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Pixel centres in float64, rounded to float32, exactly as pixel_grid.
+    # (int scalars equal to 1 arrive as constexprs, hence no .to() on them.)
+    y = ((2 * (row0 + p // width) + 1).to(tl.float64) / height - 1.0).to(tl.float32)
+    x = ((2 * (p % width) + 1).to(tl.float64) / width - 1.0).to(tl.float32)
+    if len(MOD) > 0:
+        hm = _mlp(y, x, y, buf, MOD_FREQS, MOD, BLOCK_M, PREC)  # `y` stands in for the unused period
+        period = tl.sum(hm[0], axis=1)  # the last layer has one real column, the padding is exactly 0
+    else:
+        period = tl.zeros((BLOCK_M,), tl.float32) + omega
+    v = _mlp(y, x, period, buf, GEN_FREQS, GEN, BLOCK_M, PREC)[0]
+    v = tl.floor(tl.minimum(tl.maximum(v, 0.0), maxval) + 0.5)  # round half up, as to_pixels
+    c = tl.arange(0, v.shape[1])
+    offs = p.to(tl.int64)[:, None] * CHANNELS + c[None, :]
+    mask = (p < n_pix)[:, None] & (c < CHANNELS)[None, :]
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- host side: packing and launch ----------------------------------------------------------------------
+
+
+def _pieces(d: int) -> tuple[tuple[int, int], ...]:
+    """Register tiles (offset, size) covering d columns: CHUNK wide, the last 16 wide when that suffices."""
+    n, rem = divmod(d, CHUNK)
+    sizes = [CHUNK] * n + ([16] if 0 < rem <= 16 else [CHUNK] if rem else [])
+    return tuple(zip(itertools.accumulate([0, *sizes[:-1]]), sizes))
+
+
+def _padded(d: int) -> int:
+    return sum(s for _, s in _pieces(d))
+
+
+def _plan(dims: list[int]) -> list[bool]:
+    """Which layers to stream (never two in a row, never the last): fewest padded multiply-adds among the
+    plans whose whole activations fit WHOLE_MAX, else among those that exceed it least."""
+    n = len(dims) - 1
+    best = None
+    for mask in range(1 << (n - 1)):
+        if mask & (mask >> 1):
+            continue
+        stream = [bool(mask >> i & 1) for i in range(n)]
+        widths = [_padded(dims[0])] + [-(-d // CHUNK) * CHUNK if s else _padded(d) for d, s in zip(dims[1:], stream)]
+        macs = sum(a * b for a, b in zip(widths, widths[1:]))
+        excess = sum(max(0, w - WHOLE_MAX) for w, s in zip(widths, [False, *stream]) if not s)
+        key = (excess, macs, sum(stream))
+        if best is None or key < best[0]:
+            best = (key, stream)
+    return best[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packed:
+    buf: torch.Tensor
+    gen: tuple
+    mod: tuple
+    freqs: tuple[int, int]
+    widest: int  # widest activation held whole
+    macs: int  # padded multiply-adds per pixel (what the kernel computes)
+
+
+def _pack_layers(layers, in_dim, hidden_act, parts, offset):
+    """Append the zero-padded weights of one network to parts; return its descriptors and new offset."""
+    dims = [in_dim] + [w.shape[1] for w, _ in layers]
+    stream = _plan(dims)
+    pieces, k_pad, descs = _pieces(in_dim), _padded(in_dim), []
+    for i, (w, b) in enumerate(layers):
+        out = () if stream[i] else _pieces(dims[i + 1])
+        n_pad = -(-dims[i + 1] // CHUNK) * CHUNK if stream[i] else _padded(dims[i + 1])
+        wp = w.new_zeros(k_pad, n_pad)
+        wp[: dims[i], : dims[i + 1]] = w
+        bp = b.new_zeros(n_pad)
+        bp[: dims[i + 1]] = b
+        mode = STREAM if stream[i] else FUSED if i and stream[i - 1] else WHOLE
+        act = ACT_NONE if i == len(layers) - 1 else hidden_act
+        descs.append((offset, offset + wp.numel(), n_pad, pieces, out, mode, act, n_pad // CHUNK))
+        parts += [wp.reshape(-1), bp]
+        offset += wp.numel() + n_pad
+        pieces, k_pad = out, n_pad
+    return tuple(descs), offset
+
+
+def _describe(descs) -> tuple[int, int]:
+    widest = max([sum(s for _, s in d[3]) for d in descs] + [d[2] for d in descs if d[5] != STREAM])
+    macs = sum(descs[i - 1][2] * d[2] if i else sum(s for _, s in d[3]) * d[2] for i, d in enumerate(descs))
+    return widest, macs
+
+
+def pack(net: FoldedNetwork) -> _Packed:
+    """The padded weights and kernel descriptors of net, built once per device and cached on net."""
+    dev = net.out[0].device
+    cache = net.__dict__.setdefault("_triton_decode", {})
+    if str(dev) in cache:
+        return cache[str(dev)]
+    if net.channels > 16:
+        raise ValueError(f"at most 16 channels, not {net.channels}")
+    nf = max(net.pe_freqs, net.mod_pe_freqs if net.mod else 0)
+    # The same float64 expression as encode_positions, then float32.
+    freqs = (math.pi * net.pe_scale ** torch.arange(nf, device=dev, dtype=torch.float64)).float()
+    parts = [freqs, freqs.new_zeros(-nf % 16)]  # keep weights 64-byte aligned
+    offset = nf + (-nf % 16)
+    mod = ()
+    if net.mod:
+        mod, offset = _pack_layers(net.mod, 2 + 4 * net.mod_pe_freqs, ACT_SINE, parts, offset)
+    gen, offset = _pack_layers([*net.genesis, net.out], 2 + 4 * net.pe_freqs, ACT_PERIOD, parts, offset)
+    buf = torch.cat([t.float() for t in parts]).contiguous()
+    widest, macs = _describe(gen)
+    if mod:
+        mw, mm = _describe(mod)
+        widest, macs = max(widest, mw), macs + mm
+    packed = _Packed(buf, gen, mod, (net.pe_freqs, net.mod_pe_freqs), widest, macs)
+    cache[str(dev)] = packed
+    return packed
+
+
+def _interpreting() -> bool:
+    return isinstance(_nif_decode_kernel, InterpretedFunction)
+
+
+def render_band(
+    net: FoldedNetwork,
+    width: int,
+    height: int,
+    row0: int,
+    row1: int,
+    *,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    num_warps: int = 4,
+    precision: str = "ieee",
+) -> torch.Tensor:
+    """Rows [row0, row1) of the (height, width) decode of net: (row1 - row0, width, C) integer pixels.
+
+    uint8 when net.maxval == 255, else int32; equal (up to float32 rounding) to
+    to_pixels(evaluate_folded(net, pixel_grid(width, height, slice(row0, row1)))). Runs on the device of
+    net's weights (CUDA, or CPU under TRITON_INTERPRET=1). `out`, if given, is filled and returned.
+    """
+    if width < 1 or height < 1 or not 0 <= row0 <= row1 <= height:
+        raise ValueError(f"rows [{row0}, {row1}) of a {width}x{height} image")
+    dev = net.out[0].device
+    if dev.type != "cuda" and not _interpreting():
+        raise RuntimeError("the Triton decoder needs CUDA weights (or TRITON_INTERPRET=1 for CPU)")
+    dtype = torch.uint8 if net.maxval == 255 else torch.int32
+    shape = (row1 - row0, width, net.channels)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=dev)
+    elif out.shape != shape or out.dtype != dtype or out.device != dev or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {dev}")
+    if out.numel() == 0:
+        return out
+    pk = pack(net)
+    if block_m is None:
+        # Shrink the tile when some activation must be held whole beyond WHOLE_MAX, to bound registers.
+        block_m = INTERPRET_BLOCK_M if _interpreting() else max(16, min(BLOCK_M, BLOCK_M * WHOLE_MAX // pk.widest))
+        block_m = 1 << (block_m.bit_length() - 1)
+    # Pixel indices are int32 in the kernel: split bands of more than 2**31 pixels.
+    step = max(1, (2**31 - 1 - block_m) // width)
+    for r in range(row0, row1, step):
+        r1 = min(row1, r + step)
+        n = (r1 - r) * width
+        _nif_decode_kernel[(triton.cdiv(n, block_m),)](
+            out[r - row0 : r1 - row0], pk.buf, n, width, height, r, float(net.omega), float(net.maxval),
+            CHANNELS=net.channels, GEN_FREQS=pk.freqs[0], MOD_FREQS=pk.freqs[1], GEN=pk.gen, MOD=pk.mod,
+            BLOCK_M=block_m, PREC=precision, num_warps=num_warps,
+        )  # fmt: skip
+    return out

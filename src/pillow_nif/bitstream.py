@@ -1,0 +1,360 @@
+"""The .nif container, version 1, in pure Python (no torch): see docs/FORMAT.md.
+
+A file is ``MAGIC`` (7 bytes) + a version byte + chunks. Each chunk is
+``type (4 ASCII) | length (u32 BE) | payload | CRC32 (u32 BE, over type and payload)``,
+as in PNG. An upper-case first letter marks a critical chunk (a reader that does not
+know it must refuse the file), a lower-case one an ancillary chunk (skipped if unknown).
+
+Every length and size is checked against the bytes present and against fixed maxima
+before anything is allocated, so a hostile file costs at most its own size to parse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import zlib
+
+MAGIC = b"\x8bNIF\r\n\x1a"
+VERSION = 1
+SIGNATURE = MAGIC + bytes([VERSION])
+
+# Modes: code -> (Pillow mode, channels, bits per sample).
+MODES = {
+    1: ("L", 1, 8),
+    2: ("LA", 2, 8),
+    3: ("RGB", 3, 8),
+    4: ("RGBA", 4, 8),
+    5: ("I;16", 1, 16),
+}
+MODE_CODES = {name: code for code, (name, _, _) in MODES.items()}
+
+# Colour transforms applied to the first three channels before fitting.
+COLOUR_IDENTITY = 0
+COLOUR_YCBCR = 1
+COLOURS = (COLOUR_IDENTITY, COLOUR_YCBCR)
+
+# Entropy models of one quantised tensor (see entropy.py).
+MODEL_UNIFORM = 0
+MODEL_LAPLACE = 1
+ENTROPY_MODELS = (MODEL_UNIFORM, MODEL_LAPLACE)
+
+# Sanity limits: far above anything the encoder writes, far below what could exhaust memory.
+MAX_DIM = 1 << 20
+MAX_LAYERS = 8
+MAX_WIDTH = 2048
+MAX_FREQS = 24
+MAX_PARAMS = 1 << 22
+MAX_QMAX = (1 << 15) - 1
+MAX_CHUNK = 1 << 28
+# A parameter costs at least this many bits on average: bounds the parameter count by the file
+# size (the encoder never goes near it; a hostile header cannot ask for a huge network in a tiny file).
+MIN_BITS_PER_PARAM = 1 / 8
+
+CHUNK_HEADER = b"NHDR"
+CHUNK_WEIGHTS = b"WGTS"
+CHUNK_ICC = b"iCCP"
+CHUNK_EXIF = b"eXIf"
+CHUNK_XMP = b"xMPd"
+METADATA_CHUNKS = {CHUNK_ICC: "icc_profile", CHUNK_EXIF: "exif", CHUNK_XMP: "xmp"}
+
+
+class FormatError(SyntaxError):
+    """A malformed or unsupported .nif file (a SyntaxError, as Pillow's plugins raise)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """Every hyperparameter the decoder needs to rebuild the network."""
+
+    channels: int
+    widths: tuple[int, ...]  # genesis sine layers, widest first
+    pe_freqs: int  # positional-encoding frequencies of the genesis network
+    pe_scale: float  # frequency i is pi * pe_scale**i
+    omega: float  # base sine period factor of the genesis layers
+    mod_widths: tuple[int, ...] = ()  # modulation network sine layers; () = no modulation
+    mod_freqs: int = 0
+    mod_omega: float = 30.0
+    mod_sigma: float = 1.0  # scale of the modulation output
+
+    def __post_init__(self):
+        # Round floats through f32 so an Architecture equals what the file stores.
+        for name in ("pe_scale", "omega", "mod_omega", "mod_sigma"):
+            object.__setattr__(self, name, _f32(getattr(self, name)))
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "mod_widths", tuple(int(w) for w in self.mod_widths))
+
+    @property
+    def pe_dim(self) -> int:
+        return 2 + 4 * self.pe_freqs
+
+    @property
+    def mod_pe_dim(self) -> int:
+        return 2 + 4 * self.mod_freqs
+
+    def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and shapes of the stored tensors, in bitstream order. Weights are (out, in)."""
+        shapes = []
+        dims = [self.pe_dim, *self.widths, self.channels]
+        for i in range(len(dims) - 1):
+            shapes += [(f"genesis.{i}.weight", (dims[i + 1], dims[i])), (f"genesis.{i}.bias", (dims[i + 1],))]
+        if self.mod_widths:
+            dims = [self.mod_pe_dim, *self.mod_widths, 1]
+            for i in range(len(dims) - 1):
+                shapes += [(f"modulation.{i}.weight", (dims[i + 1], dims[i])), (f"modulation.{i}.bias", (dims[i + 1],))]
+        return shapes
+
+    def num_params(self) -> int:
+        total = 0
+        for _, shape in self.tensor_shapes():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+    def validate(self) -> None:
+        if not 1 <= self.channels <= 4:
+            raise FormatError(f"unsupported channel count {self.channels}")
+        if not 1 <= len(self.widths) <= MAX_LAYERS or len(self.mod_widths) > MAX_LAYERS:
+            raise FormatError("unsupported number of layers")
+        if any(not 1 <= w <= MAX_WIDTH for w in (*self.widths, *self.mod_widths)):
+            raise FormatError("layer width out of range")
+        if self.pe_freqs > MAX_FREQS or self.mod_freqs > MAX_FREQS:
+            raise FormatError("too many encoding frequencies")
+        for v in (self.pe_scale, self.omega, self.mod_omega, self.mod_sigma):
+            if not (abs(v) < 1e6):  # also rejects NaN and inf
+                raise FormatError("hyperparameter out of range")
+        if self.num_params() > MAX_PARAMS:
+            raise FormatError("network too large")
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    width: int
+    height: int
+    mode: str
+    colour: int
+    arch: Architecture
+
+    @property
+    def channels(self) -> int:
+        return MODES[MODE_CODES[self.mode]][1]
+
+    @property
+    def bits(self) -> int:
+        return MODES[MODE_CODES[self.mode]][2]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorCoding:
+    """How one tensor was quantised and entropy coded: value = step * symbol, |symbol| <= qmax."""
+
+    step: float
+    qmax: int
+    model: int
+    param: int  # model parameter (Laplace decay in 1/65536)
+
+    def __post_init__(self):
+        object.__setattr__(self, "step", _f32(self.step))
+
+
+@dataclasses.dataclass
+class NifFile:
+    header: Header
+    codings: list[TensorCoding]
+    stream: bytes  # the constriction ANS words, little-endian u32
+    metadata: dict[str, bytes] = dataclasses.field(default_factory=dict)
+
+
+def _f32(v: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", float(v)))[0]
+
+
+_HDR = struct.Struct(">IIBBBff")  # width height mode colour pe_freqs pe_scale omega
+_MOD = struct.Struct(">Bff")  # mod_freqs mod_omega mod_sigma
+_CODING = struct.Struct(">fHBH")  # step qmax model param
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">4sI", kind, len(payload)) + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _widths(ws: tuple[int, ...]) -> bytes:
+    return bytes([len(ws)]) + b"".join(struct.pack(">H", w) for w in ws)
+
+
+def pack_header(h: Header) -> bytes:
+    a = h.arch
+    out = _HDR.pack(h.width, h.height, MODE_CODES[h.mode], h.colour, a.pe_freqs, a.pe_scale, a.omega)
+    out += _widths(a.widths) + _widths(a.mod_widths)
+    if a.mod_widths:
+        out += _MOD.pack(a.mod_freqs, a.mod_omega, a.mod_sigma)
+    return out
+
+
+def dumps(f: NifFile) -> bytes:
+    h = f.header
+    if len(f.codings) != len(h.arch.tensor_shapes()):
+        raise ValueError("one coding per tensor is needed")
+    if len(f.stream) % 4:
+        raise ValueError("the entropy-coded stream is a whole number of 32-bit words")
+    weights = b"".join(_CODING.pack(c.step, c.qmax, c.model, c.param) for c in f.codings) + f.stream
+    out = [SIGNATURE, _chunk(CHUNK_HEADER, pack_header(h)), _chunk(CHUNK_WEIGHTS, weights)]
+    for kind, key in METADATA_CHUNKS.items():
+        value = f.metadata.get(key)
+        if value:
+            out.append(_chunk(kind, bytes(value)))
+    return b"".join(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes, what: str):
+        self.data, self.pos, self.what = data, 0, what
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise FormatError(f"truncated {self.what}")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, st: struct.Struct):
+        return st.unpack(self.take(st.size))
+
+    def widths(self) -> tuple[int, ...]:
+        (n,) = self.take(1)
+        if n > MAX_LAYERS:
+            raise FormatError("too many layers")
+        return struct.unpack(f">{n}H", self.take(2 * n))
+
+
+def parse_header(payload: bytes) -> Header:
+    r = _Reader(payload, "header chunk")
+    width, height, mode, colour, pe_freqs, pe_scale, omega = r.unpack(_HDR)
+    widths = r.widths()
+    mod_widths = r.widths()
+    mod = r.unpack(_MOD) if mod_widths else (0, 30.0, 1.0)
+    if r.pos != len(payload):
+        raise FormatError("header chunk has trailing bytes")
+    if mode not in MODES:
+        raise FormatError(f"unknown mode code {mode}")
+    if colour not in COLOURS:
+        raise FormatError(f"unknown colour transform {colour}")
+    if not (1 <= width <= MAX_DIM and 1 <= height <= MAX_DIM):
+        raise FormatError(f"image size {width}x{height} out of range")
+    _, channels, _ = MODES[mode]
+    if colour == COLOUR_YCBCR and channels < 3:
+        raise FormatError("YCbCr needs three colour channels")
+    arch = Architecture(channels, widths, pe_freqs, pe_scale, omega, mod_widths, *mod)
+    arch.validate()
+    return Header(width, height, MODES[mode][0], colour, arch)
+
+
+def parse_weights(payload: bytes, arch: Architecture) -> tuple[list[TensorCoding], bytes]:
+    shapes = arch.tensor_shapes()
+    r = _Reader(payload, "weights chunk")
+    codings = []
+    for _ in shapes:
+        step, qmax, model, param = r.unpack(_CODING)
+        if model not in ENTROPY_MODELS:
+            raise FormatError(f"unknown entropy model {model}")
+        if qmax > MAX_QMAX or not (abs(step) < 1e30):
+            raise FormatError("quantisation parameters out of range")
+        if model == MODEL_LAPLACE and not 1 <= param < 65536:
+            raise FormatError("entropy model parameter out of range")
+        codings.append(TensorCoding(step, qmax, model, param))
+    stream = payload[r.pos :]
+    if len(stream) % 4:
+        raise FormatError("entropy-coded stream is not a whole number of words")
+    if arch.num_params() * MIN_BITS_PER_PARAM > 8 * max(len(stream), 1):
+        raise FormatError("network too large for the data present (truncated or corrupt file)")
+    return codings, stream
+
+
+def iter_chunks(data: bytes, offset: int = len(SIGNATURE)):
+    """Yield (type, payload) of each chunk, checking lengths and CRCs."""
+    pos = offset
+    while pos < len(data):
+        if pos + 8 > len(data):
+            raise FormatError("truncated chunk header")
+        kind, length = struct.unpack_from(">4sI", data, pos)
+        if not kind.isalpha():
+            raise FormatError(f"invalid chunk type {kind!r}")
+        if length > MAX_CHUNK or pos + 12 + length > len(data):
+            raise FormatError(f"truncated chunk {kind.decode('latin-1')}")
+        payload = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack_from(">I", data, pos + 8 + length)
+        if zlib.crc32(kind + payload) != crc:
+            raise FormatError(f"bad CRC in chunk {kind.decode('latin-1')}")
+        yield kind, payload
+        pos += 12 + length
+
+
+def check_signature(data: bytes) -> None:
+    if data[: len(MAGIC)] != MAGIC:
+        raise FormatError("not a NIF file")
+    if len(data) < len(SIGNATURE):
+        raise FormatError("truncated NIF signature")
+    if data[len(MAGIC)] != VERSION:
+        raise FormatError(f"unsupported NIF version {data[len(MAGIC)]}")
+
+
+def read_header(data: bytes) -> Header:
+    """Parse only the signature and the header chunk (which comes first)."""
+    check_signature(data)
+    for kind, payload in iter_chunks(data[: len(SIGNATURE) + 12 + _header_length(data)]):
+        if kind == CHUNK_HEADER:
+            return parse_header(payload)
+    raise FormatError("missing header chunk")
+
+
+def _header_length(data: bytes) -> int:
+    pos = len(SIGNATURE)
+    if len(data) < pos + 8:
+        raise FormatError("truncated chunk header")
+    kind, length = struct.unpack_from(">4sI", data, pos)
+    if kind != CHUNK_HEADER:
+        raise FormatError("the first chunk must be the header")
+    return min(length, MAX_CHUNK)
+
+
+def read_metadata(data: bytes) -> dict[str, bytes]:
+    """Metadata chunks with valid CRCs, leniently: stops at the first damaged chunk (load() reports it)."""
+    out = {}
+    try:
+        for kind, payload in iter_chunks(data):
+            if kind in METADATA_CHUNKS:
+                out[METADATA_CHUNKS[kind]] = payload
+    except FormatError:
+        pass
+    return out
+
+
+def loads(data: bytes) -> NifFile:
+    """Parse and check a whole file (every CRC); the weights stay entropy coded."""
+    check_signature(data)
+    header = None
+    weights = None
+    metadata: dict[str, bytes] = {}
+    for kind, payload in iter_chunks(data):
+        if header is None:
+            if kind != CHUNK_HEADER:
+                raise FormatError("the first chunk must be the header")
+            header = parse_header(payload)
+        elif kind == CHUNK_HEADER:
+            raise FormatError("duplicate header chunk")
+        elif kind == CHUNK_WEIGHTS:
+            if weights is not None:
+                raise FormatError("duplicate weights chunk")
+            weights = parse_weights(payload, header.arch)
+        elif kind in METADATA_CHUNKS:
+            metadata[METADATA_CHUNKS[kind]] = payload
+        elif kind[:1].isupper():
+            raise FormatError(f"unknown critical chunk {kind.decode('latin-1')}")
+        # unknown ancillary chunks are skipped
+    if header is None:
+        raise FormatError("missing header chunk")
+    if weights is None:
+        raise FormatError("missing weights chunk (truncated file?)")
+    return NifFile(header, weights[0], weights[1], metadata)

@@ -1,0 +1,127 @@
+"""The ``nif`` command: ``nif encode``, ``nif decode``, ``nif info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 1536x1024, got {text!r}") from None
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: never a partial file at `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".nif-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nif", description="Neural Imaging Format: encode, decode, inspect .nif files")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("encode", help="fit a network to an image and write a .nif file")
+    e.add_argument("inputs", nargs="+", help="input image(s), any format Pillow reads; with one input, then the output")
+    e.add_argument("--out-dir", help="write <name>.nif for every input into this folder")
+    e.add_argument("--bpp", type=float, help="bits per pixel of the whole file, a ceiling (default 0.5)")
+    e.add_argument("--quality", type=float, help="1..100 onto a 0.05..2.0 bpp ladder (--bpp wins)")
+    e.add_argument("--effort", type=int, default=5, help="1..9, encode time against quality (default 5)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    d = sub.add_parser("decode", help="render a .nif file to an image")
+    d.add_argument("input")
+    d.add_argument("output", help="output image; its extension picks the format (e.g. .png)")
+    d.add_argument("--size", type=_size, help="render at WIDTHxHEIGHT instead of the stored size")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+
+    i = sub.add_parser("info", help="print a .nif file's header as JSON")
+    i.add_argument("input")
+    return p
+
+
+def _encode(args) -> int:
+    from PIL import Image
+
+    from .fit import check_options, encode_image
+
+    check_options(args.bpp, args.quality, args.effort, args.device, args.seed)
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        jobs = [(src, os.path.join(args.out_dir, os.path.splitext(os.path.basename(src))[0] + ".nif")) for src in args.inputs]
+    elif len(args.inputs) == 2:
+        jobs = [tuple(args.inputs)]
+    else:
+        raise SystemExit("nif encode: give INPUT OUTPUT, or several inputs with --out-dir DIR")
+    for src, dst in jobs:
+        with Image.open(src) as im:
+            im.load()
+            result = encode_image(
+                im, bpp=args.bpp, quality=args.quality, effort=args.effort, device=args.device, seed=args.seed,
+                progress=not args.quiet,
+                icc_profile=im.info.get("icc_profile"), exif=im.info.get("exif"), xmp=im.info.get("xmp"),
+            )
+        write_atomic(dst, result.data)
+        print(f"{dst}: {im.width}x{im.height} {len(result.data)} bytes, {result.bpp:.4f} bpp, "
+              f"PSNR {result.psnr:.2f} dB, {result.seconds:.1f} s")
+    return 0
+
+
+def _decode(args) -> int:
+    import io
+
+    from PIL import Image
+
+    from .render import decode
+
+    im = decode(args.input, size=args.size, device=args.device, backend=args.backend)
+    ext = os.path.splitext(args.output)[1]
+    fmt = Image.registered_extensions().get(ext.lower())
+    if fmt is None:
+        raise SystemExit(f"nif decode: unknown output extension {ext!r}")
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    write_atomic(args.output, buf.getvalue())
+    print(f"{args.output}: {im.width}x{im.height} {im.mode}")
+    return 0
+
+
+def _info(args) -> int:
+    from .render import info
+
+    print(json.dumps(info(args.input), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .bitstream import FormatError
+
+    try:
+        return {"encode": _encode, "decode": _decode, "info": _info}[args.command](args)
+    except (ValueError, OSError, FormatError) as e:
+        print(f"nif {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

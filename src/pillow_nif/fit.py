@@ -1,0 +1,480 @@
+"""Encoding: fit a NIF network to an image, quantise, entropy code, and honour the bit budget.
+
+The recipe follows NIF: AdamW in stages with warm-restarted cosine schedules and a partial weight
+restart (perturbation) between stages, a log-cosh + small SSIM loss, then quantisation-aware tuning.
+Rate control picks the architecture from the budget, then searches one global quantisation step
+factor so that the *whole file* lands just under ``bpp * width * height`` bits.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from typing import Callable
+
+import numpy as np
+
+from . import bitstream, entropy
+from .bitstream import Architecture, Header, NifFile, TensorCoding
+from .imaging import prepare_image
+
+DEFAULT_BPP = 0.5
+QUALITY_MIN_BPP, QUALITY_MAX_BPP = 0.05, 2.0
+
+
+def quality_to_bpp(quality: float) -> float:
+    """quality 1..100 maps log-linearly onto 0.05..2.0 bpp (50 -> 0.31, 75 -> 0.78, 90 -> 1.3)."""
+    return QUALITY_MIN_BPP * (QUALITY_MAX_BPP / QUALITY_MIN_BPP) ** ((quality - 1) / 99)
+
+
+@dataclasses.dataclass(frozen=True)
+class Effort:
+    """What one effort level spends. Iterations are optimiser steps on batches of `batch` pixels."""
+
+    stages: int  # fitting stages, with a weight restart between consecutive ones
+    iters: int  # optimiser steps per stage
+    qat_stages: int
+    qat_iters: int
+    batch: int  # pixels per step on the CPU (a random crop when the image is larger)
+    gpu_batch: int  # same on CUDA
+
+
+EFFORTS = {
+    1: Effort(1, 60, 1, 15, 1 << 14, 1 << 18),
+    2: Effort(2, 80, 1, 25, 1 << 14, 1 << 18),
+    3: Effort(3, 100, 2, 25, 1 << 15, 1 << 18),
+    4: Effort(4, 125, 2, 30, 1 << 15, 1 << 19),
+    5: Effort(5, 150, 3, 30, 1 << 15, 1 << 19),
+    6: Effort(7, 150, 3, 40, 1 << 16, 1 << 19),
+    7: Effort(10, 150, 4, 40, 1 << 16, 1 << 20),
+    8: Effort(12, 200, 5, 40, 1 << 17, 1 << 20),
+    9: Effort(16, 250, 5, 60, 1 << 17, 1 << 20),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """Defaults of the training recipe, in one place."""
+
+    lr: float = 1e-3
+    lr_floor: float = 0.05  # cosine decays to lr * lr_floor within a stage
+    warmup: float = 0.1  # fraction of a stage spent warming the learning rate up
+    weight_decay: float = 1e-4
+    ssim_weight: float = 0.01
+    qat_lr: float = 1e-4
+    # Weight restart between stages: perturb a fraction `amount` of weights (not the first layer)
+    # by uniform noise of +-range * mean|w|; amount grows and range shrinks over the fit (NIF).
+    restart_amount: tuple[float, float] = (0.125, 0.5)
+    restart_range: tuple[float, float] = (0.5, 0.1)
+    bits_per_param: float = 7.0  # what the architecture choice assumes a parameter will cost
+    pe_scale: float = 1.4
+    omega: float = 30.0
+    mod_sigma: float = 10.0
+
+
+@dataclasses.dataclass
+class EncodeResult:
+    data: bytes
+    bpp: float
+    psnr: float  # of the quantised network against the input, at the input's bit depth
+    seconds: float
+    arch: Architecture
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+        if device != "cuda" and int(device[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"no such CUDA device: {device!r}")
+        return device
+    raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tuple[float, int]:
+    """Validate user options before any work; return (target bpp, effort)."""
+    if bpp is not None:
+        if isinstance(bpp, bool) or not isinstance(bpp, (int, float)) or not math.isfinite(bpp) or bpp <= 0:
+            raise ValueError(f"bpp must be a positive number, got {bpp!r}")
+        if bpp > 64:
+            raise ValueError(f"bpp {bpp} is beyond any useful rate (at most 64)")
+    if quality is not None:
+        if isinstance(quality, bool) or not isinstance(quality, (int, float)) or not 1 <= quality <= 100:
+            raise ValueError(f"quality must be between 1 and 100, got {quality!r}")
+    if isinstance(effort, bool) or not isinstance(effort, int) or effort not in EFFORTS:
+        raise ValueError(f"effort must be an integer from 1 to 9, got {effort!r}")
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a string, got {device!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    target = float(bpp) if bpp is not None else quality_to_bpp(quality) if quality is not None else DEFAULT_BPP
+    return target, effort
+
+
+# ---- architecture from the budget ------------------------------------------------------------------
+
+_GENESIS_SHAPE = (1.0, 0.42, 0.2, 0.09)  # relative widths of NIF's Kodak configurations
+
+
+def choose_architecture(width: int, height: int, channels: int, param_budget: float, cfg: FitConfig) -> Architecture:
+    """The largest NIF-shaped network that fits `param_budget` parameters."""
+    # Frequencies up to a period of about 4 pixels along the shorter side (1.4**i <= n / 4), fewer for
+    # tiny budgets, where the first layer's fan-in would eat the whole budget.
+    n = min(width, height)
+    freqs = max(1, min(20, int(math.log(max(n, 8) / 4) / math.log(cfg.pe_scale)) + 1))
+    freqs = min(freqs, max(2, int(param_budget / 120)))
+    if param_budget >= 3000:
+        mod = (32, 16, 8) if param_budget >= 40000 else (16, 8)
+        mod_freqs = 4
+    else:
+        mod, mod_freqs = (), 0
+    depth = 4 if param_budget >= 3000 else 3 if param_budget >= 800 else 2
+    shape = _GENESIS_SHAPE[:depth]
+
+    def build(w0: float) -> Architecture:
+        widths = tuple(max(channels + 1, int(round(w0 * s))) for s in shape)
+        return Architecture(channels, widths, freqs, cfg.pe_scale, cfg.omega, mod, mod_freqs, cfg.omega, cfg.mod_sigma)
+
+    lo, hi = 2.0, float(bitstream.MAX_WIDTH)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if build(mid).num_params() <= param_budget else (lo, mid)
+    return build(lo)
+
+
+# ---- losses ----------------------------------------------------------------------------------------
+
+
+def log_cosh(x):
+    import torch.nn.functional as F
+
+    return (x + F.softplus(-2 * x) - math.log(2)).mean()
+
+
+def _gaussian_band(n: int, size: int, device, dtype):
+    """(n - size + 1, n) matrix applying a valid 1-D Gaussian window (sigma 1.5) along an axis."""
+    import torch
+
+    g = torch.exp(-((torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2) ** 2) / (2 * 1.5**2))
+    g = g / g.sum()
+    m = torch.zeros(n - size + 1, n, device=device, dtype=dtype)
+    for k in range(size):
+        m.diagonal(k).copy_(g[k].expand(n - size + 1))
+    return m
+
+
+def ssim(a, b, data_range: float = 2.0):
+    """Mean SSIM of two (H, W, C) images with Wang et al.'s 11-tap Gaussian window.
+
+    The window is applied as two band-matrix products: on the CPU these are several times
+    faster than conv2d, above all in the backward pass.
+    """
+    import torch
+
+    h, w, c = a.shape
+    size = min(11, h, w)
+    gh = _gaussian_band(h, size, a.device, a.dtype)
+    gw = _gaussian_band(w, size, a.device, a.dtype)
+    x = torch.stack([a, b, a * a, b * b, a * b])  # (5, H, W, C)
+    x = torch.einsum("ih,khwc,jw->kijc", gh, x, gw)
+    mu_a, mu_b, saa, sbb, sab = x
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    va, vb, cov = saa - mu_a**2, sbb - mu_b**2, sab - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
+    return s.mean()
+
+
+# ---- the fitter ------------------------------------------------------------------------------------
+
+
+class Fitter:
+    """Holds the target image on the device and trains one NIF model on it."""
+
+    def __init__(self, target: np.ndarray, arch: Architecture, device: str, effort: Effort, cfg: FitConfig, seed: int):
+        import torch
+
+        from .model import NIF
+
+        self.torch = torch
+        self.cfg, self.effort, self.device = cfg, effort, device
+        self.h, self.w, _ = target.shape
+        self.target = torch.from_numpy(target).float().to(device)  # (H, W, C) in [-1, 1]
+        self.gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.model = NIF(arch).initialize(self.gen).to(device)
+        batch = effort.gpu_batch if device.startswith("cuda") else effort.batch
+        # Crop shape with the image's aspect ratio and about `batch` pixels.
+        scale = min(1.0, math.sqrt(batch / (self.h * self.w)))
+        self.crop = (max(1, min(self.h, round(self.h * scale))), max(1, min(self.w, round(self.w * scale))))
+
+    def axes(self, y0: int, x0: int, ch: int, cw: int):
+        """Pixel-centre coordinates of rows y0.. and columns x0.. (float32, as model.pixel_grid)."""
+        torch = self.torch
+        y = (2 * torch.arange(y0, y0 + ch, device=self.device, dtype=torch.float64) + 1) / self.h - 1
+        x = (2 * torch.arange(x0, x0 + cw, device=self.device, dtype=torch.float64) + 1) / self.w - 1
+        return y.float(), x.float()
+
+    def sample(self):
+        ch, cw = self.crop
+        y0 = torch_randint(self.gen, self.h - ch + 1)
+        x0 = torch_randint(self.gen, self.w - cw + 1)
+        return (*self.axes(y0, x0, ch, cw), self.target[y0 : y0 + ch, x0 : x0 + cw])
+
+    def loss(self, ys, xs, target, weights=None):
+        pred = self.model(ys, xs, weights)
+        loss = log_cosh(pred - target)
+        if self.cfg.ssim_weight and min(target.shape[:2]) >= 7:
+            loss = loss + self.cfg.ssim_weight * (1 - ssim(pred, target))
+        return loss
+
+    def mse(self, weights=None) -> float:
+        """Full-image MSE in network units (in bands of rows, to bound memory)."""
+        torch = self.torch
+        rows = max(1, (1 << 16) // self.w)
+        total = 0.0
+        with torch.no_grad():
+            for r0 in range(0, self.h, rows):
+                r1 = min(self.h, r0 + rows)
+                pred = self.model(*self.axes(r0, 0, r1 - r0, self.w), weights)
+                total += float(((pred - self.target[r0:r1]) ** 2).sum())
+        return total / self.target.numel()
+
+    def state(self):
+        return copy.deepcopy(self.model.state_dict())
+
+    def run_stage(self, iters: int, lr: float, tick: Callable[[int], None], weights_fn=None):
+        torch = self.torch
+        params = list(self.model.parameters())
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay if weights_fn is None else 0.0)
+        warm = max(1, int(iters * self.cfg.warmup))
+        for it in range(iters):
+            if it < warm:
+                f = (it + 1) / warm
+            else:
+                p = (it - warm) / max(1, iters - warm)
+                f = self.cfg.lr_floor + (1 - self.cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * p))
+            for g in opt.param_groups:
+                g["lr"] = lr * f
+            ys, xs, target = self.sample()
+            loss = self.loss(ys, xs, target, weights_fn() if weights_fn else None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tick(1)
+
+    def restart(self, progress: float):
+        """Perturb a fraction of the weights (all layers but the genesis input layer)."""
+        torch = self.torch
+        c = self.cfg
+        amount = c.restart_amount[0] + (c.restart_amount[1] - c.restart_amount[0]) * progress
+        rng = c.restart_range[0] + (c.restart_range[1] - c.restart_range[0]) * progress
+        with torch.no_grad():
+            for name, t in self.model.named_tensors():
+                if name.startswith("genesis.0.") or not name.endswith("weight"):
+                    continue
+                noise = (torch.rand(t.shape, generator=self.gen) * 2 - 1) * rng * float(t.abs().mean())
+                mask = (torch.rand(t.shape, generator=self.gen) < amount).float()
+                t.add_((noise * mask).to(t.device))
+
+    def fit(self, tick):
+        """Staged fitting; returns the best full-image MSE reached (the model holds those weights)."""
+        e = self.effort
+        best_mse, best_state = math.inf, None
+        for stage in range(e.stages):
+            if stage:
+                self.restart(stage / max(1, e.stages - 1))
+            self.run_stage(e.iters, self.cfg.lr, tick)
+            mse = self.mse()
+            if mse < best_mse:
+                best_mse, best_state = mse, self.state()
+            else:
+                self.model.load_state_dict(best_state)
+        self.model.load_state_dict(best_state)
+        return best_mse
+
+
+def torch_randint(gen, high: int) -> int:
+    import torch
+
+    return int(torch.randint(high, (1,), generator=gen)) if high > 1 else 0
+
+
+# ---- quantisation + rate control --------------------------------------------------------------------
+
+
+def _codings_for(tensors: list[np.ndarray], factor: float) -> tuple[list[TensorCoding], list[np.ndarray], float]:
+    """Quantise every tensor with step = factor * rms(tensor); return codings, symbols, estimated bits."""
+    codings, syms, bits = [], [], 0.0
+    for t in tensors:
+        rms = float(np.sqrt(np.mean(t * t))) if t.size else 0.0
+        peak = float(np.abs(t).max()) if t.size else 0.0
+        if peak == 0.0:
+            step, qmax = 1.0, 0
+        else:
+            step = max(factor * rms, peak / bitstream.MAX_QMAX)
+            step = bitstream._f32(step)
+            qmax = min(bitstream.MAX_QMAX, int(math.ceil(peak / step)))
+        sym = np.clip(np.round(t / step), -qmax, qmax).astype(np.int64)
+        model, param, b = entropy.choose_model(sym, qmax)
+        codings.append(TensorCoding(step, qmax, model, param))
+        syms.append(sym)
+        bits += b
+    return codings, syms, bits
+
+
+def _file(header: Header, codings, syms, metadata) -> bytes:
+    stream = entropy.encode(syms, codings)
+    return bitstream.dumps(NifFile(header, codings, stream, metadata))
+
+
+def _overhead_bytes(header: Header, metadata: dict) -> int:
+    n = len(header.arch.tensor_shapes())
+    empty = [TensorCoding(1.0, 0, 0, 0)] * n
+    return len(bitstream.dumps(NifFile(header, empty, b"", metadata)))
+
+
+def rate_control(header: Header, tensors: list[np.ndarray], budget_bytes: int, metadata: dict, lo_factor: float = 1e-4):
+    """Smallest step factor whose file fits `budget_bytes`; returns (factor, bytes, codings, symbols)."""
+    overhead = _overhead_bytes(header, metadata)
+    # Estimate-driven bisection on log(factor) (cheap: no coding), then confirm with the real coder.
+    lo, hi = math.log(lo_factor), math.log(64.0)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        _, _, bits = _codings_for(tensors, math.exp(mid))
+        # ANS costs a little over the estimate: leave a word of slack plus 0.5 %.
+        if overhead + bits * 1.005 / 8 + 8 <= budget_bytes:
+            hi = mid
+        else:
+            lo = mid
+    factor = math.exp(hi)
+    for _ in range(200):
+        codings, syms, _ = _codings_for(tensors, factor)
+        data = _file(header, codings, syms, metadata)
+        if len(data) <= budget_bytes:
+            return factor, data, codings, syms
+        factor *= 1.01
+    raise ValueError("cannot meet the bit budget")  # unreachable in practice: a coarse enough step fits
+
+
+def _tensors(model) -> list[np.ndarray]:
+    return [t.detach().double().cpu().numpy() for _, t in model.named_tensors()]
+
+
+def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0, progress=False,
+                 icc_profile=None, exif=None, xmp=None, colour="auto", config: FitConfig | None = None) -> EncodeResult:
+    """Fit, quantise and code `image` (a PIL image); the result's `data` is the .nif file."""
+    target_bpp, effort = check_options(bpp, quality, effort, device, seed)
+    if colour not in ("auto", "rgb", "ycbcr"):
+        raise ValueError(f"colour must be 'auto', 'rgb' or 'ycbcr', got {colour!r}")
+    device = resolve_device(device)
+    cfg = config or FitConfig()
+    t0 = time.perf_counter()
+    pixels, mode, maxval = prepare_image(image)  # (H, W, C) float64 in [0, 1]
+    h, w, c = pixels.shape
+    col = bitstream.COLOUR_YCBCR if c >= 3 and colour in ("auto", "ycbcr") else bitstream.COLOUR_IDENTITY
+    metadata = {k: bytes(v) for k, v in (("icc_profile", icc_profile), ("exif", exif), ("xmp", xmp)) if v}
+
+    budget = int(target_bpp * w * h // 8)
+    probe = Header(w, h, mode, col, choose_architecture(w, h, c, 1, cfg))
+    overhead = _overhead_bytes(probe, metadata)
+    if budget < overhead + 16:
+        raise ValueError(
+            f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
+            f"{overhead + 16} bytes: ask for a higher bpp"
+        )
+    param_budget = (budget - overhead) * 8 / cfg.bits_per_param
+    arch = choose_architecture(w, h, c, param_budget, cfg)
+    header = Header(w, h, mode, col, arch)
+    from .colour import to_network_space
+
+    target = to_network_space(pixels, col)
+    eff = EFFORTS[effort]
+    total_iters = eff.stages * eff.iters + eff.qat_stages * eff.qat_iters
+    bar = _progress(progress, total_iters)
+    try:
+        fitter = Fitter(target, arch, device, eff, cfg, seed)
+        fitter.fit(bar.update)
+        # Quantisation-aware tuning at the steps the rate control picks, then a final rate check.
+        factor, data, codings, _ = rate_control(header, _tensors(fitter.model), budget, metadata)
+        data = _quantisation_aware_tuning(fitter, header, codings, budget, metadata, bar) or data
+    finally:
+        bar.close()
+    # PSNR of what a decoder will see, at the input's bit depth.
+    from .render import decode_array
+
+    decoded = decode_array(data, device=device)
+    ref = np.round(pixels * maxval)
+    mse = float(np.mean((decoded.astype(np.float64).reshape(ref.shape) - ref) ** 2))
+    psnr = 10 * math.log10(maxval**2 / mse) if mse > 0 else math.inf
+    return EncodeResult(data, len(data) * 8 / (w * h), psnr, time.perf_counter() - t0, arch)
+
+
+def _quantisation_aware_tuning(fitter: Fitter, header, codings, budget, metadata, bar) -> bytes | None:
+    """Tune the weights through a straight-through quantiser; keep the best quantised state."""
+    from .quant import fake_quantize
+
+    e = fitter.effort
+    if not e.qat_stages:
+        return None
+    names = [n for n, _ in fitter.model.named_tensors()]
+    steps = {n: (c.step, c.qmax) for n, c in zip(names, codings)}
+
+    def quantised():
+        return {n: fake_quantize(t, *steps[n]) for n, t in fitter.model.named_tensors()}
+
+    best = (fitter.mse(quantised()), fitter.state())
+    for _ in range(e.qat_stages):
+        fitter.run_stage(e.qat_iters, fitter.cfg.qat_lr, bar.update, quantised)
+        mse = fitter.mse(quantised())
+        if mse < best[0]:
+            best = (mse, fitter.state())
+    fitter.model.load_state_dict(best[1])
+    # Re-code with the tuned steps; grow them only if the tuned weights no longer fit.
+    from .quant import symbols
+
+    syms = []
+    new_codings = []
+    for (n, t), c in zip(fitter.model.named_tensors(), codings):
+        s = symbols(t, c.step, c.qmax).cpu().numpy()
+        model, param, _ = entropy.choose_model(s, c.qmax)
+        syms.append(s)
+        new_codings.append(TensorCoding(c.step, c.qmax, model, param))
+    data = _file(header, new_codings, syms, metadata)
+    if len(data) <= budget:
+        return data
+    return rate_control(header, _tensors(fitter.model), budget, metadata)[1]
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+class _CallbackBar(_NoBar):
+    def __init__(self, fn, total):
+        self.fn, self.total, self.done = fn, total, 0
+
+    def update(self, n=1):
+        self.done += n
+        self.fn(self.done, self.total)
+
+
+def _progress(progress, total):
+    if callable(progress):
+        return _CallbackBar(progress, total)
+    if progress:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="fitting", unit="it", leave=False)
+    return _NoBar()

@@ -1,0 +1,54 @@
+"""Pillow modes <-> arrays: which modes NIF stores natively and how the others are converted."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Stored natively: these keep their mode through a round trip.
+NATIVE_MODES = ("L", "LA", "RGB", "RGBA", "I;16")
+# Converted explicitly (documented): bilevel to grey, palette to RGB(A), premultiplied to straight,
+# the 16-bit byte orders and 32-bit integer grey (when its values fit 16 bits) to I;16.
+_CONVERT = {"1": "L", "La": "LA", "RGBa": "RGBA", "RGBX": "RGB", "PA": "RGBA", "I;16L": "I;16", "I;16B": "I;16", "I;16N": "I;16"}
+
+
+def storage_mode(im) -> str:
+    """The native mode `im` will be stored as, or OSError for modes NIF cannot hold."""
+    mode = im.mode
+    if mode in NATIVE_MODES:
+        return mode
+    if mode == "P":
+        return "RGBA" if "transparency" in im.info or im.palette.mode == "RGBA" else "RGB"
+    if mode in _CONVERT:
+        return _CONVERT[mode]
+    if mode == "I":
+        lo, hi = im.getextrema()
+        if lo >= 0 and hi <= 65535:
+            return "I;16"
+    raise OSError(f"cannot write mode {mode} as NIF (supported: {', '.join(NATIVE_MODES)}, and 1, P, PA, La, RGBa, I in 0..65535)")
+
+
+def prepare_image(im) -> tuple[np.ndarray, str, int]:
+    """(H, W, C) float64 array in [0, 1], the stored mode, and its peak value (255 or 65535)."""
+    mode = storage_mode(im)
+    if mode == "I;16":
+        if im.mode not in ("I", "I;16"):
+            im = im.convert("I")
+        arr = np.asarray(im).astype(np.float64)[..., None]
+        return arr / 65535.0, mode, 65535
+    if im.mode != mode:
+        im = im.convert(mode)
+    arr = np.asarray(im).astype(np.float64)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return arr / 255.0, mode, 255
+
+
+def to_image(pixels: np.ndarray, mode: str):
+    """PIL image from an (H, W, C) integer array in `mode`'s range."""
+    from PIL import Image
+
+    if mode == "I;16":
+        h, w = pixels.shape[:2]
+        return Image.frombytes("I;16", (w, h), np.ascontiguousarray(pixels[..., 0]).astype("<u2").tobytes())
+    arr = pixels.astype(np.uint8)
+    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr, mode)

@@ -1,0 +1,114 @@
+"""Pillow plugin for the Neural Imaging Format (.nif), in the order of Pillow's own plugins.
+
+Opening reads the header only (size and mode, no torch); pixels are rendered on ``load()``, at the
+stored size or at the size ``draft()`` asked for (``thumbnail()`` uses that to render small).
+
+Save options (``im.save("x.nif", ...)``; each also documented in the README):
+    bpp       bits per pixel of the whole file, a ceiling (default 0.5)
+    quality   1..100, a log-linear ladder onto 0.05..2.0 bpp (bpp wins if both are given)
+    effort    1..9, encode time against quality (default 5)
+    device    "auto", "cpu", "cuda", "cuda:N"
+    seed      integer, for reproducible files
+    progress  True for a progress bar, or a callable(done, total)
+    icc_profile, exif, xmp   metadata; default: kept from ``im.info``
+"""
+
+from __future__ import annotations
+
+from PIL import Image, ImageFile
+
+from . import bitstream
+
+def _accept(prefix: bytes) -> bool:
+    return prefix[: len(bitstream.MAGIC)] == bitstream.MAGIC
+
+
+class NifImageFile(ImageFile.ImageFile):
+    format = "NIF"
+    format_description = "Neural Imaging Format"
+
+    def _open(self) -> None:
+        assert self.fp is not None
+        data = self.fp.read()  # a .nif is small: the whole file, read once
+        if not _accept(data):
+            raise SyntaxError("not a NIF file")
+        self._nif_data = data
+        header = bitstream.read_header(data)
+        Image._decompression_bomb_check((header.width, header.height), error_only=True)
+        self._nif_header = header
+        self._size = (header.width, header.height)
+        self._mode = header.mode
+        self._render_size = self._size
+        self.info.update(bitstream.read_metadata(data))
+
+    def draft(self, mode, size):
+        """Render at (at least) `size` instead of the stored size: the network is continuous."""
+        if size is None or self._im is not None:
+            return None
+        w, h = self._nif_header.width, self._nif_header.height
+        scale = min(1.0, max(size[0] / w, size[1] / h))
+        new = (max(1, round(w * scale)), max(1, round(h * scale)))
+        self._render_size = self._size = new
+        return self.mode, (0, 0, new[0], new[1])
+
+    def verify(self) -> None:
+        """Check every chunk's CRC and the weight stream's structure, without running the network."""
+        bitstream.loads(self._nif_data)
+        super().verify()
+
+    def load(self):
+        if self._im is None and hasattr(self, "_nif_data"):
+            from .imaging import to_image
+            from .render import render_file
+
+            try:
+                nif = bitstream.loads(self._nif_data)
+            except bitstream.FormatError as e:
+                raise OSError(f"cannot decode NIF file: {e}") from e
+            pixels = render_file(nif, self._render_size, device=_options["device"], backend=_options["backend"])
+            self.im = to_image(pixels, self.mode).im
+            if self._exclusive_fp and self.fp:
+                self.fp.close()
+            self.fp = None
+        return super().load()
+
+
+# Decode options for Image.open (pillow_nif.register(device=..., backend=...) sets them).
+_options = {"device": "auto", "backend": "auto"}
+
+
+def _save(im: Image.Image, fp, filename) -> None:
+    info = im.encoderinfo
+    opts = dict(
+        bpp=info.get("bpp"),
+        quality=info.get("quality"),
+        effort=info.get("effort", 5),
+        device=info.get("device", "auto"),
+        seed=info.get("seed", 0),
+        progress=info.get("progress", False),
+        icc_profile=info.get("icc_profile", im.info.get("icc_profile")),
+        exif=info.get("exif", im.info.get("exif")),
+        xmp=info.get("xmp", im.info.get("xmp")),
+    )
+    if isinstance(opts["exif"], Image.Exif):
+        opts["exif"] = opts["exif"].tobytes()
+    if isinstance(opts["xmp"], str):
+        opts["xmp"] = opts["xmp"].encode()
+    from .fit import encode_image
+
+    result = encode_image(im, **opts)
+    fp.write(result.data)
+    if hasattr(fp, "flush"):
+        fp.flush()
+
+
+def register(device: str | None = None, backend: str | None = None) -> None:
+    """Register the NIF format with Pillow (done on import); optionally set decode device/backend."""
+    if device is not None:
+        _options["device"] = device
+    if backend is not None:
+        _options["backend"] = backend
+    Image.register_open(NifImageFile.format, NifImageFile, _accept)
+    Image.register_save(NifImageFile.format, _save)
+    Image.register_extension(NifImageFile.format, ".nif")
+    Image.register_mime(NifImageFile.format, "image/x-nif")

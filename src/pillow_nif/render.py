@@ -1,0 +1,167 @@
+"""Decoding: rebuild the network from a .nif file and evaluate it over a pixel grid of any size.
+
+Backends: "torch" (CPU or CUDA, the reference maths of model.py in bands of rows) and "triton"
+(the fused kernel of pillow_nif.kernels, CUDA; on the CPU only under TRITON_INTERPRET=1).
+"auto" picks Triton on CUDA when it is installed, torch otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import bitstream, entropy
+from .bitstream import FormatError, NifFile
+
+BACKENDS = ("auto", "torch", "triton")
+# Pixels evaluated per band: bounds the activations' memory (width x 4 bytes x this many pixels).
+_CPU_BAND_PIXELS = 1 << 14
+_GPU_BAND_PIXELS = 1 << 21
+
+
+def read_bytes(data_or_path) -> bytes:
+    if isinstance(data_or_path, (bytes, bytearray, memoryview)):
+        return bytes(data_or_path)
+    if hasattr(data_or_path, "read"):
+        return data_or_path.read()
+    with open(os.fspath(data_or_path), "rb") as f:
+        return f.read()
+
+
+def check_size(size, what="size") -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a (width, height) pair, got {size!r}") from None
+    if not (1 <= w <= bitstream.MAX_DIM and 1 <= h <= bitstream.MAX_DIM):
+        raise ValueError(f"{what} {w}x{h} out of range")
+    return w, h
+
+
+def load_network(f: NifFile, device: str = "cpu"):
+    """Entropy decode and dequantise the weights, fold the constants: a model.FoldedNetwork."""
+    import torch
+
+    from .model import NIF, fold
+
+    arch = f.header.arch
+    shapes = arch.tensor_shapes()
+    sizes = [int(np.prod(s)) for _, s in shapes]
+    syms = entropy.decode(f.stream, f.codings, sizes)
+    weights = {
+        name: torch.from_numpy(s.reshape(shape).astype(np.float64) * c.step)
+        for (name, shape), s, c in zip(shapes, syms, f.codings)
+    }
+    model = NIF(arch)
+    maxval = (1 << f.header.bits) - 1
+    return fold(model, f.header.colour, float(maxval), weights).to(device)
+
+
+def pick_backend(backend: str, device: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if device.startswith("cuda"):
+            try:
+                import triton  # noqa: F401
+
+                return "triton"
+            except ImportError:
+                return "torch"
+        return "torch"
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise ValueError("backend 'triton' needs the triton package (Linux)") from None
+        if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend 'triton' runs on CUDA (or on the CPU with TRITON_INTERPRET=1)")
+    return backend
+
+
+def _torch_band(net, width: int, height: int, r0: int, r1: int):
+    import torch
+
+    from .model import evaluate_folded, pixel_grid, to_pixels
+
+    device = net.out[0].device
+    vals = to_pixels(evaluate_folded(net, pixel_grid(width, height, slice(r0, r1), device=device)))
+    return vals.reshape(r1 - r0, width, -1).to(torch.uint8 if net.maxval == 255 else torch.int32)
+
+
+def render(net, width: int, height: int, backend: str = "torch") -> np.ndarray:
+    """(height, width, channels) integer pixels; evaluated band by band to bound memory."""
+    import torch
+
+    if backend == "triton":
+        from .kernels.nif_decode import render_band
+    else:
+        render_band = _torch_band
+    on_gpu = net.out[0].device.type == "cuda"
+    rows = max(1, (_GPU_BAND_PIXELS if on_gpu else _CPU_BAND_PIXELS) // width)
+    dtype = np.uint8 if net.maxval == 255 else np.uint16
+    out = np.empty((height, width, net.channels), dtype=dtype)
+    with torch.inference_mode():
+        for r0 in range(0, height, rows):
+            r1 = min(height, r0 + rows)
+            out[r0:r1] = render_band(net, width, height, r0, r1).cpu().numpy()
+    return out
+
+
+def render_file(f: NifFile, size=None, device: str = "auto", backend: str = "auto") -> np.ndarray:
+    """Pixels of a parsed file at its size or at `size` = (width, height)."""
+    from .fit import resolve_device
+
+    device = resolve_device(device)
+    backend = pick_backend(backend, device)
+    w, h = check_size(size) if size is not None else (f.header.width, f.header.height)
+    return render(load_network(f, device), w, h, backend)
+
+
+def decode_array(data_or_path, size=None, device: str = "auto", backend: str = "auto") -> np.ndarray:
+    """(height, width, channels) uint8 (uint16 for I;16) pixels of a .nif file."""
+    return render_file(bitstream.loads(read_bytes(data_or_path)), size, device, backend)
+
+
+def decode(data_or_path, size=None, device: str = "auto", backend: str = "auto"):
+    """Decode a .nif file (bytes, path or file object) to a PIL image, at its size or at `size`."""
+    from PIL import Image
+
+    from .imaging import to_image
+
+    f = bitstream.loads(read_bytes(data_or_path))
+    w, h = check_size(size) if size is not None else (f.header.width, f.header.height)
+    Image._decompression_bomb_check((w, h))
+    im = to_image(render_file(f, (w, h), device, backend), f.header.mode)
+    im.info.update(f.metadata)
+    return im
+
+
+def info(data_or_path) -> dict:
+    """Header and chunk facts of a .nif file, without decoding pixels (and without torch)."""
+    data = read_bytes(data_or_path)
+    f = bitstream.loads(data)
+    h = f.header
+    a = h.arch
+    return {
+        "format": "NIF",
+        "version": bitstream.VERSION,
+        "width": h.width,
+        "height": h.height,
+        "mode": h.mode,
+        "colour": {0: "rgb", 1: "ycbcr"}[h.colour],
+        "bytes": len(data),
+        "bpp": len(data) * 8 / (h.width * h.height),
+        "params": a.num_params(),
+        "genesis_widths": list(a.widths),
+        "pe_freqs": a.pe_freqs,
+        "pe_scale": a.pe_scale,
+        "omega": a.omega,
+        "modulation_widths": list(a.mod_widths),
+        "modulation_freqs": a.mod_freqs,
+        "metadata": sorted(f.metadata),
+    }
+
+
+__all__ = ["decode", "decode_array", "info", "load_network", "render", "FormatError"]
