@@ -267,6 +267,8 @@ def parse_weights(payload: bytes, arch: Architecture) -> tuple[list[TensorCoding
     stream = payload[r.pos :]
     if len(stream) % 4:
         raise FormatError("entropy-coded stream is not a whole number of words")
+    if stream[-4:] == b"\0\0\0\0":  # an ANS stream never ends in a zero word (constriction refuses it)
+        raise FormatError("entropy-coded stream ends in a zero word (corrupt file)")
     if arch.num_params() * MIN_BITS_PER_PARAM > 8 * max(len(stream), 1):
         raise FormatError("network too large for the data present (truncated or corrupt file)")
     return codings, stream
@@ -292,10 +294,10 @@ def iter_chunks(data: bytes, offset: int = len(SIGNATURE)):
 
 
 def check_signature(data: bytes) -> None:
+    if len(data) < len(SIGNATURE) and SIGNATURE.startswith(data[: len(MAGIC)]):
+        raise FormatError("truncated NIF signature")
     if data[: len(MAGIC)] != MAGIC:
         raise FormatError("not a NIF file")
-    if len(data) < len(SIGNATURE):
-        raise FormatError("truncated NIF signature")
     if data[len(MAGIC)] != VERSION:
         raise FormatError(f"unsupported NIF version {data[len(MAGIC)]}")
 

@@ -49,17 +49,18 @@ def choose_model(sym: np.ndarray, qmax: int) -> tuple[int, int, float]:
     best = (MODEL_UNIFORM, 0, sym.size * np.log2(n))
     if sym.size == 0 or qmax == 0:
         return best
-    mags = np.bincount(np.abs(sym).ravel(), minlength=qmax + 1)
-    d = np.arange(qmax + 1, dtype=np.float64)
-    for param in _PARAM_GRID:
-        r = param / 65536.0
-        # log2 of the normalised two-sided geometric, floored at constriction's smallest probability.
-        logp = d * np.log2(r)
-        norm = np.log2(2 * np.sum(np.exp2(logp)) - 1)
-        logp = np.maximum(logp - norm, -24.0)
-        bits = -float(mags @ logp)
-        if bits < best[2]:
-            best = (MODEL_LAPLACE, int(param), bits)
+    mags = np.bincount(np.abs(sym).ravel())
+    d = np.nonzero(mags)[0]
+    counts = mags[d].astype(np.float64)
+    r = _PARAM_GRID / 65536.0
+    # log2 p(k) = |k| log2 r - log2(2 (1 - r^(qmax+1)) / (1 - r) - 1), floored at constriction's
+    # smallest probability; only the magnitudes present enter the sum, so this is cheap for any qmax.
+    norm = np.log2(2 * (1 - r ** (qmax + 1)) / (1 - r) - 1)
+    logp = np.maximum(d[None, :] * np.log2(r)[:, None] - norm[:, None], -24.0)
+    bits = -(logp @ counts)
+    i = int(np.argmin(bits))
+    if bits[i] < best[2]:
+        best = (MODEL_LAPLACE, int(_PARAM_GRID[i]), float(bits[i]))
     return best
 
 
@@ -70,7 +71,7 @@ def encode(tensors: list[np.ndarray], codings: list[TensorCoding]) -> bytes:
     coder = constriction.stream.stack.AnsCoder()
     # ANS is a stack: encode in reverse so that the decoder reads tensors in bitstream order.
     for sym, c in reversed(list(zip(tensors, codings))):
-        if sym.size:
+        if sym.size and c.qmax:  # qmax 0: every symbol is 0, nothing to code
             coder.encode_reverse((sym.ravel() + c.qmax).astype(np.int32), _model(c))
     return coder.get_compressed().astype("<u4").tobytes()
 
@@ -83,7 +84,7 @@ def decode(stream: bytes, codings: list[TensorCoding], sizes: list[int]) -> list
         coder = constriction.stream.stack.AnsCoder(words)
         out = []
         for c, n in zip(codings, sizes):
-            sym = coder.decode(_model(c), n) if n else np.zeros(0, dtype=np.int32)
+            sym = coder.decode(_model(c), n) if n and c.qmax else np.zeros(n, dtype=np.int32) + c.qmax
             out.append(sym.astype(np.int64) - c.qmax)
     except (ValueError, RuntimeError, AssertionError) as e:  # constriction reports bad data this way
         raise FormatError(f"corrupt weight stream: {e}") from e

@@ -55,7 +55,8 @@ def axis_columns(freqs: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Columns of the positional encoding that depend on y, and those that depend on x."""
     i = torch.arange(freqs, device=device)
     ycols = torch.cat([torch.tensor([0], device=device), torch.stack([2 + 4 * i, 3 + 4 * i], 1).reshape(-1)])
-    return ycols, ycols + 1
+    xcols = torch.cat([torch.tensor([1], device=device), torch.stack([4 + 4 * i, 5 + 4 * i], 1).reshape(-1)])
+    return ycols, xcols
 
 
 def first_layer_grid(weight, bias, ys, xs, freqs: int, scale: float) -> torch.Tensor:
@@ -227,6 +228,25 @@ def evaluate_folded(net: FoldedNetwork, coords: torch.Tensor) -> torch.Tensor:
         period = net.omega
     h = encode_positions(coords, net.pe_freqs, net.pe_scale)
     for W, b in net.genesis:
+        h = torch.sin(period * torch.addmm(b, h, W))
+    return torch.addmm(net.out[1], h, net.out[0]).clamp_(0, net.maxval)
+
+
+def evaluate_folded_grid(net: FoldedNetwork, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """evaluate_folded on the grid ys x xs, (len(ys) * len(xs), C), with the separable first layers."""
+    def first(layer, freqs):
+        W, b = layer
+        return first_layer_grid(W.T, b, ys, xs, freqs, net.pe_scale).reshape(len(ys) * len(xs), -1)
+
+    if net.mod:  # at least two layers: a modulation network has one hidden layer or more
+        h = torch.sin(first(net.mod[0], net.mod_pe_freqs))
+        for W, b in net.mod[1:-1]:
+            h = torch.sin(torch.addmm(b, h, W))
+        period = torch.addmm(net.mod[-1][1], h, net.mod[-1][0])
+    else:
+        period = net.omega
+    h = torch.sin(period * first(net.genesis[0], net.pe_freqs))
+    for W, b in net.genesis[1:]:
         h = torch.sin(period * torch.addmm(b, h, W))
     return torch.addmm(net.out[1], h, net.out[0]).clamp_(0, net.maxval)
 

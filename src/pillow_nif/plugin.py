@@ -63,9 +63,10 @@ class NifImageFile(ImageFile.ImageFile):
 
             try:
                 nif = bitstream.loads(self._nif_data)
+                # The weight stream is only entropy decoded here: its errors are OSError too, as Pillow's.
+                pixels = render_file(nif, self._render_size, device=_options["device"], backend=_options["backend"])
             except bitstream.FormatError as e:
                 raise OSError(f"cannot decode NIF file: {e}") from e
-            pixels = render_file(nif, self._render_size, device=_options["device"], backend=_options["backend"])
             self.im = to_image(pixels, self.mode).im
             if self._exclusive_fp and self.fp:
                 self.fp.close()

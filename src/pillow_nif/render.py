@@ -7,6 +7,7 @@ Backends: "torch" (CPU or CUDA, the reference maths of model.py in bands of rows
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -15,9 +16,12 @@ from . import bitstream, entropy
 from .bitstream import FormatError, NifFile
 
 BACKENDS = ("auto", "torch", "triton")
-# Pixels evaluated per band: bounds the activations' memory (width x 4 bytes x this many pixels).
+# Pixels evaluated per band: bounds the activations' memory (layer width x 4 bytes x this many pixels),
+# for layers up to _BAND_WIDTH wide; bands of wider networks have proportionally fewer pixels, so a tiny
+# file declaring 2048-wide layers cannot ask for 8x the memory (16 GiB per activation on a GPU).
 _CPU_BAND_PIXELS = 1 << 14
 _GPU_BAND_PIXELS = 1 << 21
+_BAND_WIDTH = 256
 
 
 def read_bytes(data_or_path) -> bytes:
@@ -80,13 +84,24 @@ def pick_backend(backend: str, device: str) -> str:
     return backend
 
 
-def _torch_band(net, width: int, height: int, r0: int, r1: int):
+def _torch_band(net, width: int, height: int, r0: int, r1: int, max_pixels: int | None = None):
     import torch
 
-    from .model import evaluate_folded, pixel_grid, to_pixels
+    from .model import evaluate_folded_grid, to_pixels
 
     device = net.out[0].device
-    vals = to_pixels(evaluate_folded(net, pixel_grid(width, height, slice(r0, r1), device=device)))
+    ys = ((2 * torch.arange(r0, r1, device=device, dtype=torch.float64) + 1) / height - 1).float()
+    xs = ((2 * torch.arange(width, device=device, dtype=torch.float64) + 1) / width - 1).float()
+    # Columns in pieces of at most max_pixels pixels: a band of one very long row stays bounded too.
+    step = width if max_pixels is None else max(1, min(width, max_pixels // (r1 - r0)))
+    if step == width:
+        vals = to_pixels(evaluate_folded_grid(net, ys, xs))
+    else:  # written into one buffer allocated first: pieces kept alive in between fragment the heap
+        vals = torch.empty((r1 - r0, width, net.channels), device=device)
+        for c in range(0, width, step):
+            vals[:, c : c + step] = to_pixels(evaluate_folded_grid(net, ys, xs[c : c + step])).reshape(r1 - r0, -1, net.channels)
+    # NaN (hostile hyperparameters: sin(inf)) -> 0, as the Triton kernel's clamp gives; its cast is undefined.
+    vals = torch.nan_to_num_(vals, nan=0.0)
     return vals.reshape(r1 - r0, width, -1).to(torch.uint8 if net.maxval == 255 else torch.int32)
 
 
@@ -94,12 +109,15 @@ def render(net, width: int, height: int, backend: str = "torch") -> np.ndarray:
     """(height, width, channels) integer pixels; evaluated band by band to bound memory."""
     import torch
 
+    on_gpu = net.out[0].device.type == "cuda"
+    band = _GPU_BAND_PIXELS if on_gpu else _CPU_BAND_PIXELS
     if backend == "triton":
         from .kernels.nif_decode import render_band
     else:
-        render_band = _torch_band
-    on_gpu = net.out[0].device.type == "cuda"
-    rows = max(1, (_GPU_BAND_PIXELS if on_gpu else _CPU_BAND_PIXELS) // width)
+        widest = max([w.shape[1] for w, _ in (*net.mod, *net.genesis)], default=1)
+        band = band * _BAND_WIDTH // max(_BAND_WIDTH, widest)
+        render_band = functools.partial(_torch_band, max_pixels=band)
+    rows = max(1, band // width)
     dtype = np.uint8 if net.maxval == 255 else np.uint16
     out = np.empty((height, width, net.channels), dtype=dtype)
     with torch.inference_mode():
@@ -128,8 +146,11 @@ def decode(data_or_path, size=None, device: str = "auto", backend: str = "auto")
     """Decode a .nif file (bytes, path or file object) to a PIL image, at its size or at `size`."""
     from PIL import Image
 
+    from .fit import resolve_device
     from .imaging import to_image
 
+    device = resolve_device(device)  # option errors before any work
+    pick_backend(backend, device)
     f = bitstream.loads(read_bytes(data_or_path))
     w, h = check_size(size) if size is not None else (f.header.width, f.header.height)
     Image._decompression_bomb_check((w, h))

@@ -1,0 +1,35 @@
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pillow_nif  # noqa: F401  (registers the plugin)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+PHOTO = ROOT / "examples" / "kodim23-crop.png"
+SHARED = ROOT.parent / "shared"
+
+
+def photo(width=96, height=64, mode="RGB"):
+    """A crop of the test photo shipped in the repo (Kodak 23), resized to (width, height)."""
+    im = Image.open(PHOTO).convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    return im.convert(mode) if mode != "RGB" else im
+
+
+@pytest.fixture(scope="session")
+def small_nif(tmp_path_factory):
+    """A 97x61 RGB photo encoded once for the whole session (fast settings)."""
+    path = tmp_path_factory.mktemp("nif") / "small.nif"
+    photo(97, 61).save(path, bpp=3.0, effort=1)
+    return path
+
+
+@pytest.fixture
+def kodak():
+    """Path of Kodak image 23 in ../shared, or skip when shared/ is absent."""
+    p = SHARED / "datasets" / "kodak" / "kodim23.png"
+    if not p.exists():
+        pytest.skip("../shared/datasets/kodak is not available")
+    return p

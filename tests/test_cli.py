@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+from conftest import photo
+from PIL import Image
+
+from pillow_nif.cli import main
+
+
+def test_encode_decode_info(tmp_path, capsys):
+    src = tmp_path / "in.png"
+    photo(64, 40).save(src)
+    out = tmp_path / "out.nif"
+    assert main(["encode", str(src), str(out), "--bpp", "3", "--effort", "1", "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "bpp" in line and "PSNR" in line and " s" in line
+    assert out.stat().st_size * 8 <= 3 * 64 * 40
+    assert not list(tmp_path.glob(".nif-*"))  # the temporary file was renamed away
+
+    png = tmp_path / "back.png"
+    assert main(["decode", str(out), str(png)]) == 0
+    assert Image.open(png).size == (64, 40)
+    big = tmp_path / "big.png"
+    assert main(["decode", str(out), str(big), "--size", "128x80"]) == 0
+    assert Image.open(big).size == (128, 80)
+
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["width"] == 64 and info["height"] == 40 and info["mode"] == "RGB" and info["bpp"] <= 3
+
+
+def test_encode_many_into_a_folder(tmp_path):
+    paths = []
+    for i, size in enumerate([(40, 32), (33, 47)]):
+        p = tmp_path / f"img{i}.png"
+        photo(*size).save(p)
+        paths.append(str(p))
+    out = tmp_path / "out"
+    assert main(["encode", *paths, "--out-dir", str(out), "--bpp", "4", "--effort", "1", "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["img0.nif", "img1.nif"]
+    assert Image.open(out / "img1.nif").size == (33, 47)
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    bad = tmp_path / "bad.nif"
+    bad.write_bytes(b"not a nif at all")
+    assert main(["info", str(bad)]) == 1
+    assert "not a NIF" in capsys.readouterr().err
+    src = tmp_path / "in.png"
+    photo(16, 16).save(src)
+    assert main(["encode", str(src), str(tmp_path / "x.nif"), "--bpp", "-1"]) == 1
+    assert not (tmp_path / "x.nif").exists()
+    with pytest.raises(SystemExit):
+        main(["decode", str(bad), "out.png", "--size", "abc"])
+
+
+def test_failed_decode_leaves_no_output(tmp_path):
+    bad = tmp_path / "bad.nif"
+    bad.write_bytes(b"\x8bNIF\r\n\x1a\x01" + bytes(10))
+    assert main(["decode", str(bad), str(tmp_path / "o.png")]) == 1
+    assert not (tmp_path / "o.png").exists()
+    assert np.array_equal(sorted(p.name for p in tmp_path.iterdir()), ["bad.nif"])

@@ -1,0 +1,62 @@
+"""Encoder behaviour: options, rate control, determinism (tiny images, low effort)."""
+
+import numpy as np
+import pytest
+from conftest import photo
+
+import pillow_nif
+from pillow_nif import bitstream
+from pillow_nif.fit import FitConfig, check_options, choose_architecture, encode_image
+
+
+@pytest.mark.parametrize("bad", [dict(bpp=0), dict(bpp=-1), dict(bpp="1"), dict(bpp=True), dict(effort=0),
+                                 dict(effort=42), dict(effort=2.5), dict(quality=101), dict(seed=1.5)])
+def test_bad_options(bad):
+    with pytest.raises(ValueError):
+        check_options(**bad)
+
+
+def test_unknown_device():
+    for device in ("tpu", "cuda:x", "gpu"):
+        with pytest.raises(ValueError, match="device"):
+            encode_image(photo(16, 16), bpp=8, device=device)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.6, 1.2])
+def test_rate_lands_just_under_target(target):
+    im = photo(128, 128)
+    r = encode_image(im, bpp=target, effort=1)
+    assert 0.9 * target <= r.bpp <= target
+    assert len(r.data) * 8 / (128 * 128) == r.bpp
+    assert np.isfinite(r.psnr) and r.psnr > 15
+
+
+def test_deterministic_for_a_seed():
+    im = photo(40, 36)
+    a = pillow_nif.encode(im, bpp=4, effort=1, seed=3)
+    assert a == pillow_nif.encode(im, bpp=4, effort=1, seed=3)
+    assert a != pillow_nif.encode(im, bpp=4, effort=1, seed=4)
+
+
+def test_architecture_grows_with_budget_and_fits_it():
+    cfg = FitConfig()
+    sizes = [choose_architecture(768, 512, 3, p, cfg) for p in (300, 3000, 30000)]
+    for arch, budget in zip(sizes, (300, 3000, 30000)):
+        arch.validate()
+        assert arch.num_params() <= budget
+    assert sizes[0].num_params() < sizes[1].num_params() < sizes[2].num_params()
+    assert sizes[2].mod_widths and not sizes[0].mod_widths
+
+
+def test_progress_callback_counts_to_total():
+    seen = []
+    pillow_nif.encode(photo(24, 24), bpp=8, effort=1, progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == list(range(1, len(seen) + 1))
+
+
+def test_array_input_and_metadata_travel():
+    arr = np.asarray(photo(30, 20))
+    data = pillow_nif.encode(arr, bpp=6, effort=1, icc_profile=b"ICC!", exif=b"Exif\x00\x00II*\x00")
+    f = bitstream.loads(data)
+    assert f.header.width == 30 and f.header.height == 20
+    assert f.metadata == {"icc_profile": b"ICC!", "exif": b"Exif\x00\x00II*\x00"}

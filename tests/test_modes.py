@@ -1,0 +1,95 @@
+"""Every image a user has: modes, odd sizes, metadata (issue 6)."""
+
+import numpy as np
+import pytest
+from conftest import photo
+from PIL import Image
+
+import pillow_nif
+
+
+def roundtrip(im, tmp_path, bpp=6.0, **opts):
+    p = tmp_path / "x.nif"
+    im.save(p, bpp=bpp, effort=1, **opts)
+    out = Image.open(p)
+    out.load()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+def test_native_modes_keep_their_mode(mode, tmp_path):
+    im = photo(40, 28, "RGB")
+    if mode in ("LA", "RGBA"):
+        im.putalpha(Image.linear_gradient("L").resize(im.size))
+    im = im.convert(mode)
+    out = roundtrip(im, tmp_path)
+    assert out.mode == mode and out.size == im.size
+    err = np.abs(np.asarray(out, dtype=float) - np.asarray(im, dtype=float)).mean()
+    assert err < 25  # the picture, not noise or a broadcast channel
+
+
+def test_16_bit_grey_keeps_16_bit_precision(tmp_path):
+    grey = np.asarray(photo(40, 28, "L"), dtype=np.float64)
+    a16 = np.round(grey * 257 + np.linspace(0, 200, 40)[None, :]).astype("<u2")
+    im = Image.frombytes("I;16", (40, 28), a16.tobytes())
+    out = roundtrip(im, tmp_path, bpp=12)
+    assert out.mode == "I;16" and out.size == (40, 28)
+    got = np.asarray(out).astype(np.float64)
+    assert got.max() > 255  # really 16-bit values, not 8-bit ones
+    psnr16 = 10 * np.log10(65535**2 / np.mean((got - a16) ** 2))
+    assert psnr16 > 25
+    assert pillow_nif.info(tmp_path / "x.nif")["mode"] == "I;16"
+
+
+@pytest.mark.parametrize("src,stored", [("1", "L"), ("P", "RGB"), ("PA", "RGBA"), ("I", "I;16")])
+def test_converted_modes(src, stored, tmp_path):
+    base = photo(24, 20)
+    im = base.convert("P").convert("PA") if src == "PA" else base.convert("I") if src == "I" else base.convert(src)
+    assert roundtrip(im, tmp_path).mode == stored
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "F", "YCbCr", "HSV"])
+def test_unsupported_modes_raise(mode, tmp_path):
+    with pytest.raises(OSError, match="cannot write mode"):
+        photo(8, 8).convert(mode).save(tmp_path / "x.nif", bpp=8)
+    assert not (tmp_path / "x.nif").exists()
+
+
+@pytest.mark.parametrize("size", [(1, 40), (40, 1), (1, 1), (3, 97)])
+def test_degenerate_sizes(size, tmp_path):
+    im = photo(40, 40).resize(size)
+    out = roundtrip(im, tmp_path, bpp=2400 if size == (1, 1) else 60)
+    assert out.size == size
+
+
+def test_metadata_round_trips_byte_exact(tmp_path):
+    icc = bytes(range(256)) * 3
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: stored, not applied
+    exif[0x010F] = "pillow-nif test"
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
+    im = photo(32, 24)
+    out = roundtrip(im, tmp_path, bpp=16, icc_profile=icc, exif=exif, xmp=xmp)  # metadata counts in the budget
+    assert out.info["icc_profile"] == icc
+    assert out.info["exif"] == exif.tobytes()
+    assert out.info["xmp"] == xmp
+    assert out.getexif()[0x0112] == 6 and out.size == (32, 24)  # not rotated
+
+
+def test_metadata_is_kept_from_info_by_default(tmp_path):
+    im = photo(24, 16)
+    im.info["icc_profile"] = b"profile-bytes"
+    out = roundtrip(im, tmp_path)
+    assert out.info["icc_profile"] == b"profile-bytes"
+    # and an explicit empty value drops it
+    p = tmp_path / "y.nif"
+    im.save(p, bpp=6, effort=1, icc_profile=b"")
+    assert "icc_profile" not in Image.open(p).info
+
+
+def test_larger_image_encodes_in_bounded_steps(tmp_path):
+    # Larger than one step's batch: training samples strided subgrids, decoding renders in bands.
+    im = photo(256, 256).resize((384, 256))
+    out = roundtrip(im, tmp_path, bpp=0.5)
+    assert out.size == (384, 256)
+    assert (tmp_path / "x.nif").stat().st_size * 8 <= 0.5 * 384 * 256

@@ -1,0 +1,161 @@
+import io
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from conftest import photo
+from PIL import Image, UnidentifiedImageError
+
+import pillow_nif
+
+
+def psnr(a, b, peak=255.0):
+    mse = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
+    return 10 * np.log10(peak**2 / mse)
+
+
+def test_save_open_round_trip(small_nif):
+    with Image.open(small_nif) as im:
+        assert im.format == "NIF" and im.format_description == "Neural Imaging Format"
+        assert im.mode == "RGB" and im.size == (97, 61)
+        assert im.get_format_mimetype() == "image/x-nif"
+        im.load()
+        assert psnr(im, photo(97, 61)) > 20  # a real fit of the photo, not noise
+    assert Image.registered_extensions()[".nif"] == "NIF"
+
+
+def test_file_respects_bpp_ceiling(small_nif):
+    assert small_nif.stat().st_size * 8 <= 3.0 * 97 * 61
+
+
+def test_header_only_open_imports_no_torch(small_nif):
+    code = (
+        "import sys, pillow_nif; from PIL import Image; im = Image.open(sys.argv[1]); "
+        "print(im.size, im.mode, pillow_nif.info(sys.argv[1])['params'] > 0, "
+        "[m for m in ('torch', 'triton') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(small_nif)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(97, 61) RGB True []"
+
+
+def test_open_from_bytes_and_file_object(small_nif):
+    data = small_nif.read_bytes()
+    ref = np.asarray(Image.open(small_nif))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), ref)
+    with open(small_nif, "rb") as f:
+        assert np.array_equal(np.asarray(Image.open(f)), ref)
+    assert np.array_equal(np.asarray(pillow_nif.decode(data)), ref)
+
+
+def test_not_a_nif_is_unidentified(tmp_path):
+    p = tmp_path / "model.nif"  # .nif is also a game-model format: the magic decides
+    p.write_bytes(b"NetImmerse File Format, Version 4.0.0.2\n" + bytes(200))
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(p)
+    p.write_bytes(b"")
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(p)
+
+
+def test_corrupt_weights_raise_a_clear_error_on_load(small_nif, tmp_path):
+    data = bytearray(small_nif.read_bytes())
+    data[-40] ^= 0x55  # inside the weights chunk
+    p = tmp_path / "bad.nif"
+    p.write_bytes(bytes(data))
+    im = Image.open(p)  # the header is intact: the size is known
+    assert im.size == (97, 61)
+    with pytest.raises(OSError, match="bad CRC"):
+        im.load()
+    with pytest.raises(SyntaxError, match="bad CRC"):
+        Image.open(p).verify()
+    im.close()
+
+
+def test_truncated_file_raises(small_nif, tmp_path):
+    data = small_nif.read_bytes()
+    p = tmp_path / "cut.nif"
+    for n in (len(data) - 1, len(data) // 2, 60):
+        p.write_bytes(data[:n])
+        with pytest.raises(OSError, match="truncated"):
+            Image.open(p).load()
+
+
+def test_verify_passes_on_a_good_file(small_nif):
+    with Image.open(small_nif) as im:
+        im.verify()
+
+
+def test_draft_and_thumbnail_render_small(small_nif):
+    im = Image.open(small_nif)
+    mode, box = im.draft(None, (30, 20))
+    assert im.size == (32, 20) and mode == "RGB"  # at least the requested size, aspect kept
+    im.load()
+    assert im.size == (32, 20)
+    full = np.asarray(Image.open(small_nif).resize((32, 20), Image.Resampling.BOX), dtype=float)
+    assert np.abs(np.asarray(im, dtype=float) - full).mean() < 12  # the same picture, smaller
+    th = Image.open(small_nif)
+    th.thumbnail((24, 24))
+    assert th.size == (24, 15)
+
+
+def test_no_resource_warning(small_nif):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        im = Image.open(small_nif)
+        im.load()
+        assert im.fp is None
+        del im
+
+
+def test_bad_options_fail_before_work_and_leave_no_file(tmp_path):
+    im = photo(32, 32)
+    for opts in ({"bpp": 0}, {"bpp": -1}, {"effort": 42}, {"device": "tpu"}, {"quality": 0}, {"bpp": float("nan")}):
+        p = tmp_path / "x.nif"
+        with pytest.raises(ValueError):
+            im.save(p, **opts)
+        assert not p.exists()
+
+
+def test_too_small_budget_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="needs at least"):
+        photo(16, 16).save(tmp_path / "x.nif", bpp=0.1)
+    assert not (tmp_path / "x.nif").exists()
+
+
+def test_unsupported_mode_is_refused(tmp_path):
+    with pytest.raises(OSError, match="cannot write mode CMYK"):
+        photo(16, 16).convert("CMYK").save(tmp_path / "x.nif", bpp=8)
+
+
+def test_quality_alias_and_bpp_precedence(tmp_path):
+    from pillow_nif.fit import check_options, quality_to_bpp
+
+    assert check_options(quality=50)[0] == pytest.approx(quality_to_bpp(50))
+    assert check_options(bpp=0.7, quality=10)[0] == 0.7
+    assert quality_to_bpp(1) == pytest.approx(0.05) and quality_to_bpp(100) == pytest.approx(2.0)
+    p = tmp_path / "q.nif"
+    photo(48, 40).save(p, quality=95, effort=1)
+    assert p.stat().st_size * 8 <= quality_to_bpp(95) * 48 * 40
+
+
+def test_imageio_v3_read_write_props_meta(small_nif, tmp_path):
+    iio = pytest.importorskip("imageio.v3")
+    arr = iio.imread(small_nif)
+    assert arr.shape == (61, 97, 3) and arr.dtype == np.uint8
+    assert np.array_equal(arr, iio.imread(small_nif.read_bytes()))
+    with open(small_nif, "rb") as f:
+        assert np.array_equal(arr, iio.imread(f))
+    props = iio.improps(small_nif)
+    assert props.shape == (61, 97, 3)
+    assert isinstance(iio.immeta(small_nif), dict)
+    out = tmp_path / "again.nif"
+    iio.imwrite(out, arr, bpp=2.5, effort=1)
+    assert out.stat().st_size * 8 <= 2.5 * 97 * 61
+    assert Image.open(out).format == "NIF"
+
+
+def test_imageio_legacy_imread(small_nif):
+    imageio = pytest.importorskip("imageio.v2")
+    assert imageio.imread(small_nif).shape == (61, 97, 3)

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+import pillow_nif
+from pillow_nif.render import check_size, decode_array, pick_backend
+
+
+def test_decode_any_size(small_nif):
+    data = small_nif.read_bytes()
+    for size in [(1, 1), (97, 61), (200, 30), (13, 128)]:
+        im = pillow_nif.decode(data, size=size)
+        assert im.size == size and im.mode == "RGB"
+
+
+def test_stored_size_is_default_and_rendering_is_repeatable(small_nif):
+    a = decode_array(small_nif)
+    assert a.shape == (61, 97, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, decode_array(small_nif.read_bytes(), device="cpu", backend="torch"))
+
+
+def test_upscaled_decode_matches_stored_pixels_at_the_same_centres(small_nif):
+    # At 3x, every third pixel (offset 1) sits at the centre of a stored pixel.
+    a = decode_array(small_nif).astype(int)
+    b = decode_array(small_nif, size=(97 * 3, 61 * 3)).astype(int)
+    assert np.abs(b[1::3, 1::3] - a).max() <= 1
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        check_size((0, 10))
+    with pytest.raises(ValueError):
+        check_size("big")
+    with pytest.raises(ValueError):
+        pick_backend("opencl", "cpu")
+    with pytest.raises(ValueError, match="device"):
+        pillow_nif.decode(b"", device="quantum")
+
+
+def test_bomb_check(small_nif, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(Image.DecompressionBombError):
+        pillow_nif.decode(small_nif.read_bytes(), size=(3000, 3000))
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(small_nif)
