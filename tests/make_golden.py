@@ -1,0 +1,46 @@
+"""Regenerate the golden vectors in tests/data (only on purpose: a format change bumps the version).
+
+    python tests/make_golden.py
+"""
+
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+import pillow_nif
+from pillow_nif.render import decode_array
+
+DATA = pathlib.Path(__file__).parent / "data"
+PHOTO = pathlib.Path(__file__).resolve().parents[1] / "examples" / "kodim23-crop.png"
+
+CASES = {  # name: (mode, size, bpp)
+    "v1-rgb-48x32": ("RGB", (48, 32), 4.0),
+    "v1-l-33x21": ("L", (33, 21), 6.0),
+    "v1-rgba-20x28": ("RGBA", (20, 28), 8.0),
+    "v1-i16-24x16": ("I;16", (24, 16), 12.0),
+}
+
+
+def source(mode, size):
+    im = Image.open(PHOTO).convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    if mode == "RGBA":
+        im.putalpha(Image.linear_gradient("L").resize(size))
+    if mode == "I;16":
+        a = np.asarray(im.convert("L"), dtype=np.float64) * 257
+        return Image.frombytes("I;16", size, a.astype("<u2").tobytes())
+    return im.convert(mode)
+
+
+def main():
+    DATA.mkdir(exist_ok=True)
+    for name, (mode, size, bpp) in CASES.items():
+        data = pillow_nif.encode(source(mode, size), bpp=bpp, effort=2, seed=0)
+        (DATA / f"{name}.nif").write_bytes(data)
+        pixels = decode_array(data, device="cpu", backend="torch")
+        np.save(DATA / f"{name}.npy", pixels)
+        print(name, len(data), "bytes", pixels.shape, pixels.dtype)
+
+
+if __name__ == "__main__":
+    main()
