@@ -238,16 +238,17 @@ def evaluate_folded_grid(net: FoldedNetwork, ys: torch.Tensor, xs: torch.Tensor)
         W, b = layer
         return first_layer_grid(W.T, b, ys, xs, freqs, net.pe_scale).reshape(len(ys) * len(xs), -1)
 
+    # In-place elementwise ops: on the CPU these layers are bound by memory traffic, not FLOPs.
     if net.mod:  # at least two layers: a modulation network has one hidden layer or more
-        h = torch.sin(first(net.mod[0], net.mod_pe_freqs))
+        h = first(net.mod[0], net.mod_pe_freqs).sin_()
         for W, b in net.mod[1:-1]:
-            h = torch.sin(torch.addmm(b, h, W))
+            h = torch.addmm(b, h, W).sin_()
         period = torch.addmm(net.mod[-1][1], h, net.mod[-1][0])
     else:
         period = net.omega
-    h = torch.sin(period * first(net.genesis[0], net.pe_freqs))
+    h = first(net.genesis[0], net.pe_freqs).mul_(period).sin_()
     for W, b in net.genesis[1:]:
-        h = torch.sin(period * torch.addmm(b, h, W))
+        h = torch.addmm(b, h, W).mul_(period).sin_()
     return torch.addmm(net.out[1], h, net.out[0]).clamp_(0, net.maxval)
 
 
