@@ -324,16 +324,16 @@ def torch_randint(gen, high: int) -> int:
 # ---- quantisation + rate control --------------------------------------------------------------------
 
 
-def _codings_for(tensors: list[np.ndarray], factor: float) -> tuple[list[TensorCoding], list[np.ndarray], float]:
-    """Quantise every tensor with step = factor * rms(tensor); return codings, symbols, estimated bits."""
+def _codings_for(tensors: list[np.ndarray], factor: float, scales=None) -> tuple[list[TensorCoding], list[np.ndarray], float]:
+    """Quantise tensor t with step = factor * scales[t] (default: its rms); return codings, symbols, estimated bits."""
     codings, syms, bits = [], [], 0.0
-    for t in tensors:
+    for i, t in enumerate(tensors):
         rms = float(np.sqrt(np.mean(t * t))) if t.size else 0.0
         peak = float(np.abs(t).max()) if t.size else 0.0
         if peak == 0.0:
             step, qmax = 1.0, 0
         else:
-            step = max(factor * rms, peak / bitstream.MAX_QMAX)
+            step = max(factor * (rms if scales is None else scales[i]), peak / bitstream.MAX_QMAX)
             step = bitstream._f32(step)
             qmax = min(bitstream.MAX_QMAX, int(math.ceil(peak / step)))
         sym = np.clip(np.round(t / step), -qmax, qmax).astype(np.int64)
@@ -355,14 +355,14 @@ def _overhead_bytes(header: Header, metadata: dict) -> int:
     return len(bitstream.dumps(NifFile(header, empty, b"", metadata)))
 
 
-def rate_control(header: Header, tensors: list[np.ndarray], budget_bytes: int, metadata: dict, lo_factor: float = 1e-4):
+def rate_control(header: Header, tensors: list[np.ndarray], budget_bytes: int, metadata: dict, scales=None, lo_factor: float = 1e-4):
     """Smallest step factor whose file fits `budget_bytes`; returns (factor, bytes, codings, symbols)."""
     overhead = _overhead_bytes(header, metadata)
     # Estimate-driven bisection on log(factor) (cheap: no coding), then confirm with the real coder.
     lo, hi = math.log(lo_factor), math.log(64.0)
     for _ in range(30):
         mid = (lo + hi) / 2
-        _, _, bits = _codings_for(tensors, math.exp(mid))
+        _, _, bits = _codings_for(tensors, math.exp(mid), scales)
         # ANS costs a little over the estimate: leave a word of slack plus 0.5 %.
         if overhead + bits * 1.005 / 8 + 8 <= budget_bytes:
             hi = mid
@@ -370,7 +370,7 @@ def rate_control(header: Header, tensors: list[np.ndarray], budget_bytes: int, m
             lo = mid
     factor = math.exp(hi)
     for _ in range(200):
-        codings, syms, _ = _codings_for(tensors, factor)
+        codings, syms, _ = _codings_for(tensors, factor, scales)
         data = _file(header, codings, syms, metadata)
         if len(data) <= budget_bytes:
             return factor, data, codings, syms
@@ -476,7 +476,7 @@ def _quantisation_aware_tuning(fitter: Fitter, header, codings, budget, metadata
     data = _file(header, new_codings, syms, metadata)
     if len(data) <= budget:
         return data
-    return rate_control(header, _tensors(fitter.model), budget, metadata)[1]
+    return rate_control(header, _tensors(fitter.model), budget, metadata, [c.step for c in codings])[1]
 
 
 class _NoBar:
