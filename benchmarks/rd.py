@@ -5,7 +5,8 @@
     python benchmarks/rd.py --dataset kodak --codecs nif,webp,avif --effort 5 --device cuda
     python benchmarks/rd.py --dataset path/to/pngs --only img1,img2 --codecs jpeg,jxl
 
-Every codec writes a real file and its rate is the file's size on disk * 8 / (w * h).  pillow-nif is driven through
+Datasets: `kodak` (../shared/datasets/kodak, 768x512), `kodak-crop256` (their 256x256 centre crops) or a folder of
+PNGs; every image is converted to RGB first.  Every codec writes a real file and its rate is the file's size on disk * 8 / (w * h).  pillow-nif is driven through
 Pillow (`Image.save(path, bpp=target, effort=...)`, `Image.open(path)`), so the harness measures exactly what a user
 gets.  The classical codecs get, per image and target, the highest integer quality whose file fits in
 floor(target * w * h / 8) bytes (binary search; a record is flagged `over_target` when even the lowest quality does
@@ -32,6 +33,7 @@ Outputs, in --out (default benchmarks/results/<dataset>/), named <name>.json / .
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import math
@@ -96,7 +98,8 @@ class PillowCodec(Codec):
         size = {}
 
         def fits(q):
-            size.setdefault(q, len(self.encode_bytes(img, q)))
+            if q not in size:
+                size[q] = len(self.encode_bytes(img, q))
             return size[q] <= budget
 
         lo, hi = self.q_range
@@ -294,7 +297,8 @@ def machine_info(device: str) -> dict:
         "device": device,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "git_commit": commit.stdout.strip() if commit.returncode == 0 else None,
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "src", "kernels").stdout.strip()),
+        "git_dirty": bool(git("status", "--porcelain", "--", "src", "kernels").stdout.strip()),
+        "source_hash": source_hash(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -303,6 +307,14 @@ def machine_info(device: str) -> dict:
             "pytorch_msssim": _dist_version("pytorch-msssim"),
         },
     }
+
+
+def source_hash() -> str:
+    """Short hash of the codec's code (src/ and kernels/), committed or not: tags which code made a record."""
+    h = hashlib.sha1()
+    for p in sorted([*(ROOT / "src").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]):
+        h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -351,10 +363,11 @@ def aggregate(records: dict, images: list[str], codecs: list[str], targets: list
 def markdown(run: dict) -> str:
     o, agg = run["options"], run["aggregates"]
     f = lambda v, p=2: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
+    nif = f"NIF device {o['device']}, effort {o['effort']}, seed {o['seed']}, " if "nif" in o["codecs"] else ""
     lines = [
         f"# Rate-distortion: {o['dataset']} ({len(o['images'])} images)",
         "",
-        f"{run['machine']['cpu']} ({run['machine']['cpu_count']} CPUs), NIF device {o['device']}, effort {o['effort']}, "
+        f"{run['machine']['cpu']} ({run['machine']['cpu_count']} CPUs), {nif}"
         f"commit {run['machine']['git_commit'] or 'none'}. PSNR: RGB, 8-bit. "
         "PSNR mean = mean of per-image PSNR; PSNR(MSE) = PSNR of the mean MSE.",
         "",
@@ -492,6 +505,10 @@ def main(argv=None) -> int:
         run["machine"]["pillow_nif_path"] = str(Path(_import_nif().__file__).parent)
     todo = [(i, c, t) for i in dataset for c in codecs for t in args.bpp if key(i, c.name, t) not in records]
     print(f"{json_path}: {len(records)} records present, {len(todo)} to run", file=sys.stderr)
+    source = run["machine"]["source_hash"]
+    if stale := [k for k, r in records.items() if r["codec"] == "nif" and r.get("source") != source]:
+        print(f"warning: {len(stale)} nif records were encoded by other code than src/ and kernels/ now hold; "
+              "use --fresh (or another --name) to re-encode them", file=sys.stderr)
 
     with tempfile.TemporaryDirectory() as tmp, tqdm(dataset.items(), unit="img") as bar:
         for image, img in bar:
@@ -523,6 +540,7 @@ def main(argv=None) -> int:
                         "bytes": size, "bpp": size * 8 / (img.width * img.height),
                         "over_target": size > math.floor(t * img.width * img.height / 8),
                         "mse": m, "psnr": psnr(m), "ms_ssim": ms_ssim(ref, out_arr), "dec_s": dec_s, **info,
+                        "source": source,
                     }
             run["aggregates"] = aggregate(records, list(dataset), names, args.bpp)
             write_json(json_path, run)

@@ -14,9 +14,11 @@ Design
 - A layer too wide to hold whole (padded width > WHOLE_MAX) is *streamed*: a loop computes CHUNK of its
   outputs, applies the sine and accumulates them at once into the next layer, so it never exists whole.
   A tiny search over which layers to stream minimises padded multiply-adds under that register bound.
+- Sines inline CUDA sinf's fast path (<= 1.5 ulp; cos is one more quadrant) when pack proves every argument
+  below 1e5, else tl.sin, whose inlined slow path would otherwise be a third of the code.
 - The layer structure is a tuple of tl.constexpr descriptors, unrolled with tl.static_range: one kernel is
-  compiled per architecture, for any depth. Weights are packed once per device into one zero-padded float32
-  buffer, cached on the FoldedNetwork.
+  compiled per architecture, for any depth (sm_90: ~5-30 s; Triton caches it on disk). Weights are packed
+  once per device into one zero-padded float32 buffer, cached on the FoldedNetwork.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ from triton.runtime.interpreter import InterpretedFunction
 from pillow_nif.model import FoldedNetwork
 
 CHUNK = 32  # register-tile width, and columns per step of a streamed layer
-WHOLE_MAX = 256  # widest activation held whole: 64 x 256 fp32 is 128 registers/thread at 4 warps
-BLOCK_M = 64  # pixels per program on a GPU (tl.dot M); lowered when an activation must exceed WHOLE_MAX
+# GPU defaults, chosen from sm_90 compiles of the benchmark models (cuobjdump): the fewest register spills.
+# Not yet timed on a GPU: benchmarks/decode_speed.py --tune compares the alternatives.
+WHOLE_MAX = 128  # widest activation held whole in registers; wider layers are streamed
+BLOCK_M = 32  # pixels per program (tl.dot M); lowered when an activation must exceed WHOLE_MAX
+NUM_WARPS = 8
 INTERPRET_BLOCK_M = 512  # the interpreter's cost is per operation, so it wants few, large tiles
 
 # Layer descriptor: (w_off, b_off, n_pad, in_pieces, out_pieces, mode, act, n_chunks); pieces are ((off, size), ...).
@@ -46,23 +51,55 @@ ACT_NONE, ACT_PERIOD, ACT_SINE = 0, 1, 2  # output layer | genesis: sin(period *
 
 
 @triton.jit
-def _encode(y, x, freq_ptr, OFF: tl.constexpr, SIZE: tl.constexpr, FREQS: tl.constexpr):
+def _sin_quadrant(x, shift):
+    """sin(x + shift * pi / 2) for |x| < 105615, shift 0 or 1 (cos: one more quadrant, never adding pi / 2 in
+    floating point). CUDA sinf's fast path (Cody-Waite reduction, its minimax polynomials; <= 1.5 ulp)
+    without the Payne-Hanek slow path that tl.sin inlines for every element (a quarter to a third of the
+    kernel's code) and its branch."""
+    j = tl.floor(x * 0.636619747 + 0.5)  # nearest quadrant
+    r = tl.fma(j, -1.57079601e00, x)
+    r = tl.fma(j, -3.13916473e-07, r)
+    r = tl.fma(j, -5.39030253e-15, r)
+    s = r * r
+    ps = tl.fma(tl.fma(tl.fma(s, -1.95152959e-4, 8.33216087e-3), s, -1.66666546e-1) * s, r, r)
+    pc = tl.fma(tl.fma(tl.fma(tl.fma(s, 2.44331571e-5, -1.38873163e-3), s, 4.16666457e-2), s, -0.5), s, 1.0)
+    q = j.to(tl.int32) + shift
+    v = tl.where((q & 1) != 0, pc, ps)
+    return tl.where((q & 2) != 0, -v, v)
+
+
+@triton.jit
+def _sin(x, FAST: tl.constexpr):
+    """FAST only where pack proved every argument below 1e5."""
+    if FAST:
+        x = _sin_quadrant(x, 0)
+    else:
+        x = tl.sin(x)
+    return x
+
+
+@triton.jit
+def _encode(y, x, freq_ptr, OFF: tl.constexpr, SIZE: tl.constexpr, FREQS: tl.constexpr, FAST: tl.constexpr):
     """Columns [OFF, OFF + SIZE) of encode_positions([y, x]), zero past its 2 + 4 FREQS columns."""
     col = OFF + tl.arange(0, SIZE)[None, :]
     j = tl.maximum(col - 2, 0)  # per frequency: sin y, cos y, sin x, cos x
     f = tl.load(freq_ptr + j // 4, mask=(col >= 2) & (col < 2 + 4 * FREQS), other=0.0)
     coord = tl.where((col == 1) | ((col >= 2) & ((j // 2) % 2 == 1)), x[:, None], y[:, None])
     ang = coord * f  # one f32 multiply, as the reference: huge angles round identically
-    enc = tl.where(col < 2, coord, tl.where(j % 2 == 0, tl.sin(ang), tl.cos(ang)))
+    if FAST:
+        enc = _sin_quadrant(ang, j % 2)
+    else:
+        enc = tl.where(j % 2 == 0, tl.sin(ang), tl.cos(ang))
+    enc = tl.where(col < 2, coord, enc)
     return tl.where(col < 2 + 4 * FREQS, enc, 0.0)
 
 
 @triton.jit
-def _act(z, period, ACT: tl.constexpr):
+def _act(z, period, ACT: tl.constexpr, FAST: tl.constexpr):
     if ACT == 1:
-        z = tl.sin(period[:, None] * z)
+        z = _sin(period[:, None] * z, FAST)
     elif ACT == 2:
-        z = tl.sin(z)
+        z = _sin(z, FAST)
     return z
 
 
@@ -75,7 +112,7 @@ def _tile(ptr, row0, ROWS: tl.constexpr, col0, COLS: tl.constexpr, STRIDE: tl.co
 
 
 @triton.jit
-def _whole(hs, period, buf, L: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+def _whole(hs, period, buf, L: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
     """One layer, input and output held whole as tuples of tiles."""
     out = ()
     for q in tl.static_range(len(L[4])):
@@ -84,12 +121,14 @@ def _whole(hs, period, buf, L: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.con
             w = _tile(buf + L[0], L[3][p][0], L[3][p][1], L[4][q][0], L[4][q][1], L[2])
             acc = tl.dot(hs[p], w, acc, input_precision=PREC)
         b = tl.load(buf + L[1] + L[4][q][0] + tl.arange(0, L[4][q][1]))
-        out = out + (_act(acc + b[None, :], period, L[6]),)
+        out = out + (_act(acc + b[None, :], period, L[6], FAST),)
     return out
 
 
 @triton.jit
-def _streamed(hs, period, buf, A: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+def _streamed(
+    hs, period, buf, A: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr
+):
     """Layer A in CHUNK-column steps, each accumulated at once into layer B: A's output is never whole."""
     CH: tl.constexpr = A[2] // A[7]
     accs = ()
@@ -100,7 +139,7 @@ def _streamed(hs, period, buf, A: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.con
         z = tl.zeros((BLOCK_M, CH), tl.float32)
         for p in tl.static_range(len(A[3])):
             z = tl.dot(hs[p], _tile(buf + A[0], A[3][p][0], A[3][p][1], c0, CH, A[2]), z, input_precision=PREC)
-        a = _act(z + tl.load(buf + A[1] + c0 + tl.arange(0, CH))[None, :], period, A[6])
+        a = _act(z + tl.load(buf + A[1] + c0 + tl.arange(0, CH))[None, :], period, A[6], FAST)
         new = ()
         for q in tl.static_range(len(B[4])):
             w = _tile(buf + B[0], c0, CH, B[4][q][0], B[4][q][1], B[2])
@@ -109,21 +148,24 @@ def _streamed(hs, period, buf, A: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.con
     out = ()
     for q in tl.static_range(len(B[4])):
         b = tl.load(buf + B[1] + B[4][q][0] + tl.arange(0, B[4][q][1]))
-        out = out + (_act(accs[q] + b[None, :], period, B[6]),)
+        out = out + (_act(accs[q] + b[None, :], period, B[6], FAST),)
     return out
 
 
 @triton.jit
-def _mlp(y, x, period, buf, FREQS: tl.constexpr, LAYERS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+def _mlp(
+    y, x, period, buf,
+    FREQS: tl.constexpr, LAYERS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
     """Encode (y, x), run the layers; returns the output layer's tiles."""
     hs = ()
     for p in tl.static_range(len(LAYERS[0][3])):
-        hs = hs + (_encode(y, x, buf, LAYERS[0][3][p][0], LAYERS[0][3][p][1], FREQS),)
+        hs = hs + (_encode(y, x, buf, LAYERS[0][3][p][0], LAYERS[0][3][p][1], FREQS, FAST),)
     for i in tl.static_range(len(LAYERS)):
         if LAYERS[i][5] == 0:
-            hs = _whole(hs, period, buf, LAYERS[i], BLOCK_M, PREC)
+            hs = _whole(hs, period, buf, LAYERS[i], BLOCK_M, PREC, FAST)
         elif LAYERS[i][5] == 1:
-            hs = _streamed(hs, period, buf, LAYERS[i], LAYERS[i + 1], BLOCK_M, PREC)
+            hs = _streamed(hs, period, buf, LAYERS[i], LAYERS[i + 1], BLOCK_M, PREC, FAST)
     return hs
 
 
@@ -142,6 +184,7 @@ def _nif_decode_kernel(
     MOD_FREQS: tl.constexpr,
     GEN: tl.constexpr,  # layer descriptors (see the module constants); MOD is () without modulation
     MOD: tl.constexpr,
+    FAST_SIN: tl.constexpr,  # every sine argument (encoding, hidden layers) is below 1e5 in magnitude
     BLOCK_M: tl.constexpr,
     PREC: tl.constexpr,  # tl.dot input_precision: "ieee" (exact fp32) or "tf32x3"
 ):
@@ -151,11 +194,11 @@ def _nif_decode_kernel(
     y = ((2 * (row0 + p // width) + 1).to(tl.float64) / height - 1.0).to(tl.float32)
     x = ((2 * (p % width) + 1).to(tl.float64) / width - 1.0).to(tl.float32)
     if len(MOD) > 0:
-        hm = _mlp(y, x, y, buf, MOD_FREQS, MOD, BLOCK_M, PREC)  # `y` stands in for the unused period
+        hm = _mlp(y, x, y, buf, MOD_FREQS, MOD, BLOCK_M, PREC, FAST_SIN)  # `y` stands in for the unused period
         period = tl.sum(hm[0], axis=1)  # the last layer has one real column, the padding is exactly 0
     else:
         period = tl.zeros((BLOCK_M,), tl.float32) + omega
-    v = _mlp(y, x, period, buf, GEN_FREQS, GEN, BLOCK_M, PREC)[0]
+    v = _mlp(y, x, period, buf, GEN_FREQS, GEN, BLOCK_M, PREC, FAST_SIN)[0]
     v = tl.floor(tl.minimum(tl.maximum(v, 0.0), maxval) + 0.5)  # round half up, as to_pixels
     c = tl.arange(0, v.shape[1])
     offs = p.to(tl.int64)[:, None] * CHANNELS + c[None, :]
@@ -203,6 +246,7 @@ class _Packed:
     freqs: tuple[int, int]
     widest: int  # widest activation held whole
     macs: int  # padded multiply-adds per pixel (what the kernel computes)
+    fast_sin: bool  # every sine argument provably within _sin's fast range
 
 
 def _pack_layers(layers, in_dim, hidden_act, parts, offset):
@@ -219,7 +263,7 @@ def _pack_layers(layers, in_dim, hidden_act, parts, offset):
         bp[: dims[i + 1]] = b
         mode = STREAM if stream[i] else FUSED if i and stream[i - 1] else WHOLE
         act = ACT_NONE if i == len(layers) - 1 else hidden_act
-        descs.append((offset, offset + wp.numel(), n_pad, pieces, out, mode, act, n_pad // CHUNK))
+        descs.append((offset, offset + wp.numel(), n_pad, pieces, out, mode, act, n_pad // CHUNK if stream[i] else 0))
         parts += [wp.reshape(-1), bp]
         offset += wp.numel() + n_pad
         pieces, k_pad = out, n_pad
@@ -230,6 +274,14 @@ def _describe(descs) -> tuple[int, int]:
     widest = max([sum(s for _, s in d[3]) for d in descs] + [d[2] for d in descs if d[5] != STREAM])
     macs = sum(descs[i - 1][2] * d[2] if i else sum(s for _, s in d[3]) * d[2] for i, d in enumerate(descs))
     return widest, macs
+
+
+def _max_sine_arg(net: FoldedNetwork, freqs: torch.Tensor) -> float:
+    """A bound on |argument| of every sine: coordinates, encodings and sines all lie in [-1, 1]."""
+    bound = lambda w, b: (w.double().abs().sum(0) + b.double().abs()).max().item()  # noqa: E731
+    period = bound(*net.mod[-1]) if net.mod else abs(net.omega)
+    args = [bound(w, b) for w, b in net.mod[:-1]] + [period * bound(w, b) for w, b in net.genesis]
+    return max(args + freqs.abs().tolist())
 
 
 def pack(net: FoldedNetwork) -> _Packed:
@@ -254,7 +306,7 @@ def pack(net: FoldedNetwork) -> _Packed:
     if mod:
         mw, mm = _describe(mod)
         widest, macs = max(widest, mw), macs + mm
-    packed = _Packed(buf, gen, mod, (net.pe_freqs, net.mod_pe_freqs), widest, macs)
+    packed = _Packed(buf, gen, mod, (net.pe_freqs, net.mod_pe_freqs), widest, macs, _max_sine_arg(net, freqs) < 1e5)
     cache[str(dev)] = packed
     return packed
 
@@ -272,7 +324,7 @@ def render_band(
     *,
     out: torch.Tensor | None = None,
     block_m: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = NUM_WARPS,
     precision: str = "ieee",
 ) -> torch.Tensor:
     """Rows [row0, row1) of the (height, width) decode of net: (row1 - row0, width, C) integer pixels.
@@ -307,6 +359,6 @@ def render_band(
         _nif_decode_kernel[(triton.cdiv(n, block_m),)](
             out[r - row0 : r1 - row0], pk.buf, n, width, height, r, float(net.omega), float(net.maxval),
             CHANNELS=net.channels, GEN_FREQS=pk.freqs[0], MOD_FREQS=pk.freqs[1], GEN=pk.gen, MOD=pk.mod,
-            BLOCK_M=block_m, PREC=precision, num_warps=num_warps,
+            FAST_SIN=pk.fast_sin, BLOCK_M=block_m, PREC=precision, num_warps=num_warps,
         )  # fmt: skip
     return out

@@ -33,8 +33,11 @@ def encode(image, **options) -> bytes:
 
 
 def encode_many(images, **options) -> list[bytes]:
-    """Encode several images with the same options (one after another on this version)."""
-    return [encode(im, **options) for im in images]
+    """Encode several images with the same options: images of one size and architecture are fitted
+    together as one stacked network (see pillow_nif.batch), each to the file encode would write."""
+    from .batch import encode_many as _encode_many
+
+    return _encode_many(images, **options)
 
 
 def decode(data_or_path, size=None, device: str = "auto", backend: str = "auto"):

@@ -72,17 +72,32 @@ def _encode(args) -> int:
         jobs = [tuple(args.inputs)]
     else:
         raise SystemExit("nif encode: give INPUT OUTPUT, or several inputs with --out-dir DIR")
-    for src, dst in jobs:
-        with Image.open(src) as im:
-            im.load()
-            result = encode_image(
-                im, bpp=args.bpp, quality=args.quality, effort=args.effort, device=args.device, seed=args.seed,
-                progress=not args.quiet,
-                icc_profile=im.info.get("icc_profile"), exif=im.info.get("exif"), xmp=im.info.get("xmp"),
-            )
+    opts = dict(bpp=args.bpp, quality=args.quality, effort=args.effort, device=args.device, seed=args.seed,
+                progress=not args.quiet)
+    keys = ("icc_profile", "exif", "xmp")
+
+    def done(dst, im, result):
         write_atomic(dst, result.data)
         print(f"{dst}: {im.width}x{im.height} {len(result.data)} bytes, {result.bpp:.4f} bpp, "
               f"PSNR {result.psnr:.2f} dB, {result.seconds:.1f} s")
+
+    if len(jobs) == 1:
+        src, dst = jobs[0]
+        with Image.open(src) as im:
+            im.load()
+            done(dst, im, encode_image(im, **opts, **{k: im.info.get(k) for k in keys}))
+        return 0
+    # Several inputs: fitted together where they share a size and architecture (pillow_nif.batch);
+    # each file is written as soon as its group is done.
+    from .batch import encode_batch
+
+    images = []
+    for src, _ in jobs:
+        with Image.open(src) as im:
+            im.load()
+        images.append(im)
+    metadata = [{k: im.info.get(k) for k in keys} for im in images]
+    encode_batch(images, metadata=metadata, on_result=lambda i, r: done(jobs[i][1], images[i], r), **opts)
     return 0
 
 

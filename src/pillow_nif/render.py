@@ -99,7 +99,8 @@ def _torch_band(net, width: int, height: int, r0: int, r1: int, max_pixels: int 
     else:  # written into one buffer allocated first: pieces kept alive in between fragment the heap
         vals = torch.empty((r1 - r0, width, net.channels), device=device)
         for c in range(0, width, step):
-            vals[:, c : c + step] = to_pixels(evaluate_folded_grid(net, ys, xs[c : c + step])).reshape(r1 - r0, -1, net.channels)
+            piece = evaluate_folded_grid(net, ys, xs[c : c + step])
+            vals[:, c : c + step] = to_pixels(piece).reshape(r1 - r0, -1, net.channels)
     # NaN (hostile hyperparameters: sin(inf)) -> 0, as the Triton kernel's clamp gives; its cast is undefined.
     vals = torch.nan_to_num_(vals, nan=0.0)
     return vals.reshape(r1 - r0, width, -1).to(torch.uint8 if net.maxval == 255 else torch.int32)

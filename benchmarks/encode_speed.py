@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""Encode speed: whole-call encode time, training-step time, batch throughput; JSON on stdout.
+
+    python benchmarks/encode_speed.py [--out speed.json] [--effort 5] [--device auto]
+    python benchmarks/encode_speed.py --effort 1 --batch-n 4 --batch-size 128 --cpu-size 128   # quick, CPU
+
+Sections (each can be skipped with --skip NAME,NAME):
+  kodak:    one whole call per target (--bpp, default 0.3 and 1.0): pillow_nif.encode of a Kodak image (768x512)
+            at --effort on --device, the file written to disk; bytes, bpp and PSNR of the decoded file.
+  step:     time of one training step (sample, forward, loss, backward, AdamW) on that image's network for the
+            largest --bpp: model.NIF in torch, the batch encoder's StackedNIF (B=1) in torch, and StackedNIF with
+            the fused Triton sine layer (CUDA only; skipped without it). Best of 3 interleaved runs of --steps
+            steps each, after warm-up.
+  batch:    --batch-n centre crops of --batch-size px from different Kodak images at --batch-bpp:
+            pillow_nif.encode_many against one pillow_nif.encode per image; images/s of each, their ratio, and
+            the mean PSNR of each (the batch path follows the same recipe, so they should agree);
+            --batch-fused trains the batch with the fused Triton sine layer.
+  forward:  the batch encoder's design choice: a training step of --batch-n networks as hand-written batched
+            matmuls (StackedNIF), as torch.func.vmap over NIF.forward_grid (stack_module_state +
+            functional_call), and as one plain step per network; on the batch images' network.
+  cpu:      encode time of one --cpu-size px crop at --batch-bpp, --cpu-effort (default --effort), on the CPU
+            (whole call, file written).
+Times are wall-clock (time.perf_counter; torch.cuda.synchronize around GPU steps). Run with OMP_NUM_THREADS set
+to the cores you really have: torch's OpenMP threads spin under oversubscription.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import pillow_nif
+from pillow_nif import fit
+from pillow_nif.batch import BatchFitter
+from pillow_nif.cli import write_atomic
+from pillow_nif.render import decode_array
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KODAK = ROOT.parent / "shared" / "datasets" / "kodak"
+SECTIONS = ("kodak", "step", "batch", "forward", "cpu")
+
+
+def kodak_image(name: str) -> Image.Image:
+    with Image.open(KODAK / name) as im:
+        return im.convert("RGB")
+
+
+def crop(im: Image.Image, size: int) -> Image.Image:
+    w, h = im.size
+    s = min(size, w, h)
+    return im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+
+
+def psnr(data: bytes, im: Image.Image) -> float:
+    ref = np.asarray(im).astype(np.float64)
+    mse = float(np.mean((decode_array(data, device="cpu").astype(np.float64).reshape(ref.shape) - ref) ** 2))
+    return 10 * math.log10(255**2 / mse) if mse else math.inf
+
+
+def timed_encode(im: Image.Image, path: str, **opts) -> tuple[float, bytes]:
+    """One whole call, as a user makes it: encode, then the file on disk."""
+    t = time.perf_counter()
+    data = pillow_nif.encode(im, **opts)
+    write_atomic(path, data)
+    return time.perf_counter() - t, data
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step_time(fitter: fit.Fitter, steps: int, device: str, repeats: int = 3) -> float:
+    """Seconds per step of Fitter.run_stage (the encoder's own loop): the best of `repeats` runs of `steps`."""
+    fitter.run_stage(3, fitter.cfg.lr, lambda n: None)  # warm-up (and Triton compilation)
+    best = math.inf
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fitter.run_stage(steps, fitter.cfg.lr, lambda n: None)
+        sync(device)
+        best = min(best, (time.perf_counter() - t) / steps)
+    return best
+
+
+def target_and_arch(im: Image.Image, bpp: float, cfg: fit.FitConfig):
+    """Network-space target and the architecture encode_image would pick (no metadata)."""
+    from pillow_nif.batch import _arrays, _plan
+
+    job = _plan(0, im, bpp, "auto", {}, cfg)
+    return _arrays(job)[1], job.header.arch
+
+
+def section_kodak(args, out: dict, tmp: str) -> None:
+    im = kodak_image(args.kodak)
+    res = []
+    for bpp in args.bpp:
+        s, data = timed_encode(im, os.path.join(tmp, "k.nif"), bpp=bpp, effort=args.effort, device=args.device)
+        res.append({"target_bpp": bpp, "seconds": s, "bytes": len(data), "bpp": len(data) * 8 / (im.width * im.height),
+                    "psnr": psnr(data, im)})
+        print(json.dumps(res[-1]), file=sys.stderr)
+    out["kodak"] = {"image": args.kodak, "size": list(im.size), "effort": args.effort, "results": res}
+
+
+def section_step(args, out: dict) -> None:
+    cfg = fit.FitConfig()
+    device = fit.resolve_device(args.device)
+    target, arch = target_and_arch(kodak_image(args.kodak), max(args.bpp), cfg)
+    eff = fit.EFFORTS[args.effort]
+    single = fit.Fitter(target, arch, device, eff, cfg, 0)
+    res = {"arch": {"widths": arch.widths, "mod_widths": arch.mod_widths, "params": arch.num_params()},
+           "device": device, "pixels_per_step": len(single.sample()[0]) * len(single.sample()[1])}
+    fitters = {"torch_nif_s": single, "torch_stacked_s": BatchFitter([target], arch, device, eff, cfg, 0)}
+    if device.startswith("cuda"):
+        fitters["fused_stacked_s"] = BatchFitter([target], arch, device, eff, cfg, 0, use_fused=True)
+    rounds = {k: [] for k in fitters}
+    for _ in range(3):  # interleaved rounds, best of each: the machine may be shared
+        for k, f in fitters.items():
+            rounds[k].append(step_time(f, args.steps, device, 1))
+    res.update({k: min(v) for k, v in rounds.items()})
+    if device.startswith("cuda"):
+        res["fused_speedup_vs_torch_nif"] = res["torch_nif_s"] / res["fused_stacked_s"]
+        res["fused_speedup_vs_torch_stacked"] = res["torch_stacked_s"] / res["fused_stacked_s"]
+    else:
+        res["fused_stacked_s"] = None
+        res["note"] = "no CUDA: the fused Triton step is skipped"
+    out["step"] = res
+    print(json.dumps(res), file=sys.stderr)
+
+
+def batch_images(args) -> list[Image.Image]:
+    names = sorted(p.name for p in KODAK.glob("*.png"))
+    return [crop(kodak_image(names[i % len(names)]), args.batch_size) for i in range(args.batch_n)]
+
+
+def section_batch(args, out: dict, tmp: str) -> None:
+    ims = batch_images(args)
+    opts = dict(bpp=args.batch_bpp, effort=args.effort, device=args.device, seed=0)
+    fused = dict(use_fused=True) if args.batch_fused else {}
+    pillow_nif.encode(crop(ims[0], 32), bpp=8, effort=1, device=args.device)  # warm-up (imports, allocator)
+    if fused:
+        pillow_nif.encode_many(ims[:1], **{**opts, "effort": 1}, **fused)  # Triton compilation
+    t = time.perf_counter()
+    many = pillow_nif.encode_many(ims, **opts, **fused)
+    for i, data in enumerate(many):
+        write_atomic(os.path.join(tmp, f"b{i}.nif"), data)
+    t_many = time.perf_counter() - t
+    t = time.perf_counter()
+    single = [timed_encode(im, os.path.join(tmp, f"s{i}.nif"), **opts)[1] for i, im in enumerate(ims)]
+    t_single = time.perf_counter() - t
+    p_many = [psnr(d, im) for d, im in zip(many, ims)]
+    p_single = [psnr(d, im) for d, im in zip(single, ims)]
+    res = {"n": len(ims), "size": args.batch_size, "bpp": args.batch_bpp, "effort": args.effort, "fused": bool(fused),
+           "encode_many_s": t_many, "one_at_a_time_s": t_single,
+           "encode_many_images_per_s": len(ims) / t_many, "one_at_a_time_images_per_s": len(ims) / t_single,
+           "speedup": t_single / t_many,
+           "encode_many_mean_psnr": statistics.mean(p_many), "one_at_a_time_mean_psnr": statistics.mean(p_single),
+           "identical_files": sum(a == b for a, b in zip(many, single)),
+           "max_bpp": max(len(d) * 8 / (im.width * im.height) for d, im in zip(many, ims))}
+    out["batch"] = res
+    print(json.dumps(res), file=sys.stderr)
+
+
+class VmapNIF(torch.nn.Module):
+    """B NIF networks stacked with torch.func.stack_module_state, run with vmap over functional_call."""
+
+    def __init__(self, models):
+        super().__init__()
+        from torch.func import stack_module_state
+
+        params, _ = stack_module_state(models)
+        self.names = list(params)
+        self.stack = torch.nn.ParameterList(torch.nn.Parameter(params[n]) for n in self.names)
+        self.base = [models[0]]  # not a submodule: only its structure is used
+
+    def forward(self, ys, xs, weights=None):
+        from torch.func import functional_call, vmap
+
+        params = dict(zip(self.names, self.stack))
+        out = vmap(lambda p: functional_call(self.base[0], p, (ys, xs)))(params)  # (B, Hs, Ws, C)
+        return out.permute(1, 2, 0, 3).reshape(len(ys), len(xs), -1)
+
+
+def section_forward(args, out: dict) -> None:
+    cfg = fit.FitConfig()
+    device = fit.resolve_device(args.device)
+    ims = batch_images(args)
+    plans = [target_and_arch(im, args.batch_bpp, cfg) for im in ims]
+    targets, arch = [p[0] for p in plans], plans[0][1]
+    eff = fit.EFFORTS[args.effort]
+    bmm = BatchFitter(targets, arch, device, eff, cfg, 0)
+    vm = BatchFitter(targets, arch, device, eff, cfg, 0)
+    vm.model = VmapNIF([bmm.model.unstack(i) for i in range(len(targets))]).to(device)
+    singles = [fit.Fitter(t, arch, device, eff, cfg, 0) for t in targets]
+    # Interleaved rounds, best of each: the machine may be shared.
+    rounds = {"bmm_s": [], "vmap_s": [], "one_by_one_s": []}
+    for _ in range(3):
+        rounds["bmm_s"].append(step_time(bmm, args.steps, device, 1))
+        rounds["vmap_s"].append(step_time(vm, args.steps, device, 1))
+        rounds["one_by_one_s"].append(sum(step_time(f, args.steps, device, 1) for f in singles))
+    res = {"n": len(targets), "arch": {"widths": arch.widths, "mod_widths": arch.mod_widths},
+           "pixels_per_step": len(bmm.sample()[0]) * len(bmm.sample()[1]), "device": device}
+    res.update({k: min(v) for k, v in rounds.items()})
+    res["vmap_over_bmm"] = res["vmap_s"] / res["bmm_s"]
+    res["one_by_one_over_bmm"] = res["one_by_one_s"] / res["bmm_s"]
+    out["forward"] = res
+    print(json.dumps(res), file=sys.stderr)
+
+
+def section_cpu(args, out: dict, tmp: str) -> None:
+    im = crop(kodak_image(args.kodak), args.cpu_size)
+    s, data = timed_encode(im, os.path.join(tmp, "c.nif"), bpp=args.batch_bpp, effort=args.cpu_effort, device="cpu")
+    out["cpu"] = {"size": args.cpu_size, "bpp_target": args.batch_bpp, "effort": args.cpu_effort, "seconds": s,
+                  "bpp": len(data) * 8 / (im.width * im.height), "psnr": psnr(data, im)}
+    print(json.dumps(out["cpu"]), file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--effort", type=int, default=5, help="effort of every encode (default 5, the default)")
+    p.add_argument("--kodak", default="kodim23.png", help="image of ../shared/datasets/kodak for kodak/step/cpu")
+    p.add_argument("--bpp", type=float, nargs="+", default=[0.3, 1.0])
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per measurement")
+    p.add_argument("--batch-n", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-bpp", type=float, default=0.6)
+    p.add_argument("--batch-fused", action="store_true", help="encode_many with the fused Triton layer (CUDA)")
+    p.add_argument("--cpu-size", type=int, default=256)
+    p.add_argument("--cpu-effort", type=int, help="effort of the cpu section (default: --effort)")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: " + ",".join(SECTIONS))
+    args = p.parse_args(argv)
+    args.cpu_effort = args.cpu_effort or args.effort
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - set(SECTIONS):
+        p.error(f"unknown sections {sorted(skip - set(SECTIONS))}")
+    if not KODAK.exists():
+        p.error(f"{KODAK} not found")
+    device = fit.resolve_device(args.device)
+    report = {
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SECTIONS:
+            if name in skip:
+                continue
+            if name in ("kodak", "batch", "cpu"):
+                globals()[f"section_{name}"](args, report, tmp)
+            else:
+                globals()[f"section_{name}"](args, report)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

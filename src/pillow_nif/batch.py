@@ -1,0 +1,392 @@
+"""Batch encoding: fit many images at once, one stacked network per group of like images.
+
+Images that get the same architecture and size (hence the same sampling stride and step shape) form a
+group. A group's B networks live in one `StackedNIF`, every parameter a (B, ...) tensor, and train
+together: one forward of batched matmuls per step, one loss (the sum of the per-image losses, so each
+image's gradient is exactly its own), one AdamW over the stacked tensors. Adam's state is per element,
+so the B fits are independent; what is shared is the per-step overhead (Python, dispatch, optimizer),
+which dominates small networks on a CPU and launches on a GPU.
+
+Each image follows the one-at-a-time recipe of fit.py with the same seed: the same initial weights,
+the same strided-subgrid phases, the same restart noise (scaled by its own weights), its own best-state
+tracking across restart stages; rate control per image; quantisation-aware tuning for the group at
+once, each image at its own quantisation steps; then each image's file. Files are in encode_image's format with its header, within the same budget, and within
+~0.1 dB of its PSNR (measured); not bit-identical (the stacked network scales by omega inside the
+matmuls, and batched matmuls may round differently), but deterministic for a seed.
+
+Measured (benchmarks/encode_speed.py, 2-core CPU, OMP_NUM_THREADS=1, effort 1, 4 Kodak crops at 0.6 bpp):
+a training step of 4 networks took 9.1 ms as hand-written batched matmuls, 10.4 ms with torch.func.vmap
+over NIF.forward_grid (stack_module_state + functional_call), 12.7 ms as 4 plain steps (128 px crops);
+69.9 / 74.2 / 93.8 ms at 256 px. encode_many ran 1.59x (128 px) and 1.50x (256 px) the images/s of one
+encode per image. The CPU is bound by elementwise passes over the activations, which batching does not
+reduce; on a GPU, where small networks leave it idle between launches, the gain is expected to be larger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import types
+from typing import Callable
+
+import numpy as np
+
+import torch
+from torch import nn
+
+from . import fit
+from .bitstream import Architecture, Header
+from .model import axis_columns, encode_axis
+
+# Floats of saved activations one group may hold per step (about 4 per hidden unit per sampled
+# pixel): groups larger than this are split, so a long list of big images cannot exhaust memory.
+_GROUP_FLOATS = {"cpu": 1 << 27, "cuda": 1 << 29}
+
+
+@dataclasses.dataclass
+class _Job:
+    """One image and what encode_image decides before fitting it (its pixels are read when its group runs)."""
+
+    index: int
+    image: object  # PIL image
+    header: Header
+    budget: int  # bytes
+    metadata: dict
+
+
+def encode_many(images, **options) -> list[bytes]:
+    """Encode several images with the same options; like-sized images are fitted together."""
+    return [r.data for r in encode_batch(images, **options)]
+
+
+def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0, progress=False,
+                 icc_profile=None, exif=None, xmp=None, colour="auto", config: fit.FitConfig | None = None,
+                 metadata: list[dict] | None = None, use_fused: bool = False,
+                 on_result: Callable[[int, fit.EncodeResult], None] | None = None) -> list[fit.EncodeResult]:
+    """encode_image for a list of PIL images (or arrays), fitting like images together.
+
+    Every option means what it means to encode_image and applies to every image; `metadata`, a list of
+    dicts with keys icc_profile/exif/xmp, gives per-image metadata instead (as the CLI needs).
+    `use_fused` trains with the Triton sine-layer kernel (CUDA, or TRITON_INTERPRET=1).
+    `on_result(index, result)` is called as each image is done (groups finish in order of first image).
+    """
+    target_bpp, effort = fit.check_options(bpp, quality, effort, device, seed)
+    if colour not in ("auto", "rgb", "ycbcr"):
+        raise ValueError(f"colour must be 'auto', 'rgb' or 'ycbcr', got {colour!r}")
+    device = fit.resolve_device(device)
+    if use_fused and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("use_fused needs CUDA (or TRITON_INTERPRET=1, for tests)")
+    cfg = config or fit.FitConfig()
+    images = list(images)
+    if metadata is not None and len(metadata) != len(images):
+        raise ValueError(f"metadata has {len(metadata)} entries for {len(images)} images")
+    common = dict(icc_profile=icc_profile, exif=exif, xmp=xmp)
+    # Every image is checked (mode, budget) before any fitting starts.
+    jobs = [_plan(i, _as_image(im), target_bpp, colour, metadata[i] if metadata is not None else common, cfg)
+            for i, im in enumerate(images)]
+    eff = fit.EFFORTS[effort]
+    bar = fit._progress(progress, len(jobs) * (eff.stages * eff.iters + eff.qat_stages * eff.qat_iters))
+    results: list[fit.EncodeResult | None] = [None] * len(jobs)
+    try:
+        for group in _groups(jobs, device, eff):
+            t0 = time.perf_counter()
+            done = _encode_group(group, device, eff, cfg, seed, use_fused, bar)
+            seconds = (time.perf_counter() - t0) / len(group)  # the group's time, shared out evenly
+            for job, r in zip(group, done):
+                r.seconds = seconds
+                results[job.index] = r
+                if on_result is not None:
+                    on_result(job.index, r)
+    finally:
+        bar.close()
+    return results
+
+
+def _as_image(image):
+    from PIL import Image
+
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
+def _plan(index: int, image, target_bpp: float, colour: str, meta: dict, cfg: fit.FitConfig) -> _Job:
+    """encode_image's set-up, without reading pixels: storage mode, colour transform, budget, architecture."""
+    from . import bitstream
+    from .imaging import storage_mode
+
+    mode = storage_mode(image)  # OSError for modes NIF cannot hold, as prepare_image
+    c = bitstream.MODES[bitstream.MODE_CODES[mode]][1]
+    w, h = image.size
+    col = bitstream.COLOUR_YCBCR if c >= 3 and colour in ("auto", "ycbcr") else bitstream.COLOUR_IDENTITY
+    metadata = {k: bytes(v) for k, v in ((k, meta.get(k)) for k in ("icc_profile", "exif", "xmp")) if v}
+    budget = int(target_bpp * w * h // 8)
+    probe = Header(w, h, mode, col, fit.choose_architecture(w, h, c, 1, cfg))
+    overhead = fit._overhead_bytes(probe, metadata)
+    if budget < overhead + 16:
+        raise ValueError(
+            f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
+            f"{overhead + 16} bytes: ask for a higher bpp"
+        )
+    arch = fit.choose_architecture(w, h, c, (budget - overhead) * 8 / cfg.bits_per_param, cfg)
+    return _Job(index, image, Header(w, h, mode, col, arch), budget, metadata)
+
+
+def _arrays(job: _Job) -> tuple[np.ndarray, np.ndarray, int]:
+    """(pixels in [0, 1], network-space target, peak value) of a job's image, as encode_image makes them."""
+    from .colour import to_network_space
+    from .imaging import prepare_image
+
+    pixels, mode, maxval = prepare_image(job.image)
+    assert pixels.shape == (job.header.height, job.header.width, job.header.channels) and mode == job.header.mode
+    return pixels, to_network_space(pixels, job.header.colour), maxval
+
+
+def _groups(jobs: list[_Job], device: str, eff: fit.Effort) -> list[list[_Job]]:
+    """Jobs of equal (architecture, height, width), in order of first appearance, split to bound memory."""
+    by_key: dict[tuple, list[_Job]] = {}
+    for j in jobs:
+        by_key.setdefault((j.header.arch, j.header.height, j.header.width), []).append(j)
+    out = []
+    for (arch, h, w), js in by_key.items():
+        batch = eff.gpu_batch if device.startswith("cuda") else eff.batch
+        stride = max(1, math.ceil(math.sqrt(h * w / max(batch, h * w // 64))))  # as Fitter
+        pixels = math.ceil(h / stride) * math.ceil(w / stride)
+        units = sum(arch.widths) + sum(arch.mod_widths) + arch.channels
+        per_image = max(1, 4 * pixels * units)  # saved activations of a training step
+        size = max(1, _GROUP_FLOATS["cuda" if device.startswith("cuda") else "cpu"] // per_image)
+        out += [js[k : k + size] for k in range(0, len(js), size)]
+    return out
+
+
+def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitConfig, seed: int,
+                  use_fused: bool, bar) -> list[fit.EncodeResult]:
+    """encode_image for a group of like images: fit together, rate-control each, tune together, code each."""
+    from .render import decode_array
+
+    arrays = [_arrays(j) for j in group]
+    fitter = BatchFitter([a[1] for a in arrays], group[0].header.arch, device, eff, cfg, seed, use_fused)
+    fitter.fit(lambda n: bar.update(n * len(group)))
+    fit_pixels, codings, files = [], [], []
+    for i, (job, (_, _, maxval)) in enumerate(zip(group, arrays)):
+        model = fitter.model.unstack(i)
+        fit_pixels.append(fit._render_model(model, job.header, maxval))
+        _, data, coding, _ = fit.rate_control(job.header, fit._tensors(model), job.budget, job.metadata)
+        codings.append(coding)
+        files.append(data)
+    if eff.qat_stages:  # as fit._quantisation_aware_tuning, for the whole group at once
+        fitter.tune(codings, lambda n: bar.update(n * len(group)))
+        for i, job in enumerate(group):
+            files[i] = _recode(fitter.model.unstack(i), job, codings[i])
+    out = []
+    for job, data, fp, (pixels, _, maxval) in zip(group, files, fit_pixels, arrays):
+        ref = np.round(pixels * maxval)
+        psnr = fit._psnr(decode_array(data, device=device), ref, maxval)
+        bpp = len(data) * 8 / (job.header.width * job.header.height)
+        out.append(fit.EncodeResult(data, bpp, psnr, 0.0, fit._psnr(fp, ref, maxval), job.header.arch))
+    return out
+
+
+def _recode(model, job: _Job, codings) -> bytes:
+    """The tail of fit._quantisation_aware_tuning: code the tuned weights with the steps they were tuned
+    for; only if they no longer fit the budget, rate control again."""
+    from . import entropy
+    from .bitstream import TensorCoding
+    from .quant import symbols
+
+    syms, new_codings = [], []
+    for (_, t), c in zip(model.named_tensors(), codings):
+        s = symbols(t, c.step, c.qmax).cpu().numpy()
+        m, param, _ = entropy.choose_model(s, c.qmax)
+        syms.append(s)
+        new_codings.append(TensorCoding(c.step, c.qmax, m, param))
+    data = fit._file(job.header, new_codings, syms, job.metadata)
+    if len(data) <= job.budget:
+        return data
+    return fit.rate_control(job.header, fit._tensors(model), job.budget, job.metadata, [c.step for c in codings])[1]
+
+
+# ---- the stacked network -----------------------------------------------------------------------------
+
+
+class StackedNIF(nn.Module):
+    """B NIF networks of one architecture; each parameter is the (B, ...) stack of theirs.
+
+    forward(ys, xs) is NIF.forward_grid for all B at once, as (len(ys), len(xs), B * C): image i's
+    channels are columns i*C .. i*C+C-1, so fit.py's losses apply to the whole stack unchanged.
+    Batched matmuls (torch.matmul / baddbmm) rather than torch.func.vmap (faster on the CPU, see the
+    module's docstring); a constant period (omega without modulation, the modulation network's own omega
+    and sigma) rides on the matmul as its alpha/beta instead of a pass over the activations (1.34x on a
+    128 px step without modulation). `use_fused` runs the hidden sine layers through
+    kernels/sine_layer.py (CUDA, or the interpreter in tests).
+    """
+
+    def __init__(self, models, use_fused: bool = False):
+        super().__init__()
+        self.arch: Architecture = models[0].arch
+        self.count = len(models)
+        self.use_fused = use_fused
+        self.names = [n for n, _ in models[0].named_tensors()]
+        per = [dict(m.named_tensors()) for m in models]
+        self.stack = nn.ParameterList(
+            nn.Parameter(torch.stack([p[n].detach() for p in per]).contiguous()) for n in self.names
+        )
+
+    def named_tensors(self):
+        return list(zip(self.names, self.stack))
+
+    def unstack(self, i: int):
+        """Network i as a plain model.NIF (a copy)."""
+        from .model import NIF
+
+        model = NIF(self.arch).to(self.stack[0].device)
+        with torch.no_grad():
+            for (_, dst), src in zip(model.named_tensors(), self.stack):
+                dst.copy_(src[i])
+        return model
+
+    def forward(self, ys, xs, weights: dict | None = None):
+        t = weights if weights is not None else dict(self.named_tensors())
+        a, bsz = self.arch, self.count
+        hs, ws = len(ys), len(xs)
+        sine = None
+        if self.use_fused:
+            from pillow_nif.kernels.sine_layer import sine_layer as sine
+
+        def first(prefix, freqs, scale=1.0):  # scale * model.first_layer_grid, batched
+            w, b = t[f"{prefix}.0.weight"], t[f"{prefix}.0.bias"]
+            ycols, xcols = axis_columns(freqs, w.device)
+            ry = torch.baddbmm(b[:, None, :], encode_axis(ys, freqs, a.pe_scale).expand(bsz, -1, -1),
+                               w[:, :, ycols].transpose(1, 2), beta=scale, alpha=scale)
+            rx = torch.matmul(encode_axis(xs, freqs, a.pe_scale), w[:, :, xcols].transpose(1, 2) * scale)
+            return (ry[:, :, None, :] + rx[:, None, :, :]).reshape(bsz, hs * ws, -1)
+
+        def linear(prefix, i, h, scale=1.0):  # scale * (h W^T + b): the scale rides on the matmul
+            w, b = t[f"{prefix}.{i}.weight"], t[f"{prefix}.{i}.bias"]
+            return torch.baddbmm(b[:, None, :], h, w.transpose(1, 2), beta=scale, alpha=scale)
+
+        def hidden(prefix, i, h, period):  # sin(period * (h W^T + b))
+            if sine is not None:
+                return sine(h, t[f"{prefix}.{i}.weight"].transpose(1, 2), t[f"{prefix}.{i}.bias"], period)
+            if not isinstance(period, torch.Tensor):
+                return torch.sin(linear(prefix, i, h, period))
+            return torch.sin(period * linear(prefix, i, h))
+
+        if a.mod_widths:
+            n = len(a.mod_widths)
+            h = torch.sin(first("modulation", a.mod_freqs, a.mod_omega))
+            for i in range(1, n):
+                h = hidden("modulation", i, h, a.mod_omega)
+            period = linear("modulation", n, h, a.mod_sigma) + a.omega  # (B, N, 1)
+            h = torch.sin(period * first("genesis", a.pe_freqs))
+        else:
+            period = a.omega
+            h = torch.sin(first("genesis", a.pe_freqs, period))
+        n = len(a.widths)
+        for i in range(1, n):
+            h = hidden("genesis", i, h, period)
+        out = linear("genesis", n, h)  # (B, N, C)
+        return out.reshape(bsz, hs, ws, -1).permute(1, 2, 0, 3).reshape(hs, ws, -1)
+
+
+class _ImageView:
+    """Image i of a StackedNIF seen as one NIF by fit.Fitter.restart (views: in-place edits land in the stack)."""
+
+    def __init__(self, model, i: int):
+        self._tensors = [(n, t[i]) for n, t in model.named_tensors()]
+
+    def named_tensors(self):
+        return self._tensors
+
+
+class BatchFitter(fit.Fitter):
+    """fit.Fitter over a stack of same-size images: the same sampling, schedule, restarts and stages.
+
+    The target is the images side by side along channels, (H, W, B * C), so Fitter's sampling and
+    losses apply unchanged; loss() is B times Fitter's (the sum of per-image losses), mse() and the
+    best-state choice are per image.
+    """
+
+    def __init__(self, targets: list[np.ndarray], arch: Architecture, device: str, effort: fit.Effort,
+                 cfg: fit.FitConfig, seed: int, use_fused: bool = False):
+        super().__init__(np.concatenate(targets, axis=2), arch, device, effort, cfg, seed)
+        # Fitter drew the initial weights from the seed, as it does for one image: every image starts there.
+        self.count, self.channels = len(targets), targets[0].shape[2]
+        self.model = StackedNIF([self.model] * self.count, use_fused).to(device)
+
+    def loss(self, ys, xs, target, weights=None):
+        return self.count * super().loss(ys, xs, target, weights)
+
+    def mse(self, weights=None) -> np.ndarray:
+        """Per-image full-image MSE in network units."""
+        rows = max(1, (1 << 16) // (self.w * self.count))
+        total = torch.zeros(self.count, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for r0 in range(0, self.h, rows):
+                r1 = min(self.h, r0 + rows)
+                d = self.model(*self.axes(range(r0, r1), range(self.w)), weights) - self.target[r0:r1]
+                total += (d * d).reshape(r1 - r0, self.w, self.count, self.channels).sum((0, 1, 3)).double()
+        return total.cpu().numpy() / (self.h * self.w * self.channels)
+
+    def restart(self, progress: float):
+        """fit.Fitter.restart on each image from the same generator state: the noise one-at-a-time
+        encoding with this seed draws, scaled by each image's own mean |w|."""
+        start = self.gen.get_state()
+        for i in range(self.count):
+            self.gen.set_state(start)
+            view = types.SimpleNamespace(torch=torch, cfg=self.cfg, gen=self.gen, model=_ImageView(self.model, i))
+            fit.Fitter.restart(view, progress)
+
+    def fit(self, tick):
+        """Fitter.fit with per-image best states: an image whose stage made it worse goes back alone."""
+        e = self.effort
+        best = self._keep_best(self.mse(), None)  # from the initialisation, as Fitter.fit (a NaN stage is never kept)
+        for stage in range(e.stages):
+            if stage:
+                self.restart(stage / max(1, e.stages - 1))
+            self.run_stage(e.iters, self.cfg.lr, tick)
+            best = self._keep_best(self.mse(), best)
+        return best[0]
+
+    def tune(self, codings: list[list], tick):
+        """fit._quantisation_aware_tuning's training for every image at once, each through a
+        straight-through quantiser at its own steps (codings[i] per image); keeps each image's best."""
+        from .quant import fake_quantize
+
+        e = self.effort
+        shape = lambda t: (self.count,) + (1,) * (t.dim() - 1)  # noqa: E731
+        steps = [
+            (torch.tensor([c[k].step for c in codings], device=self.device).reshape(shape(t)),
+             torch.tensor([float(c[k].qmax) for c in codings], device=self.device).reshape(shape(t)))
+            for k, (_, t) in enumerate(self.model.named_tensors())
+        ]
+
+        def quantised():
+            return {n: fake_quantize(t, *steps[k]) for k, (n, t) in enumerate(self.model.named_tensors())}
+
+        best = self._keep_best(self.mse(quantised()), None)
+        for _ in range(e.qat_stages):
+            self.run_stage(e.qat_iters, self.cfg.qat_lr, tick, quantised)
+            best = self._keep_best(self.mse(quantised()), best, go_back=False)
+        with torch.no_grad():
+            for (_, t), b in zip(self.model.named_tensors(), best[1]):
+                t.copy_(b)
+
+    def _keep_best(self, mse: np.ndarray, best, go_back: bool = True):
+        """Per image: the new weights become the best if their MSE is lower, else (go_back) the image goes
+        back to its best, as in Fitter.fit (the tuning only goes back at its end). best: (mse, tensors)."""
+        tensors = [t for _, t in self.model.named_tensors()]
+        if best is None:
+            return mse, [t.detach().clone() for t in tensors]
+        better = mse < best[0]
+        keep = torch.from_numpy(better).to(self.device)
+        with torch.no_grad():
+            for t, b in zip(tensors, best[1]):
+                k = keep.reshape(-1, *([1] * (t.dim() - 1)))
+                b.copy_(torch.where(k, t, b))
+                if go_back:
+                    t.copy_(b)
+        return np.where(better, mse, best[0]), best[1]
+
+
+__all__ = ["BatchFitter", "StackedNIF", "encode_batch", "encode_many"]

@@ -1,0 +1,105 @@
+"""Batch encoding (pillow_nif.batch): like images fitted together, each file as encode would write it."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import photo
+
+import pillow_nif
+from pillow_nif import bitstream
+from pillow_nif.batch import BatchFitter, StackedNIF, encode_batch, encode_many
+from pillow_nif.fit import EFFORTS, FitConfig, encode_image
+from pillow_nif.model import NIF
+from pillow_nif.render import decode_array
+
+BPP = 4.0
+META = [{"exif": b"Exif\x00\x00A"}, {}, {}]  # per-image metadata: only the first image has some
+
+
+def psnr(data, im):
+    ref = np.asarray(im).astype(np.float64)
+    mse = np.mean((decode_array(data, device="cpu").astype(np.float64).reshape(ref.shape) - ref) ** 2)
+    return 10 * np.log10(255**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Two 32x24 images (one group) and a 28x30 one (a group of its own)."""
+    return [photo(32, 24), photo(32, 24).transpose(0), photo(28, 30)]
+
+
+@pytest.fixture(scope="module")
+def batch(images):
+    """encode_batch's results, and what its progress and on_result callbacks saw."""
+    seen = []
+    results = encode_batch(images, bpp=BPP, effort=1, seed=3, metadata=META,
+                           on_result=lambda i, r: seen.append(i), progress=lambda d, t: seen.append((d, t)))
+    return results, seen
+
+
+def test_files_decode_within_budget_like_encode(images, batch):
+    for im, r, meta in zip(images, batch[0], META):
+        single = encode_image(im, bpp=BPP, effort=1, seed=3, **meta)
+        f = bitstream.loads(r.data)
+        assert f.header == bitstream.loads(single.data).header  # same size, mode, colour, architecture
+        assert f.metadata == meta
+        assert len(r.data) * 8 <= BPP * im.width * im.height and r.bpp == len(r.data) * 8 / (im.width * im.height)
+        assert pillow_nif.decode(r.data).size == im.size
+        # The same recipe from the same seed: close to one-at-a-time (bit-identical is not promised).
+        assert abs(psnr(r.data, im) - single.psnr) <= 1.0
+        assert abs(r.psnr - psnr(r.data, im)) < 1e-9
+
+
+def test_deterministic_for_a_seed(images, batch):
+    data = [r.data for r in batch[0]]
+    assert encode_many(images, bpp=BPP, effort=1, seed=3, metadata=META) == data
+    assert encode_many(images[:1], bpp=BPP, effort=1, seed=4) != data[:1]
+
+
+def test_callbacks(batch):
+    _, seen = batch
+    progress = [x for x in seen if isinstance(x, tuple)]
+    assert progress[-1][0] == progress[-1][1]  # the bar reaches its total
+    assert [x for x in seen if not isinstance(x, tuple)] == [0, 1, 2]  # groups in order of first image
+
+
+def test_options_checked_before_any_work(images):
+    calls = []
+    for bad in (dict(bpp=-1), dict(effort=0), dict(seed=1.5), dict(device="tpu"), dict(colour="lab")):
+        with pytest.raises(ValueError):
+            encode_many(images, progress=lambda d, t: calls.append(d), **{"bpp": BPP, "effort": 1, **bad})
+    with pytest.raises(ValueError, match="bpp"):  # the last image cannot meet its budget: nothing is fitted
+        encode_many([photo(32, 24), photo(4, 4)], bpp=1, effort=1, progress=lambda d, t: calls.append(d))
+    with pytest.raises(OSError):  # a mode NIF cannot store
+        encode_many([photo(32, 24), photo(8, 8).convert("CMYK")], bpp=BPP, progress=lambda d, t: calls.append(d))
+    assert not calls
+    assert encode_many([], bpp=BPP) == []
+
+
+def arch_with_modulation():
+    return bitstream.Architecture(3, (20, 10, 6), 3, 1.4, 45.0, (8, 4), 2, 45.0, 10.0)
+
+
+def test_stacked_forward_is_each_network():
+    nets = [NIF(arch_with_modulation()).initialize(torch.Generator().manual_seed(s)) for s in range(3)]
+    stacked = StackedNIF(nets)
+    ys, xs = torch.linspace(-1, 1, 7), torch.linspace(-0.9, 0.8, 5)
+    out = stacked(ys, xs).reshape(7, 5, 3, 3)
+    for i, net in enumerate(nets):
+        torch.testing.assert_close(out[:, :, i], net.forward_grid(ys, xs), rtol=1e-5, atol=1e-5)
+        for (_, a), (_, b) in zip(stacked.unstack(i).named_tensors(), net.named_tensors()):
+            assert torch.equal(a, b)
+
+
+def test_a_worse_stage_sends_only_that_image_back():
+    targets = [np.zeros((8, 8, 3)), np.zeros((8, 8, 3))]
+    f = BatchFitter(targets, arch_with_modulation(), "cpu", EFFORTS[1], FitConfig(), 0)
+    best = f._keep_best(np.array([1.0, 1.0]), None)
+    before = [t.detach().clone() for _, t in f.model.named_tensors()]
+    with torch.no_grad():
+        for _, t in f.model.named_tensors():
+            t.add_(1.0)
+    best = f._keep_best(np.array([2.0, 0.5]), best)  # image 0 got worse, image 1 better
+    assert list(best[0]) == [1.0, 0.5]
+    for (_, t), b in zip(f.model.named_tensors(), before):
+        assert torch.equal(t[0], b[0]) and torch.equal(t[1], b[1] + 1.0)
