@@ -19,6 +19,7 @@ import torch
 
 from pillow_nif.bitstream import Architecture
 from pillow_nif.model import NIF, evaluate_folded, fold, pixel_grid, to_pixels
+from pillow_nif.render import render
 
 # Roughly 0.3, 1.0 and 2.0 bits per pixel at 768x512 (about 8 bits per quantised parameter).
 MODELS = {
@@ -79,6 +80,10 @@ def bench(name: str, arch: Architecture, width: int, height: int, args) -> dict:
         res["cpu_eager_s"], res["cpu_eager_gflops"] = s, gflops(s)
         if rows < height:
             res["cpu_eager_timed_rows"] = rows
+        # What a user's CPU decode runs: render.render (separable first layers, in-place ops, bands).
+        if width * height <= args.cpu_pixels:
+            s = cpu_median(lambda: render(net, width, height), args.cpu_repeats)
+            res["cpu_render_s"], res["cpu_render_gflops"] = s, gflops(s)
     if torch.cuda.is_available():
         from pillow_nif.kernels.nif_decode import pack, render_band
 
