@@ -1,6 +1,5 @@
 import pathlib
 
-import numpy as np
 import pytest
 from PIL import Image
 

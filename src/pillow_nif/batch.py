@@ -72,10 +72,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     `use_fused` trains with the Triton sine-layer kernel (CUDA, or TRITON_INTERPRET=1).
     `on_result(index, result)` is called as each image is done (groups finish in order of first image).
     """
-    target_bpp, effort = fit.check_options(bpp, quality, effort, device, seed)
-    if colour not in ("auto", "rgb", "ycbcr"):
-        raise ValueError(f"colour must be 'auto', 'rgb' or 'ycbcr', got {colour!r}")
-    device = fit.resolve_device(device)
+    target_bpp, effort, device = fit.check_encode_options(bpp, quality, effort, device, seed, colour)
     if use_fused and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("use_fused needs CUDA (or TRITON_INTERPRET=1, for tests)")
     cfg = config or fit.FitConfig()
@@ -111,25 +108,8 @@ def _as_image(image):
 
 
 def _plan(index: int, image, target_bpp: float, colour: str, meta: dict, cfg: fit.FitConfig) -> _Job:
-    """encode_image's set-up, without reading pixels: storage mode, colour transform, budget, architecture."""
-    from . import bitstream
-    from .imaging import storage_mode
-
-    mode = storage_mode(image)  # OSError for modes NIF cannot hold, as prepare_image
-    c = bitstream.MODES[bitstream.MODE_CODES[mode]][1]
-    w, h = image.size
-    col = bitstream.COLOUR_YCBCR if c >= 3 and colour in ("auto", "ycbcr") else bitstream.COLOUR_IDENTITY
-    metadata = {k: bytes(v) for k, v in ((k, meta.get(k)) for k in ("icc_profile", "exif", "xmp")) if v}
-    budget = int(target_bpp * w * h // 8)
-    probe = Header(w, h, mode, col, fit.choose_architecture(w, h, c, 1, cfg))
-    overhead = fit._overhead_bytes(probe, metadata)
-    if budget < overhead + 16:
-        raise ValueError(
-            f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
-            f"{overhead + 16} bytes: ask for a higher bpp"
-        )
-    arch = fit.choose_architecture(w, h, c, (budget - overhead) * 8 / cfg.bits_per_param, cfg)
-    return _Job(index, image, Header(w, h, mode, col, arch), budget, metadata)
+    p = fit.plan_encode(image, target_bpp, colour, {k: meta.get(k) for k in ("icc_profile", "exif", "xmp")}, cfg)
+    return _Job(index, image, p.header, p.budget, p.metadata)
 
 
 def _arrays(job: _Job) -> tuple[np.ndarray, np.ndarray, int]:
@@ -162,8 +142,6 @@ def _groups(jobs: list[_Job], device: str, eff: fit.Effort) -> list[list[_Job]]:
 def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitConfig, seed: int,
                   use_fused: bool, bar) -> list[fit.EncodeResult]:
     """encode_image for a group of like images: fit together, rate-control each, tune together, code each."""
-    from .render import decode_array
-
     arrays = [_arrays(j) for j in group]
     fitter = BatchFitter([a[1] for a in arrays], group[0].header.arch, device, eff, cfg, seed, use_fused)
     fitter.fit(lambda n: bar.update(n * len(group)))
@@ -177,33 +155,9 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
     if eff.qat_stages:  # as fit._quantisation_aware_tuning, for the whole group at once
         fitter.tune(codings, lambda n: bar.update(n * len(group)))
         for i, job in enumerate(group):
-            files[i] = _recode(fitter.model.unstack(i), job, codings[i])
-    out = []
-    for job, data, fp, (pixels, _, maxval) in zip(group, files, fit_pixels, arrays):
-        ref = np.round(pixels * maxval)
-        psnr = fit._psnr(decode_array(data, device=device), ref, maxval)
-        bpp = len(data) * 8 / (job.header.width * job.header.height)
-        out.append(fit.EncodeResult(data, bpp, psnr, 0.0, fit._psnr(fp, ref, maxval), job.header.arch))
-    return out
-
-
-def _recode(model, job: _Job, codings) -> bytes:
-    """The tail of fit._quantisation_aware_tuning: code the tuned weights with the steps they were tuned
-    for; only if they no longer fit the budget, rate control again."""
-    from . import entropy
-    from .bitstream import TensorCoding
-    from .quant import symbols
-
-    syms, new_codings = [], []
-    for (_, t), c in zip(model.named_tensors(), codings):
-        s = symbols(t, c.step, c.qmax).cpu().numpy()
-        m, param, _ = entropy.choose_model(s, c.qmax)
-        syms.append(s)
-        new_codings.append(TensorCoding(c.step, c.qmax, m, param))
-    data = fit._file(job.header, new_codings, syms, job.metadata)
-    if len(data) <= job.budget:
-        return data
-    return fit.rate_control(job.header, fit._tensors(model), job.budget, job.metadata, [c.step for c in codings])[1]
+            files[i] = fit.recode(fitter.model.unstack(i), fit.Plan(job.header, job.budget, job.metadata), codings[i])
+    return [fit.score(data, pixels, maxval, fp, device, 0.0, job.header.arch)
+            for job, data, fp, (pixels, _, maxval) in zip(group, files, fit_pixels, arrays)]
 
 
 # ---- the stacked network -----------------------------------------------------------------------------

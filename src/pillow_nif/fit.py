@@ -18,7 +18,7 @@ import numpy as np
 
 from . import bitstream, entropy
 from .bitstream import Architecture, Header, NifFile, TensorCoding
-from .imaging import prepare_image
+from .imaging import prepare_image, storage_mode
 
 DEFAULT_BPP = 0.5
 QUALITY_MIN_BPP, QUALITY_MAX_BPP = 0.05, 2.0
@@ -382,52 +382,93 @@ def _tensors(model) -> list[np.ndarray]:
     return [t.detach().double().cpu().numpy() for _, t in model.named_tensors()]
 
 
-def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0, progress=False,
-                 icc_profile=None, exif=None, xmp=None, colour="auto", config: FitConfig | None = None) -> EncodeResult:
-    """Fit, quantise and code `image` (a PIL image); the result's `data` is the .nif file."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the encoder decides before reading pixels: the header (with the architecture), the budget."""
+
+    header: Header
+    budget: int  # bytes of the whole file
+    metadata: dict
+
+
+def check_encode_options(bpp, quality, effort, device, seed, colour) -> tuple[float, int, str]:
+    """Every option checked before any work; returns (target bpp, effort, resolved device)."""
     target_bpp, effort = check_options(bpp, quality, effort, device, seed)
     if colour not in ("auto", "rgb", "ycbcr"):
         raise ValueError(f"colour must be 'auto', 'rgb' or 'ycbcr', got {colour!r}")
-    device = resolve_device(device)
-    cfg = config or FitConfig()
-    t0 = time.perf_counter()
-    pixels, mode, maxval = prepare_image(image)  # (H, W, C) float64 in [0, 1]
-    h, w, c = pixels.shape
-    col = bitstream.COLOUR_YCBCR if c >= 3 and colour in ("auto", "ycbcr") else bitstream.COLOUR_IDENTITY
-    metadata = {k: bytes(v) for k, v in (("icc_profile", icc_profile), ("exif", exif), ("xmp", xmp)) if v}
+    return target_bpp, effort, resolve_device(device)
 
+
+def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitConfig) -> Plan:
+    """Storage mode, colour transform, byte budget and architecture of `image`, without its pixels."""
+    mode = storage_mode(image)  # OSError for modes NIF cannot hold
+    c = bitstream.MODES[bitstream.MODE_CODES[mode]][1]
+    w, h = image.size
+    col = bitstream.COLOUR_YCBCR if c >= 3 and colour in ("auto", "ycbcr") else bitstream.COLOUR_IDENTITY
+    metadata = {k: bytes(v) for k, v in metadata.items() if v}
     budget = int(target_bpp * w * h // 8)
-    probe = Header(w, h, mode, col, choose_architecture(w, h, c, 1, cfg))
-    overhead = _overhead_bytes(probe, metadata)
+    overhead = _overhead_bytes(Header(w, h, mode, col, choose_architecture(w, h, c, 1, cfg)), metadata)
     if budget < overhead + 16:
         raise ValueError(
             f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
             f"{overhead + 16} bytes: ask for a higher bpp"
         )
-    param_budget = (budget - overhead) * 8 / cfg.bits_per_param
-    arch = choose_architecture(w, h, c, param_budget, cfg)
-    header = Header(w, h, mode, col, arch)
+    arch = choose_architecture(w, h, c, (budget - overhead) * 8 / cfg.bits_per_param, cfg)
+    return Plan(Header(w, h, mode, col, arch), budget, metadata)
+
+
+def recode(model, plan: Plan, codings: list[TensorCoding]) -> bytes:
+    """Code tuned weights with the steps they were tuned for; rate control again only if they no longer fit."""
+    from .quant import symbols
+
+    syms, new_codings = [], []
+    for (_, t), c in zip(model.named_tensors(), codings):
+        sym = symbols(t, c.step, c.qmax).cpu().numpy()
+        kind, param, _ = entropy.choose_model(sym, c.qmax)
+        syms.append(sym)
+        new_codings.append(TensorCoding(c.step, c.qmax, kind, param))
+    data = _file(plan.header, new_codings, syms, plan.metadata)
+    if len(data) <= plan.budget:
+        return data
+    return rate_control(plan.header, _tensors(model), plan.budget, plan.metadata, [c.step for c in codings])[1]
+
+
+def score(data: bytes, pixels: np.ndarray, maxval: int, fit_pixels: np.ndarray, device: str, seconds: float,
+          arch: Architecture) -> EncodeResult:
+    """The EncodeResult of a finished file: PSNR of what a decoder will see, at the input's bit depth."""
+    from .render import decode_array
+
+    h, w = pixels.shape[:2]
+    ref = np.round(pixels * maxval)
+    psnr = _psnr(decode_array(data, device=device), ref, maxval)
+    return EncodeResult(data, len(data) * 8 / (w * h), psnr, seconds, _psnr(fit_pixels, ref, maxval), arch)
+
+
+def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0, progress=False,
+                 icc_profile=None, exif=None, xmp=None, colour="auto", config: FitConfig | None = None) -> EncodeResult:
+    """Fit, quantise and code `image` (a PIL image); the result's `data` is the .nif file."""
+    target_bpp, effort, device = check_encode_options(bpp, quality, effort, device, seed, colour)
+    cfg = config or FitConfig()
+    t0 = time.perf_counter()
+    plan = plan_encode(image, target_bpp, colour, dict(icc_profile=icc_profile, exif=exif, xmp=xmp), cfg)
+    header = plan.header
+    pixels, _, maxval = prepare_image(image)  # (H, W, C) float64 in [0, 1]
     from .colour import to_network_space
 
-    target = to_network_space(pixels, col)
     eff = EFFORTS[effort]
-    total_iters = eff.stages * eff.iters + eff.qat_stages * eff.qat_iters
-    bar = _progress(progress, total_iters)
+    bar = _progress(progress, eff.stages * eff.iters + eff.qat_stages * eff.qat_iters)
     try:
-        fitter = Fitter(target, arch, device, eff, cfg, seed)
+        fitter = Fitter(to_network_space(pixels, header.colour), header.arch, device, eff, cfg, seed)
         fitter.fit(bar.update)
         fit_pixels = _render_model(fitter.model, header, maxval)
         # Quantisation-aware tuning at the steps the rate control picks, then a final rate check.
-        factor, data, codings, _ = rate_control(header, _tensors(fitter.model), budget, metadata)
-        data = _quantisation_aware_tuning(fitter, header, codings, budget, metadata, bar) or data
+        _, data, codings, _ = rate_control(header, _tensors(fitter.model), plan.budget, plan.metadata)
+        if eff.qat_stages:
+            _quantisation_aware_tuning(fitter, codings, bar)
+            data = recode(fitter.model, plan, codings)
     finally:
         bar.close()
-    # PSNR of what a decoder will see, at the input's bit depth.
-    from .render import decode_array
-
-    ref = np.round(pixels * maxval)
-    psnr = _psnr(decode_array(data, device=device), ref, maxval)
-    return EncodeResult(data, len(data) * 8 / (w * h), psnr, time.perf_counter() - t0, _psnr(fit_pixels, ref, maxval), arch)
+    return score(data, pixels, maxval, fit_pixels, device, time.perf_counter() - t0, header.arch)
 
 
 def _psnr(a: np.ndarray, ref: np.ndarray, peak: float) -> float:
@@ -443,13 +484,11 @@ def _render_model(model, header: Header, maxval: int) -> np.ndarray:
     return render(net, header.width, header.height)
 
 
-def _quantisation_aware_tuning(fitter: Fitter, header, codings, budget, metadata, bar) -> bytes | None:
-    """Tune the weights through a straight-through quantiser; keep the best quantised state."""
+def _quantisation_aware_tuning(fitter: Fitter, codings: list[TensorCoding], bar) -> None:
+    """Tune the weights through a straight-through quantiser at `codings`' steps; keep the best quantised state."""
     from .quant import fake_quantize
 
     e = fitter.effort
-    if not e.qat_stages:
-        return None
     names = [n for n, _ in fitter.model.named_tensors()]
     steps = {n: (c.step, c.qmax) for n, c in zip(names, codings)}
 
@@ -463,20 +502,6 @@ def _quantisation_aware_tuning(fitter: Fitter, header, codings, budget, metadata
         if mse < best[0]:
             best = (mse, fitter.state())
     fitter.model.load_state_dict(best[1])
-    # Re-code with the tuned steps; grow them only if the tuned weights no longer fit.
-    from .quant import symbols
-
-    syms = []
-    new_codings = []
-    for (n, t), c in zip(fitter.model.named_tensors(), codings):
-        s = symbols(t, c.step, c.qmax).cpu().numpy()
-        model, param, _ = entropy.choose_model(s, c.qmax)
-        syms.append(s)
-        new_codings.append(TensorCoding(c.step, c.qmax, model, param))
-    data = _file(header, new_codings, syms, metadata)
-    if len(data) <= budget:
-        return data
-    return rate_control(header, _tensors(fitter.model), budget, metadata, [c.step for c in codings])[1]
 
 
 class _NoBar:
