@@ -149,7 +149,8 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
     for i, (job, (_, _, maxval)) in enumerate(zip(group, arrays)):
         model = fitter.model.unstack(i)
         fit_pixels.append(fit._render_model(model, job.header, maxval))
-        _, data, coding, _ = fit.rate_control(job.header, fit._tensors(model), job.budget, job.metadata)
+        target = torch.from_numpy(arrays[i][1]).float().to(device)
+        data, coding = fit.quantise(model, target, fit.Plan(job.header, job.budget, job.metadata), cfg)
         codings.append(coding)
         files.append(data)
     if eff.qat_stages:  # as fit._quantisation_aware_tuning, for the whole group at once

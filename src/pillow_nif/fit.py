@@ -1,9 +1,10 @@
 """Encoding: fit a NIF network to an image, quantise, entropy code, and honour the bit budget.
 
 The recipe follows NIF: AdamW in stages with warm-restarted cosine schedules and a partial weight
-restart (perturbation) between stages, a log-cosh + small SSIM loss, then quantisation-aware tuning.
-Rate control picks the architecture from the budget, then searches one global quantisation step
-factor so that the *whole file* lands just under ``bpp * width * height`` bits.
+restart (perturbation) between stages, a log-cosh loss (NIF's small SSIM term is optional), then
+quantisation-aware tuning. The architecture follows from the budget; per-tensor quantisation steps
+are allocated by measured distortion per bit, and one global factor on them lands the *whole file*
+just under ``bpp * width * height`` bits.
 """
 
 from __future__ import annotations
@@ -43,16 +44,18 @@ class Effort:
 
 # Measured on a 256x256 Kodak crop (CPU): strided batches of 4k pixels and lr 3e-3 reach a given PSNR
 # with the least compute; 16k-pixel batches gain ~0.7 dB for 4x the time, so only high efforts use them.
+# Few long stages beat many short ones at equal steps (benchmarks/NOTES.md #16: 2 x 900 steps were
+# +0.14 dB over 4 x 450 on 4 crops at 0.6/1.0 bpp; each stage re-warms the learning rate).
 EFFORTS = {
     1: Effort(1, 300, 1, 40, 1 << 12, 1 << 18),
-    2: Effort(2, 250, 1, 60, 1 << 12, 1 << 18),
+    2: Effort(1, 500, 1, 60, 1 << 12, 1 << 18),
     3: Effort(2, 400, 1, 80, 1 << 12, 1 << 18),
-    4: Effort(3, 400, 2, 60, 1 << 12, 1 << 18),
-    5: Effort(4, 450, 2, 80, 1 << 12, 1 << 18),
-    6: Effort(5, 500, 2, 100, 1 << 13, 1 << 19),
-    7: Effort(6, 600, 3, 100, 1 << 13, 1 << 19),
-    8: Effort(8, 600, 3, 150, 1 << 14, 1 << 20),
-    9: Effort(10, 800, 4, 150, 1 << 14, 1 << 20),
+    4: Effort(2, 600, 2, 60, 1 << 12, 1 << 18),
+    5: Effort(2, 900, 2, 80, 1 << 12, 1 << 18),
+    6: Effort(2, 1250, 2, 100, 1 << 13, 1 << 19),
+    7: Effort(3, 1200, 3, 100, 1 << 13, 1 << 19),
+    8: Effort(3, 1600, 3, 150, 1 << 14, 1 << 20),
+    9: Effort(4, 2000, 4, 150, 1 << 14, 1 << 20),
 }
 
 
@@ -71,10 +74,15 @@ class FitConfig:
     # by uniform noise of +-range * mean|w|; amount grows and range shrinks over the fit (NIF).
     restart_amount: tuple[float, float] = (0.125, 0.5)
     restart_range: tuple[float, float] = (0.5, 0.1)
-    bits_per_param: float = 6.0  # what the architecture choice assumes a parameter will cost
+    # What the architecture choice assumes a parameter will cost: 5.5 beat 6 by 0.07 dB and 5 by 0.05 dB
+    # with measured step allocation (4 crops at 0.6/1.0 bpp; without it 6 was best).
+    bits_per_param: float = 5.5
     pe_scale: float = 1.4
     omega: float = 45.0  # sine factor of genesis and modulation layers: 45 beat 30 by 0.2-0.4 dB, 60 lost
     mod_sigma: float = 10.0
+    # Per-tensor steps by measured distortion (allocate_steps) instead of one factor times each
+    # tensor's rms: +0.18 dB on 4 crops at 0.6/1.0 bpp (benchmarks/NOTES.md #17).
+    rd_steps: bool = True
 
 
 @dataclasses.dataclass
@@ -222,11 +230,7 @@ class Fitter:
         self.full_axes = self.axes(range(self.h), range(self.w))
 
     def axes(self, rows, cols):
-        """Pixel-centre coordinates (float32, as model.pixel_grid) of row and column index ranges."""
-        torch = self.torch
-        y = (2 * torch.as_tensor(rows, device=self.device, dtype=torch.float64) + 1) / self.h - 1
-        x = (2 * torch.as_tensor(cols, device=self.device, dtype=torch.float64) + 1) / self.w - 1
-        return y.float(), x.float()
+        return pixel_axes(self.h, self.w, rows, cols, self.device)
 
     def sample(self):
         """The pixels of one step: the whole image, or every s-th row and column from a random phase.
@@ -248,17 +252,8 @@ class Fitter:
             loss = loss + self.cfg.ssim_weight * (1 - ssim(pred, target))
         return loss
 
-    def mse(self, weights=None) -> float:
-        """Full-image MSE in network units (in bands of rows, to bound memory)."""
-        torch = self.torch
-        rows = max(1, (1 << 16) // self.w)
-        total = 0.0
-        with torch.no_grad():
-            for r0 in range(0, self.h, rows):
-                r1 = min(self.h, r0 + rows)
-                pred = self.model(*self.axes(range(r0, r1), range(self.w)), weights)
-                total += float(((pred - self.target[r0:r1]) ** 2).sum())
-        return total / self.target.numel()
+    def mse(self, weights=None, stride: int = 1) -> float:
+        return image_mse(self.model, self.target, weights, stride)
 
     def state(self):
         return copy.deepcopy(self.model.state_dict())
@@ -266,7 +261,9 @@ class Fitter:
     def run_stage(self, iters: int, lr: float, tick: Callable[[int], None], weights_fn=None):
         torch = self.torch
         params = list(self.model.parameters())
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay if weights_fn is None else 0.0)
+        decay = self.cfg.weight_decay if weights_fn is None else 0.0
+        # fused: one kernel for all parameters instead of several per tensor (5 % of a CPU step)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=True)
         warm = max(1, int(iters * self.cfg.warmup))
         for it in range(iters):
             if it < warm:
@@ -313,6 +310,34 @@ class Fitter:
                 self.model.load_state_dict(best_state)
         self.model.load_state_dict(best_state)
         return best_mse
+
+
+def pixel_axes(h: int, w: int, rows, cols, device):
+    """Pixel-centre coordinates (float32, as model.pixel_grid) of row and column index ranges."""
+    import torch
+
+    y = (2 * torch.as_tensor(rows, device=device, dtype=torch.float64) + 1) / h - 1
+    x = (2 * torch.as_tensor(cols, device=device, dtype=torch.float64) + 1) / w - 1
+    return y.float(), x.float()
+
+
+def image_mse(model, target, weights=None, stride: int = 1) -> float:
+    """MSE of `model` against `target` (H, W, C) in network units, over every `stride`-th row and
+    column, in bands of rows to bound memory."""
+    import torch
+
+    h, w = target.shape[:2]
+    cols = range(0, w, stride)
+    rows = max(1, (1 << 16) // len(cols))
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for r0 in range(0, h, rows * stride):
+            r1 = min(h, r0 + rows * stride)
+            t = target[r0:r1:stride, ::stride]
+            pred = model(*pixel_axes(h, w, range(r0, r1, stride), cols, target.device), weights)
+            total += float(((pred - t) ** 2).sum())
+            n += t.numel()
+    return total / n
 
 
 def torch_randint(gen, high: int) -> int:
@@ -378,6 +403,53 @@ def rate_control(header: Header, tensors: list[np.ndarray], budget_bytes: int, m
     raise ValueError("cannot meet the bit budget")  # unreachable in practice: a coarse enough step fits
 
 
+def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: dict, factor: float) -> list[float]:
+    """Per-tensor quantisation steps from measured distortion (a Lagrangian over tensors).
+
+    For every tensor and a ladder of steps around `factor` * rms, quantise that tensor alone and
+    measure the image MSE it costs (on a subgrid) and the bits it takes; then pick, for one
+    multiplier lambda, the step minimising dMSE + lambda * bits per tensor, with lambda bisected so
+    that the estimated file fits the budget.
+    """
+    import torch
+
+    named = model.named_tensors()
+    h, w = target.shape[:2]
+    stride = max(1, math.ceil(math.sqrt(h * w / (1 << 15))))  # ~32k pixels per measurement
+    base = image_mse(model, target, stride=stride)
+    mults = 2.0 ** (np.arange(-6, 7) / 2)
+    n, k = len(named), len(mults)
+    dist, bits, steps = np.zeros((n, k)), np.zeros((n, k)), np.ones((n, k))
+    for i, (name, t) in enumerate(named):
+        a = t.detach().double().cpu().numpy()
+        rms, peak = float(np.sqrt(np.mean(a * a))), float(np.abs(a).max())
+        if peak == 0.0:
+            continue
+        for j, m in enumerate(mults):
+            step = bitstream._f32(max(factor * rms * m, peak / bitstream.MAX_QMAX))
+            qmax = min(bitstream.MAX_QMAX, int(math.ceil(peak / step)))
+            sym = np.clip(np.round(a / step), -qmax, qmax)
+            bits[i, j] = entropy.choose_model(sym.astype(np.int64), qmax)[2]
+            steps[i, j] = step
+            w = dict(named)
+            w[name] = torch.from_numpy(sym * step).to(t.dtype).to(t.device)
+            dist[i, j] = image_mse(model, target, w, stride) - base
+        # Coarser never helps: make distortion non-decreasing in the step (measurement noise).
+        dist[i] = np.maximum.accumulate(np.maximum(dist[i], 0.0))
+    target = (budget_bytes - _overhead_bytes(header, metadata) - 8) * 8 / 1.005
+
+    def pick(lam):
+        j = np.argmin(dist + lam * bits, axis=1)
+        return j, float(bits[np.arange(n), j].sum())
+
+    lo, hi = -40.0, 10.0  # log lambda
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if pick(math.exp(mid))[1] <= target else (mid, hi)
+    j, _ = pick(math.exp(hi))
+    return [float(steps[i, j[i]]) for i in range(n)]
+
+
 def _tensors(model) -> list[np.ndarray]:
     return [t.detach().double().cpu().numpy() for _, t in model.named_tensors()]
 
@@ -415,6 +487,17 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
         )
     arch = choose_architecture(w, h, c, (budget - overhead) * 8 / cfg.bits_per_param, cfg)
     return Plan(Header(w, h, mode, col, arch), budget, metadata)
+
+
+def quantise(model, target, plan: Plan, cfg: FitConfig) -> tuple[bytes, list[TensorCoding]]:
+    """The file of `model` within the plan's budget and its codings: steps proportional to each
+    tensor's rms, then (cfg.rd_steps) re-allocated by measured distortion."""
+    tensors = _tensors(model)
+    factor, data, codings, _ = rate_control(plan.header, tensors, plan.budget, plan.metadata)
+    if cfg.rd_steps:
+        scales = allocate_steps(model, target, plan.header, plan.budget, plan.metadata, factor)
+        _, data, codings, _ = rate_control(plan.header, tensors, plan.budget, plan.metadata, scales)
+    return data, codings
 
 
 def recode(model, plan: Plan, codings: list[TensorCoding]) -> bytes:
@@ -462,7 +545,7 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
         fitter.fit(bar.update)
         fit_pixels = _render_model(fitter.model, header, maxval)
         # Quantisation-aware tuning at the steps the rate control picks, then a final rate check.
-        _, data, codings, _ = rate_control(header, _tensors(fitter.model), plan.budget, plan.metadata)
+        data, codings = quantise(fitter.model, fitter.target, plan, cfg)
         if eff.qat_stages:
             _quantisation_aware_tuning(fitter, codings, bar)
             data = recode(fitter.model, plan, codings)
