@@ -4,6 +4,7 @@
     python benchmarks/rd.py --dataset kodak-crop256 --bpp 0.3 0.6 1.0
     python benchmarks/rd.py --dataset kodak --codecs nif,webp,avif --effort 5 --device cuda
     python benchmarks/rd.py --dataset path/to/pngs --only img1,img2 --codecs jpeg,jxl
+    python benchmarks/rd.py --dataset kodak-crop256 --jobs 2          # images in 2 processes
 
 Datasets: `kodak` (../shared/datasets/kodak, 768x512), `kodak-crop256` (their 256x256 centre crops) or a folder of
 PNGs; every image is converted to RGB first.  Every codec writes a real file and its rate is the file's size on disk * 8 / (w * h).  pillow-nif is driven through
@@ -33,10 +34,12 @@ Outputs, in --out (default benchmarks/results/<dataset>/), named <name>.json / .
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import hashlib
 import io
 import json
 import math
+import multiprocessing as mp
 import os
 import platform
 import subprocess
@@ -453,10 +456,51 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<dataset>/)")
     p.add_argument("--name", help="run file stem (default rd, or rd_nif-e<effort>-<device>-s<seed> with nif); reruns resume it")
     p.add_argument("--fresh", action="store_true", help="ignore records already in the run file")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="images encoded in parallel processes, the cores shared out (timings then share the machine)")
     args = p.parse_args(argv)
     if unknown := set(args.codecs) - set(CODECS):
         p.error(f"unknown codecs: {', '.join(sorted(unknown))}")
     return args
+
+
+def _worker_init(threads: int, device: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    _import_nif().register(device=device)
+
+
+def run_image(image: str, img: Image.Image, todo: list, source: str) -> tuple[str, dict, list]:
+    """Encode and decode one image with each (codec, target) of `todo`; its records and errors."""
+    records, errors = {}, []
+    ref = np.array(img)
+    with tempfile.TemporaryDirectory() as tmp:
+        for codec, t in todo:
+            k = key(image, codec.name, t)
+            path = Path(tmp) / f"{image}_{t:g}{codec.ext}"
+            try:
+                info = codec.encode(img, t, path)
+                t0 = time.perf_counter()
+                dec = codec.decode(path)
+                dec_s = time.perf_counter() - t0
+                if dec.size != img.size:
+                    raise RuntimeError(f"decoded size {dec.size} != {img.size}")
+            except Exception as e:
+                errors.append({"key": k, "error": f"{type(e).__name__}: {e}"})
+                continue
+            out_arr = np.array(dec)
+            size = path.stat().st_size
+            m = mse(ref, out_arr)
+            records[k] = {
+                "image": image, "codec": codec.name, "target_bpp": t, "width": img.width, "height": img.height,
+                "bytes": size, "bpp": size * 8 / (img.width * img.height),
+                "over_target": size > math.floor(t * img.width * img.height / 8),
+                "mse": m, "psnr": psnr(m), "ms_ssim": ms_ssim(ref, out_arr), "dec_s": dec_s, **info,
+                "source": source,
+            }
+    return image, records, errors
 
 
 def main(argv=None) -> int:
@@ -510,40 +554,30 @@ def main(argv=None) -> int:
         print(f"warning: {len(stale)} nif records were encoded by other code than src/ and kernels/ now hold; "
               "use --fresh (or another --name) to re-encode them", file=sys.stderr)
 
-    with tempfile.TemporaryDirectory() as tmp, tqdm(dataset.items(), unit="img") as bar:
-        for image, img in bar:
-            ref = np.array(img)
-            for codec in codecs:
-                for t in args.bpp:
-                    k = key(image, codec.name, t)
-                    if k in records:
-                        continue
-                    bar.set_postfix_str(f"{image} {codec.name} {t:g}bpp")
-                    path = Path(tmp) / f"{image}_{t:g}{codec.ext}"
-                    try:
-                        info = codec.encode(img, t, path)
-                        t0 = time.perf_counter()
-                        dec = codec.decode(path)
-                        dec_s = time.perf_counter() - t0
-                        if dec.size != img.size:
-                            raise RuntimeError(f"decoded size {dec.size} != {img.size}")
-                    except Exception as e:
-                        msg = f"{type(e).__name__}: {e}"
-                        errors.append({"key": k, "error": msg})
-                        tqdm.write(f"{k}: {msg}", file=sys.stderr)
-                        continue
-                    out_arr = np.array(dec)
-                    size = path.stat().st_size
-                    m = mse(ref, out_arr)
-                    records[k] = {
-                        "image": image, "codec": codec.name, "target_bpp": t, "width": img.width, "height": img.height,
-                        "bytes": size, "bpp": size * 8 / (img.width * img.height),
-                        "over_target": size > math.floor(t * img.width * img.height / 8),
-                        "mse": m, "psnr": psnr(m), "ms_ssim": ms_ssim(ref, out_arr), "dec_s": dec_s, **info,
-                        "source": source,
-                    }
-            run["aggregates"] = aggregate(records, list(dataset), names, args.bpp)
-            write_json(json_path, run)
+    work = [(image, img, [(c, t) for c in codecs for t in args.bpp if key(image, c.name, t) not in records])
+            for image, img in dataset.items()]
+    work = [w for w in work if w[2]]
+    with tqdm(total=len(dataset), initial=len(dataset) - len(work), unit="img") as bar:
+        if args.jobs > 1:
+            # Images in parallel processes, each with its share of the cores (torch's threads would fight).
+            pool = cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                          initargs=(max(1, (os.cpu_count() or 1) // args.jobs), args.device))
+            done = (f.result() for f in cf.as_completed([pool.submit(run_image, *w, source) for w in work]))
+        else:
+            pool, done = None, (run_image(*w, source) for w in work)
+        try:
+            for image, new, errs in done:
+                records.update(new)
+                errors.extend(errs)
+                for e in errs:
+                    tqdm.write(f"{e['key']}: {e['error']}", file=sys.stderr)
+                run["aggregates"] = aggregate(records, list(dataset), names, args.bpp)
+                write_json(json_path, run)
+                bar.set_postfix_str(image)
+                bar.update()
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
 
     run["aggregates"] = aggregate(records, list(dataset), names, args.bpp)
     write_json(json_path, run)

@@ -38,7 +38,7 @@ from torch import nn
 
 from . import fit
 from .bitstream import Architecture, Header
-from .model import axis_columns, encode_axis
+from .model import axis_columns, encode_axis, sin_of_product
 
 # Floats of saved activations one group may hold per step (about 4 per hidden unit per sampled
 # pixel): groups larger than this are split, so a long list of big images cannot exhaust memory.
@@ -225,7 +225,7 @@ class StackedNIF(nn.Module):
                 return sine(h, t[f"{prefix}.{i}.weight"].transpose(1, 2), t[f"{prefix}.{i}.bias"], period)
             if not isinstance(period, torch.Tensor):
                 return torch.sin(linear(prefix, i, h, period))
-            return torch.sin(period * linear(prefix, i, h))
+            return sin_of_product(linear(prefix, i, h), period)
 
         if a.mod_widths:
             n = len(a.mod_widths)
@@ -233,7 +233,7 @@ class StackedNIF(nn.Module):
             for i in range(1, n):
                 h = hidden("modulation", i, h, a.mod_omega)
             period = linear("modulation", n, h, a.mod_sigma) + a.omega  # (B, N, 1)
-            h = torch.sin(period * first("genesis", a.pe_freqs))
+            h = sin_of_product(first("genesis", a.pe_freqs), period)
         else:
             period = a.omega
             h = torch.sin(first("genesis", a.pe_freqs, period))

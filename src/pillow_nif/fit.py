@@ -137,14 +137,17 @@ _GENESIS_SHAPE = (1.0, 0.5, 0.25)  # a wide sine layer, then halving bottlenecks
 def choose_architecture(width: int, height: int, channels: int, param_budget: float, cfg: FitConfig) -> Architecture:
     """The largest NIF-shaped network that fits `param_budget` parameters.
 
-    Measured on a 256x256 Kodak crop at 0.3 and 0.6 bpp (benchmarks/NOTES.md): 8 encoding frequencies
-    beat 13 (the Nyquist count) by 0.1-0.8 dB, since the sine layers make the high frequencies
-    themselves and a narrower encoding leaves parameters for width; modulation pays from about
-    5000 parameters up and costs 0.6 dB below that.
+    Encoding frequencies grow with the parameters per pixel: a larger network can use finer ones.
+    Measured on 4 Kodak crops of 256x256 (13 frequencies reach periods of ~4 pixels; benchmarks/NOTES.md
+    #27): the best count was 10 at 0.054 parameters per pixel (0.3 bpp), 10-12 at 0.11 (0.6 bpp) and 12
+    at 0.18 (1.0 bpp), i.e. about nyquist - 3 + 1.25 log2(params per pixel / 0.054). Modulation pays
+    from about 5000 parameters up and costs 0.6 dB below that.
     """
     n = min(width, height)
     nyquist = int(math.log(max(n, 8) / 4) / math.log(cfg.pe_scale)) + 1  # periods down to ~4 pixels
-    freqs = max(2, min(12, nyquist - 5, int(param_budget / 120)))
+    per_pixel = max(param_budget, 1.0) / (width * height)
+    freqs = round(nyquist - 3 + 1.25 * math.log2(per_pixel / 0.054))
+    freqs = max(2, min(nyquist, bitstream.MAX_FREQS, freqs, int(param_budget / 120)))
     if param_budget >= 5000:
         mod = (32, 16, 8) if param_budget >= 40000 else (16, 8)
         mod_freqs = 4
@@ -417,7 +420,7 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
     h, w = target.shape[:2]
     stride = max(1, math.ceil(math.sqrt(h * w / (1 << 15))))  # ~32k pixels per measurement
     base = image_mse(model, target, stride=stride)
-    mults = 2.0 ** (np.arange(-6, 7) / 2)
+    mults = 2.0 ** (np.arange(-10, 7) / 2)  # 1/32 .. 8: small tensors (biases, the output layer) go fine
     n, k = len(named), len(mults)
     dist, bits, steps = np.zeros((n, k)), np.zeros((n, k)), np.ones((n, k))
     for i, (name, t) in enumerate(named):
