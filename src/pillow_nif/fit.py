@@ -352,19 +352,25 @@ def torch_randint(gen, high: int) -> int:
 # ---- quantisation + rate control --------------------------------------------------------------------
 
 
+def _quantise_tensor(t: np.ndarray, step: float) -> tuple[float, int, np.ndarray]:
+    """(step, qmax, symbols) of tensor t at a requested step; the step is widened so |symbol| <= MAX_QMAX."""
+    peak = float(np.abs(t).max()) if t.size else 0.0
+    if peak == 0.0:
+        return 1.0, 0, np.zeros(t.shape, dtype=np.int64)
+    step = bitstream._f32(max(step, peak / bitstream.MAX_QMAX))
+    qmax = min(bitstream.MAX_QMAX, int(math.ceil(peak / step)))
+    return step, qmax, np.clip(np.round(t / step), -qmax, qmax).astype(np.int64)
+
+
+def _rms(t: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(t * t))) if t.size else 0.0
+
+
 def _codings_for(tensors: list[np.ndarray], factor: float, scales=None) -> tuple[list[TensorCoding], list[np.ndarray], float]:
     """Quantise tensor t with step = factor * scales[t] (default: its rms); return codings, symbols, estimated bits."""
     codings, syms, bits = [], [], 0.0
     for i, t in enumerate(tensors):
-        rms = float(np.sqrt(np.mean(t * t))) if t.size else 0.0
-        peak = float(np.abs(t).max()) if t.size else 0.0
-        if peak == 0.0:
-            step, qmax = 1.0, 0
-        else:
-            step = max(factor * (rms if scales is None else scales[i]), peak / bitstream.MAX_QMAX)
-            step = bitstream._f32(step)
-            qmax = min(bitstream.MAX_QMAX, int(math.ceil(peak / step)))
-        sym = np.clip(np.round(t / step), -qmax, qmax).astype(np.int64)
+        step, qmax, sym = _quantise_tensor(t, factor * (_rms(t) if scales is None else scales[i]))
         model, param, b = entropy.choose_model(sym, qmax)
         codings.append(TensorCoding(step, qmax, model, param))
         syms.append(sym)
@@ -383,10 +389,9 @@ def _overhead_bytes(header: Header, metadata: dict) -> int:
     return len(bitstream.dumps(NifFile(header, empty, b"", metadata)))
 
 
-def rate_control(header: Header, tensors: list[np.ndarray], budget_bytes: int, metadata: dict, scales=None, lo_factor: float = 1e-4):
-    """Smallest step factor whose file fits `budget_bytes`; returns (factor, bytes, codings, symbols)."""
+def _estimate_factor(header: Header, tensors, budget_bytes: int, metadata: dict, scales=None, lo_factor: float = 1e-4):
+    """Smallest step factor whose *estimated* file fits (bisection on log(factor); no coding)."""
     overhead = _overhead_bytes(header, metadata)
-    # Estimate-driven bisection on log(factor) (cheap: no coding), then confirm with the real coder.
     lo, hi = math.log(lo_factor), math.log(64.0)
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -396,8 +401,13 @@ def rate_control(header: Header, tensors: list[np.ndarray], budget_bytes: int, m
             hi = mid
         else:
             lo = mid
-    factor = math.exp(hi)
-    for _ in range(200):
+    return math.exp(hi)
+
+
+def rate_control(header: Header, tensors: list[np.ndarray], budget_bytes: int, metadata: dict, scales=None, lo_factor: float = 1e-4):
+    """Smallest step factor whose file fits `budget_bytes`; returns (factor, bytes, codings, symbols)."""
+    factor = _estimate_factor(header, tensors, budget_bytes, metadata, scales, lo_factor)
+    for _ in range(200):  # confirm with the real coder
         codings, syms, _ = _codings_for(tensors, factor, scales)
         data = _file(header, codings, syms, metadata)
         if len(data) <= budget_bytes:
@@ -423,23 +433,20 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
     mults = 2.0 ** (np.arange(-10, 7) / 2)  # 1/32 .. 8: small tensors (biases, the output layer) go fine
     n, k = len(named), len(mults)
     dist, bits, steps = np.zeros((n, k)), np.zeros((n, k)), np.ones((n, k))
+    weights = dict(named)
     for i, (name, t) in enumerate(named):
         a = t.detach().double().cpu().numpy()
-        rms, peak = float(np.sqrt(np.mean(a * a))), float(np.abs(a).max())
-        if peak == 0.0:
+        if not np.any(a):
             continue
         for j, m in enumerate(mults):
-            step = bitstream._f32(max(factor * rms * m, peak / bitstream.MAX_QMAX))
-            qmax = min(bitstream.MAX_QMAX, int(math.ceil(peak / step)))
-            sym = np.clip(np.round(a / step), -qmax, qmax)
-            bits[i, j] = entropy.choose_model(sym.astype(np.int64), qmax)[2]
-            steps[i, j] = step
-            w = dict(named)
-            w[name] = torch.from_numpy(sym * step).to(t.dtype).to(t.device)
-            dist[i, j] = image_mse(model, target, w, stride) - base
+            steps[i, j], qmax, sym = _quantise_tensor(a, factor * _rms(a) * m)
+            bits[i, j] = entropy.choose_model(sym, qmax)[2]
+            weights[name] = torch.from_numpy(sym * steps[i, j]).to(t.dtype).to(t.device)
+            dist[i, j] = image_mse(model, target, weights, stride) - base
+        weights[name] = t
         # Coarser never helps: make distortion non-decreasing in the step (measurement noise).
         dist[i] = np.maximum.accumulate(np.maximum(dist[i], 0.0))
-    target = (budget_bytes - _overhead_bytes(header, metadata) - 8) * 8 / 1.005
+    target_bits = (budget_bytes - _overhead_bytes(header, metadata) - 8) * 8 / 1.005
 
     def pick(lam):
         j = np.argmin(dist + lam * bits, axis=1)
@@ -448,7 +455,7 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
     lo, hi = -40.0, 10.0  # log lambda
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if pick(math.exp(mid))[1] <= target else (mid, hi)
+        lo, hi = (lo, mid) if pick(math.exp(mid))[1] <= target_bits else (mid, hi)
     j, _ = pick(math.exp(hi))
     return [float(steps[i, j[i]]) for i in range(n)]
 
@@ -496,10 +503,11 @@ def quantise(model, target, plan: Plan, cfg: FitConfig) -> tuple[bytes, list[Ten
     """The file of `model` within the plan's budget and its codings: steps proportional to each
     tensor's rms, then (cfg.rd_steps) re-allocated by measured distortion."""
     tensors = _tensors(model)
-    factor, data, codings, _ = rate_control(plan.header, tensors, plan.budget, plan.metadata)
-    if cfg.rd_steps:
+    scales = None
+    if cfg.rd_steps:  # the ladder is centred on the uniform allocation's factor (an estimate suffices)
+        factor = _estimate_factor(plan.header, tensors, plan.budget, plan.metadata)
         scales = allocate_steps(model, target, plan.header, plan.budget, plan.metadata, factor)
-        _, data, codings, _ = rate_control(plan.header, tensors, plan.budget, plan.metadata, scales)
+    _, data, codings, _ = rate_control(plan.header, tensors, plan.budget, plan.metadata, scales)
     return data, codings
 
 

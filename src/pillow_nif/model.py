@@ -76,8 +76,9 @@ class _SinOfProduct(torch.autograd.Function):
     """sin(p * z) for a per-pixel period p (shape z.shape[:-1] + (1,)), with a leaner backward.
 
     Autograd's version allocates four activation-sized temporaries (cos, two products, one more for
-    p's gradient); this one allocates one and reduces p's gradient with a dot product. On the CPU, where the sine layers are bound by passes over their activations, that
-    made a 102 -> 51 layer's forward + backward 17 % faster (4096 pixels, one thread).
+    p's gradient); this one allocates one and reduces p's gradient with a dot product. On the CPU,
+    where the sine layers are bound by passes over their activations, that made a 102 -> 51 layer's
+    forward + backward 17 % faster (4096 pixels, one thread) and a whole training step 2-9 %.
     """
 
     @staticmethod
