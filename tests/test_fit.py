@@ -46,6 +46,8 @@ def test_architecture_grows_with_budget_and_fits_it():
         assert arch.num_params() <= budget
     assert sizes[0].num_params() < sizes[1].num_params() < sizes[2].num_params()
     assert sizes[2].mod_widths and not sizes[0].mod_widths
+    # the measured depths: a fourth sine layer only where it paid (benchmarks/NOTES.md #35)
+    assert [len(a.widths) for a in sizes] == [2, 3, 4]
 
 
 def test_progress_callback_counts_to_total():

@@ -46,12 +46,14 @@ class Effort:
 # with the least compute; 16k-pixel batches gain ~0.7 dB for 4x the time, so only high efforts use them.
 # Few long stages beat many short ones at equal steps (benchmarks/NOTES.md #16: 2 x 900 steps were
 # +0.14 dB over 4 x 450 on 4 crops at 0.6/1.0 bpp; each stage re-warms the learning rate).
+# Effort 5, the default, spends what the CPU target allows (a 256x256 image in under a minute on 2 cores):
+# 2 x 1250 steps were +0.20 dB over 2 x 900 on the same crops (NOTES.md #33).
 EFFORTS = {
     1: Effort(1, 300, 1, 40, 1 << 12, 1 << 18),
     2: Effort(1, 500, 1, 60, 1 << 12, 1 << 18),
     3: Effort(2, 400, 1, 80, 1 << 12, 1 << 18),
     4: Effort(2, 600, 2, 60, 1 << 12, 1 << 18),
-    5: Effort(2, 900, 2, 80, 1 << 12, 1 << 18),
+    5: Effort(2, 1250, 2, 80, 1 << 12, 1 << 18),
     6: Effort(2, 1250, 2, 100, 1 << 13, 1 << 19),
     7: Effort(3, 1200, 3, 100, 1 << 13, 1 << 19),
     8: Effort(3, 1600, 3, 150, 1 << 14, 1 << 20),
@@ -131,7 +133,14 @@ def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tu
 
 # ---- architecture from the budget ------------------------------------------------------------------
 
-_GENESIS_SHAPE = (1.0, 0.5, 0.25)  # a wide sine layer, then halving bottlenecks
+# Genesis widths relative to the first (wide) sine layer, by budget. Small networks: halving bottlenecks.
+# From DEEP_PARAMS parameters up, a fourth sine layer with a floor of a quarter width (as NIF25 narrows to a
+# floor): +0.23 dB over (1, .5, .25) on 4 crops at 0.6/1.0 bpp, for ~4 % more step time; (1, .5, .3, .2) gave
+# +0.15, (1, .45, .3, .3) +0.13, five layers (1, .45, .25, .18, .18) +0.13; at 0.3 bpp (3.4k parameters) four
+# layers lost 0.8 dB (benchmarks/NOTES.md #35).
+_GENESIS_SHAPE = (1.0, 0.5, 0.25)
+_DEEP_SHAPE = (1.0, 0.45, 0.25, 0.25)
+DEEP_PARAMS = 5000
 
 
 def choose_architecture(width: int, height: int, channels: int, param_budget: float, cfg: FitConfig) -> Architecture:
@@ -140,21 +149,20 @@ def choose_architecture(width: int, height: int, channels: int, param_budget: fl
     Encoding frequencies grow with the parameters per pixel: a larger network can use finer ones.
     Measured on 4 Kodak crops of 256x256 (13 frequencies reach periods of ~4 pixels; benchmarks/NOTES.md
     #27): the best count was 10 at 0.054 parameters per pixel (0.3 bpp), 10-12 at 0.11 (0.6 bpp) and 12
-    at 0.18 (1.0 bpp), i.e. about nyquist - 3 + 1.25 log2(params per pixel / 0.054). Modulation pays
-    from about 5000 parameters up and costs 0.6 dB below that.
+    at 0.18 (1.0 bpp), i.e. about nyquist - 3 + 1.25 log2(params per pixel / 0.054). Modulation and a
+    fourth sine layer pay from about 5000 parameters up and cost 0.6-0.8 dB below that.
     """
     n = min(width, height)
     nyquist = int(math.log(max(n, 8) / 4) / math.log(cfg.pe_scale)) + 1  # periods down to ~4 pixels
     per_pixel = max(param_budget, 1.0) / (width * height)
     freqs = round(nyquist - 3 + 1.25 * math.log2(per_pixel / 0.054))
     freqs = max(2, min(nyquist, bitstream.MAX_FREQS, freqs, int(param_budget / 120)))
-    if param_budget >= 5000:
+    if param_budget >= DEEP_PARAMS:
         mod = (32, 16, 8) if param_budget >= 40000 else (16, 8)
-        mod_freqs = 4
+        mod_freqs, shape = 4, _DEEP_SHAPE
     else:
         mod, mod_freqs = (), 0
-    depth = 3 if param_budget >= 800 else 2
-    shape = _GENESIS_SHAPE[:depth]
+        shape = _GENESIS_SHAPE if param_budget >= 800 else _GENESIS_SHAPE[:2]
 
     def build(w0: float) -> Architecture:
         widths = tuple(max(channels + 1, int(round(w0 * s))) for s in shape)
