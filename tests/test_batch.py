@@ -103,3 +103,23 @@ def test_a_worse_stage_sends_only_that_image_back():
     assert list(best[0]) == [1.0, 0.5]
     for (_, t), b in zip(f.model.named_tensors(), before):
         assert torch.equal(t[0], b[0]) and torch.equal(t[1], b[1] + 1.0)
+
+
+def test_gradient_clipping_is_per_image():
+    # One image's large gradient must not shrink another's step: each image is clipped as it would be alone.
+    cfg = FitConfig(grad_clip=0.5)
+    f = BatchFitter([np.zeros((8, 8, 3))] * 2, arch_with_modulation(), "cpu", EFFORTS[1], cfg, 0)
+    gen = torch.Generator().manual_seed(1)
+    for p in f.model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad[1] *= 1e-3  # image 1: a norm well under the clip
+    alone = [torch.nn.Parameter(p.detach()[0].clone()) for p in f.model.parameters()]
+    for a, p in zip(alone, f.model.parameters()):
+        a.grad = p.grad[0].clone()
+    torch.nn.utils.clip_grad_norm_(alone, 0.5)  # what fit.Fitter does for one image
+    alone = [a.grad for a in alone]
+    small = [p.grad[1].clone() for p in f.model.parameters()]
+    f.clip_gradients()
+    for p, a, s in zip(f.model.parameters(), alone, small):
+        torch.testing.assert_close(p.grad[0], a)
+        assert torch.equal(p.grad[1], s)

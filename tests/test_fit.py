@@ -103,3 +103,19 @@ def test_measured_step_allocation_beats_rms_steps_at_the_same_budget():
     ref = np.asarray(photo(64, 48), dtype=np.float64)
     err = [float(np.mean((decode_array(d).astype(np.float64) - ref) ** 2)) for d in (uniform, allocated)]
     assert err[1] < err[0]
+
+
+def test_training_steps_clip_the_gradient_norm():
+    import torch
+
+    from pillow_nif.fit import EFFORTS, Fitter
+
+    cfg = FitConfig(grad_clip=0.05)
+    arch = choose_architecture(16, 16, 3, 600, cfg)
+    f = Fitter(np.random.default_rng(0).uniform(-1, 1, (16, 16, 3)), arch, "cpu", EFFORTS[1], cfg, 0)
+    ys, xs, target = f.sample()
+    f.loss(ys, xs, target).backward()
+    before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in f.model.parameters()]))
+    f.clip_gradients()
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in f.model.parameters()]))
+    assert before > 0.05 and after == pytest.approx(0.05, rel=1e-4)

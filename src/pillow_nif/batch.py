@@ -283,6 +283,17 @@ class BatchFitter(fit.Fitter):
                 total += (d * d).reshape(r1 - r0, self.w, self.count, self.channels).sum((0, 1, 3)).double()
         return total.cpu().numpy() / (self.h * self.w * self.channels)
 
+    def clip_gradients(self):
+        """fit.Fitter.clip_gradients per image (a stacked tensor's row i belongs to image i), so that one
+        image's large gradient never scales another's step."""
+        if not self.cfg.grad_clip:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        sq = sum(g.reshape(self.count, -1).square().sum(1) for g in grads)
+        scale = (self.cfg.grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+
     def restart(self, progress: float):
         """fit.Fitter.restart on each image from the same generator state: the noise one-at-a-time
         encoding with this seed draws, scaled by each image's own mean |w|."""
