@@ -119,3 +119,21 @@ def test_training_steps_clip_the_gradient_norm():
     f.clip_gradients()
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in f.model.parameters()]))
     assert before > 0.05 and after == pytest.approx(0.05, rel=1e-4)
+
+
+def test_quantisation_aware_tuning_keeps_a_state_no_worse_than_untuned():
+    """Tuning through the quantiser may wander; what it hands on must be at least as good as where it began."""
+    from pillow_nif import fit
+    from pillow_nif.quant import fake_quantize
+
+    f, plan = _fitted()
+    _, codings = fit.quantise(f.model, f.target, plan, FitConfig())
+    steps = [(c.step, c.qmax) for c in codings]
+
+    def quantised_mse():
+        return f.mse({n: fake_quantize(t, *s) for (n, t), s in zip(f.model.named_tensors(), steps)})
+
+    before = quantised_mse()
+    fit._quantisation_aware_tuning(f, codings, fit._NoBar())
+    assert quantised_mse() <= before
+    assert len(fit.recode(f.model, plan, codings)) <= plan.budget

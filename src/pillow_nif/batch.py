@@ -310,7 +310,7 @@ class BatchFitter(fit.Fitter):
         for stage in range(e.stages):
             if stage:
                 self.restart(stage / max(1, e.stages - 1))
-            self.run_stage(e.iters, self.cfg.lr, tick)
+            self.run_stage(e.iters, self.stage_lr(stage), tick)
             best = self._keep_best(self.mse(), best)
         return best[0]
 

@@ -75,11 +75,18 @@ class FitConfig:
     grad_clip: float = 0.1
     # NIF adds 0.01 SSIM to log-cosh; measured, it costs 0.6-0.7 dB of PSNR (benchmarks/NOTES.md).
     ssim_weight: float = 0.0
-    qat_lr: float = 1e-4
+    # Quantisation-aware tuning nudges weights across rounding boundaries; larger rates make the straight-through
+    # weights wander and the best quantised state is often the untuned one. 1e-5 beat 1e-4 by +0.16 dB at 0.3 bpp
+    # and +0.06 at 0.6/1.0 (4 crops each, same fits; 3e-6 lost at 0.6/1.0: benchmarks/NOTES.md #37).
+    qat_lr: float = 1e-5
     # Weight restart between stages: perturb a fraction `amount` of weights (not the first layer)
     # by uniform noise of +-range * mean|w|; amount grows and range shrinks over the fit (NIF).
     restart_amount: tuple[float, float] = (0.125, 0.5)
     restart_range: tuple[float, float] = (0.5, 0.1)
+    # Peak learning rate of the stages after a restart, relative to `lr`: the restart perturbs a few weights,
+    # and re-warming all of them to the first stage's rate undid more than it found. 0.5 and 0.25 beat 1.0 by
+    # +0.06 and +0.09 dB, each on all 8 points of 4 crops at 0.6/1.0 bpp (benchmarks/NOTES.md #46).
+    restart_lr: float = 0.25
     # What the architecture choice assumes a parameter will cost: 5.5 beat 6 by 0.07 dB and 5 by 0.05 dB
     # with measured step allocation (4 crops at 0.6/1.0 bpp; without it 6 was best).
     bits_per_param: float = 5.5
@@ -300,6 +307,9 @@ class Fitter:
         if self.cfg.grad_clip:
             self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
 
+    def stage_lr(self, stage: int) -> float:
+        return self.cfg.lr * (self.cfg.restart_lr if stage else 1.0)
+
     def restart(self, progress: float):
         """Perturb a fraction of the weights (all layers but the genesis input layer)."""
         torch = self.torch
@@ -322,7 +332,7 @@ class Fitter:
         for stage in range(e.stages):
             if stage:
                 self.restart(stage / max(1, e.stages - 1))
-            self.run_stage(e.iters, self.cfg.lr, tick)
+            self.run_stage(e.iters, self.stage_lr(stage), tick)
             mse = self.mse()
             if mse < best_mse:
                 best_mse, best_state = mse, self.state()
