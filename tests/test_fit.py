@@ -124,14 +124,12 @@ def test_training_steps_clip_the_gradient_norm():
 def test_quantisation_aware_tuning_keeps_a_state_no_worse_than_untuned():
     """Tuning through the quantiser may wander; what it hands on must be at least as good as where it began."""
     from pillow_nif import fit
-    from pillow_nif.quant import fake_quantize
 
     f, plan = _fitted()
     _, codings = fit.quantise(f.model, f.target, plan, FitConfig())
-    steps = [(c.step, c.qmax) for c in codings]
 
     def quantised_mse():
-        return f.mse({n: fake_quantize(t, *s) for (n, t), s in zip(f.model.named_tensors(), steps)})
+        return f.mse(fit.fake_quantized(f.model, codings))
 
     before = quantised_mse()
     fit._quantisation_aware_tuning(f, codings, fit._NoBar())

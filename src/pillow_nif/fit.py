@@ -605,16 +605,19 @@ def _render_model(model, header: Header, maxval: int) -> np.ndarray:
     return render(net, header.width, header.height)
 
 
-def _quantisation_aware_tuning(fitter: Fitter, codings: list[TensorCoding], bar) -> None:
-    """Tune the weights through a straight-through quantiser at `codings`' steps; keep the best quantised state."""
+def fake_quantized(model, codings: list[TensorCoding]) -> dict:
+    """The model's tensors through a straight-through quantiser at `codings`' steps (for NIF.forward)."""
     from .quant import fake_quantize
 
+    return {n: fake_quantize(t, c.step, c.qmax) for (n, t), c in zip(model.named_tensors(), codings)}
+
+
+def _quantisation_aware_tuning(fitter: Fitter, codings: list[TensorCoding], bar) -> None:
+    """Tune the weights through a straight-through quantiser at `codings`' steps; keep the best quantised state."""
     e = fitter.effort
-    names = [n for n, _ in fitter.model.named_tensors()]
-    steps = {n: (c.step, c.qmax) for n, c in zip(names, codings)}
 
     def quantised():
-        return {n: fake_quantize(t, *steps[n]) for n, t in fitter.model.named_tensors()}
+        return fake_quantized(fitter.model, codings)
 
     best = (fitter.mse(quantised()), fitter.state())
     for _ in range(e.qat_stages):
