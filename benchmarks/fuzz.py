@@ -311,7 +311,7 @@ def synth_file(rng: random.Random) -> bytes:
     if rng.random() < 0.3:
         junk = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
         chunks.append((rng.choice([b"iCCP", b"eXIf", b"xMPd", b"zzzz"]), junk))
-    return join_chunks(bs.SIGNATURE, chunks)
+    return join_chunks(bs.MAGIC + b"\x01", chunks)  # the records above have the version-1 layout
 
 
 def mutate(rng: random.Random, seeds: list[bytes]) -> tuple[str, bytes]:

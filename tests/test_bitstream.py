@@ -9,8 +9,8 @@ from pillow_nif.bitstream import Architecture, FormatError, Header, NifFile, Ten
 ARCH = Architecture(3, (12, 6), 4, 1.4, 30.0, (8,), 2, 30.0, 10.0)
 
 
-def make_file(arch=ARCH, metadata=None, stream=b"\x01\x00\x00\x00" * 64) -> bytes:
-    codings = [TensorCoding(0.01, 7, bs.MODEL_LAPLACE, 40000) for _ in arch.tensor_shapes()]
+def make_file(arch=ARCH, metadata=None, stream=b"\x01\x00\x00\x00" * 64, step=2**-7) -> bytes:
+    codings = [TensorCoding(step, 7, bs.MODEL_LAPLACE, 40000) for _ in arch.tensor_shapes()]
     return bs.dumps(NifFile(Header(97, 61, "RGB", bs.COLOUR_YCBCR, arch), codings, stream, metadata or {}))
 
 
@@ -22,9 +22,40 @@ def test_round_trip_keeps_every_field():
     data = make_file(metadata={"icc_profile": b"icc", "exif": b"II*\x00", "xmp": b"<x/>"})
     f = bs.loads(data)
     assert f.header == Header(97, 61, "RGB", bs.COLOUR_YCBCR, ARCH)
-    assert f.codings[0] == TensorCoding(0.01, 7, bs.MODEL_LAPLACE, 40000)
+    assert f.codings[0] == TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, 40000)
     assert f.metadata == {"icc_profile": b"icc", "exif": b"II*\x00", "xmp": b"<x/>"}
     assert bs.read_header(data) == f.header
+    assert f.version == 2
+
+
+def test_codings_version_2_cannot_hold_are_written_as_version_1_exactly():
+    v2 = make_file()
+    v1 = make_file(step=0.01)  # not a bfloat16
+    assert v1[7] == 1 and v2[7] == 2
+    assert len(v1) - len(v2) == 3 * len(ARCH.tensor_shapes())  # 9-byte records against 6-byte ones
+    f = bs.loads(v1)
+    assert f.version == 1 and f.codings[0] == TensorCoding(0.01, 7, bs.MODEL_LAPLACE, 40000)
+    uniform = TensorCoding(0.5, 3, bs.MODEL_UNIFORM, 0)
+    f = NifFile(Header(9, 9, "L", 0, Architecture(1, (4,), 1, 1.4, 30.0)), [uniform] * 4, b"\x01\x00\x00\x00")
+    assert bs.loads(bs.dumps(f)).codings == [uniform] * 4 and bs.dumps(f)[7] == 2
+
+
+def test_bf16_ceil_rounds_up_to_the_version_2_grid():
+    for v in (1e-5, 0.01, 0.3, 1.0, 7.77, 9e29):
+        s = bs.bf16_ceil(v)
+        assert s >= bs._f32(v) and s < v * (1 + 2**-7) and bs.bf16_ceil(s) == s
+        assert struct.pack(">f", s)[2:] == b"\x00\x00"
+
+
+def test_version_2_step_out_of_range_is_refused():
+    data = bytearray(make_file())
+    at = data.index(b"WGTS") + 8
+    data[at : at + 2] = b"\x7f\x80"  # +inf as a bfloat16
+    length = struct.unpack(">I", data[at - 4 : at])[0]
+    crc_at = at + length
+    data[crc_at : crc_at + 4] = struct.pack(">I", zlib.crc32(b"WGTS" + bytes(data[at:crc_at])))
+    with pytest.raises(FormatError, match="out of range"):
+        bs.loads(bytes(data))
 
 
 def test_signature_and_version():
@@ -32,8 +63,8 @@ def test_signature_and_version():
     assert data.startswith(bs.MAGIC + bytes([bs.VERSION]))
     with pytest.raises(FormatError, match="not a NIF"):
         bs.loads(b"\x89PNG\r\n\x1a\n" + data[8:])
-    with pytest.raises(FormatError, match="unsupported NIF version 2"):
-        bs.loads(bs.MAGIC + b"\x02" + data[8:])
+    with pytest.raises(FormatError, match="unsupported NIF version 3"):
+        bs.loads(bs.MAGIC + b"\x03" + data[8:])
 
 
 def test_bad_crc_is_named():

@@ -96,7 +96,9 @@ def test_measured_step_allocation_beats_rms_steps_at_the_same_budget():
     from pillow_nif import fit
     from pillow_nif.render import decode_array
 
-    f, plan = _fitted()
+    # At 1 bpp quantisation dominates this tiny network's error (-12 % MSE from the allocation); at 2 bpp
+    # the two differ by ~2 %, which a 0.8 % change of the step grid can flip either way.
+    f, plan = _fitted(bpp=1.0)
     uniform = fit.quantise(f.model, f.target, plan, FitConfig(rd_steps=False))[0]
     allocated = fit.quantise(f.model, f.target, plan, FitConfig(rd_steps=True))[0]
     assert len(uniform) <= plan.budget and len(allocated) <= plan.budget

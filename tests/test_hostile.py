@@ -173,12 +173,15 @@ def split_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def join(chunks, signature=bs.SIGNATURE) -> bytes:
+V1 = bs.MAGIC + b"\x01"  # the signature of the hand-made records below (version-1 layout)
+
+
+def join(chunks, signature=V1) -> bytes:
     return signature + b"".join(chunk(k, p) for k, p in chunks)
 
 
 def with_payload(data: bytes, kind: bytes, payload: bytes) -> bytes:
-    return join([(k, payload if k == kind else p) for k, p in split_chunks(data)])
+    return join([(k, payload if k == kind else p) for k, p in split_chunks(data)], data[:8])
 
 
 U32 = st.one_of(st.sampled_from([0, 1, 2, 64, 4096, 65535, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, (1 << 32) - 1]),
@@ -263,18 +266,27 @@ def headers(draw):
     return out
 
 
+RECORD_SIZE = {1: 9, 2: 6}
+
+
 @st.composite
-def records(draw, n):
+def records(draw, n, version=1):
     """n coding records, each valid or drawn from anywhere in its fields' ranges."""
     out = b""
     for _ in range(n):
         if draw(mostly(st.just(True), st.just(False))):
             model = draw(st.integers(0, 1))
-            out += struct.pack(">fHBH", draw(st.sampled_from([0.05, 1.0, -0.5, 0.0, 1e-30, 9e29])),
-                               draw(st.sampled_from([7, 0, 1, 300, 32767])), model,
-                               draw(st.sampled_from([30000, 1, 65535])) if model else 0)
-        else:
+            step = draw(st.sampled_from([0.05, 1.0, -0.5, 0.0, 1e-30, 9e29]))
+            qmax = draw(st.sampled_from([7, 0, 1, 300, 32767]))
+            param = draw(st.sampled_from([30000, 1, 65535])) if model else 0
+            if version == 1:
+                out += struct.pack(">fHBH", step, qmax, model, param)
+            else:  # the step as a bfloat16: the upper half of its f32
+                out += struct.pack(">HHH", struct.unpack(">I", struct.pack(">f", step))[0] >> 16, qmax, param)
+        elif version == 1:
             out += struct.pack(">fHBH", draw(F32), draw(U16), draw(U8), draw(U16))
+        else:
+            out += struct.pack(">HHH", draw(U16), draw(U16), draw(U16))
     return out
 
 
@@ -286,8 +298,10 @@ def test_synthesized_headers_and_weights(hostile, header, seed, data):
         arch = bs.parse_header(header).arch
     except bs.FormatError:
         arch = None
+    version = data.draw(st.sampled_from(bs.VERSIONS))
+    signature = bs.MAGIC + bytes([version])
     if arch is None or data.draw(st.booleans()):
-        weights = split_chunks(hostile[seed])[1][1]
+        weights, signature = split_chunks(hostile[seed])[1][1], hostile[seed][:8]
     else:
         n_tensors = len(arch.tensor_shapes()) + data.draw(st.sampled_from([0, 0, 0, 0, -1, 1]))
         words = max(0, -(-arch.num_params() // 256) + data.draw(st.integers(-1, 2)))
@@ -295,8 +309,8 @@ def test_synthesized_headers_and_weights(hostile, header, seed, data):
         stream = rng.integers(0, 256, size=4 * words, dtype=np.uint8).tobytes()
         if words and data.draw(st.booleans()):
             stream = stream[:-1] + b"\x01"  # a valid ANS stream never ends in a zero word
-        weights = data.draw(records(max(0, n_tensors))) + stream
-    check(join([(b"NHDR", header), (b"WGTS", weights)]))
+        weights = data.draw(records(max(0, n_tensors), version)) + stream
+    check(join([(b"NHDR", header), (b"WGTS", weights)], signature))
 
 
 @FUZZ
@@ -307,11 +321,13 @@ def test_coding_records(hostile, seed, data):
     arch = bs.parse_header(chunks[0][1]).arch
     n = len(arch.tensor_shapes())
     weights = chunks[1][1]
-    recs = bytearray(weights[: 9 * n])
+    version = hostile[seed][7]
+    size = RECORD_SIZE[version]
+    recs = bytearray(weights[: size * n])
     for _ in range(data.draw(st.integers(1, 3))):
-        k = 9 * data.draw(st.integers(0, n - 1))
-        recs[k : k + 9] = data.draw(records(1))
-    check(with_payload(hostile[seed], b"WGTS", bytes(recs) + weights[9 * n :]))
+        k = size * data.draw(st.integers(0, n - 1))
+        recs[k : k + size] = data.draw(records(1, version))
+    check(with_payload(hostile[seed], b"WGTS", bytes(recs) + weights[size * n :]))
 
 
 @FUZZ
@@ -335,7 +351,7 @@ def test_splices(hostile, a, b, ops):
             chunks.insert(j % (len(chunks) + 1), unknown[i % len(unknown)])
         else:
             chunks = [c for c in chunks if c[0] != b"WGTS"] + [c for c in other if c[0] == b"WGTS"]
-    check(join(chunks))
+    check(join(chunks, hostile[a][:8]))
 
 
 # ---- truncation, LOAD_TRUNCATED_IMAGES ------------------------------------------------------------------------
@@ -374,7 +390,7 @@ def test_every_truncation_raises_even_with_load_truncated_images(hostile, monkey
 def test_mutated_size_is_stopped_by_the_pixel_limit(hostile, seed, width, height):
     chunks = split_chunks(hostile[seed])
     header = struct.pack(">II", width, height) + chunks[0][1][8:]
-    data = join([(b"NHDR", header)] + chunks[1:])
+    data = join([(b"NHDR", header)] + chunks[1:], hostile[seed][:8])
     res = check(data)
     assert res["info"][0] == "ok"  # info() renders nothing: it reports any size
     pixels = width * height

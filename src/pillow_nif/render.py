@@ -168,7 +168,7 @@ def info(data_or_path) -> dict:
     a = h.arch
     return {
         "format": "NIF",
-        "version": bitstream.VERSION,
+        "version": f.version,
         "width": h.width,
         "height": h.height,
         "mode": h.mode,
