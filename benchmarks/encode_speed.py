@@ -83,12 +83,12 @@ def sync(device: str) -> None:
 
 def step_time(fitter: fit.Fitter, steps: int, device: str, repeats: int = 3) -> float:
     """Seconds per step of Fitter.run_stage (the encoder's own loop): the best of `repeats` runs of `steps`."""
-    fitter.run_stage(3, fitter.cfg.lr, lambda n: None)  # warm-up (and Triton compilation)
+    fitter.run_stage(3, fitter.lr, lambda n: None)  # warm-up (and Triton compilation)
     best = math.inf
     for _ in range(repeats):
         sync(device)
         t = time.perf_counter()
-        fitter.run_stage(steps, fitter.cfg.lr, lambda n: None)
+        fitter.run_stage(steps, fitter.lr, lambda n: None)
         sync(device)
         best = min(best, (time.perf_counter() - t) / steps)
     return best
