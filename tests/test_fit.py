@@ -107,6 +107,20 @@ def test_measured_step_allocation_beats_rms_steps_at_the_same_budget():
     assert err[1] < err[0]
 
 
+def test_plain_networks_train_at_their_own_rate_and_warm_up():
+    """The schedule follows the architecture: small unmodulated networks train gentler (NOTES.md #53)."""
+    from pillow_nif import fit
+
+    cfg = FitConfig()
+    target = np.zeros((16, 16, 3))
+    for budget, mod, (lr, warm) in ((3000, False, (cfg.plain_lr, cfg.plain_warmup)), (8000, True, (cfg.lr, cfg.warmup))):
+        arch = choose_architecture(256, 256, 3, budget, cfg)
+        assert bool(arch.mod_widths) == mod
+        f = fit.Fitter(target, arch, "cpu", fit.EFFORTS[1], cfg, 0)
+        assert (f.stage_lr(0), f.stage_lr(1), f.warmup) == (lr, lr * cfg.restart_lr, warm)
+    assert cfg.plain_lr < cfg.lr and cfg.plain_warmup > cfg.warmup
+
+
 def test_training_steps_clip_the_gradient_norm():
     import torch
 
