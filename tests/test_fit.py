@@ -107,6 +107,19 @@ def test_measured_step_allocation_beats_rms_steps_at_the_same_budget():
     assert err[1] < err[0]
 
 
+def test_rate_control_spends_the_budget_with_the_real_coder():
+    """The estimate's slack (0.5 % + 8 bytes, 9-13 bytes here) is spent: the file fits and leaves less than
+    the 32-bit word and two bytes that the stream's granularity can cost."""
+    from pillow_nif import fit
+
+    f, plan = _fitted(128, 96, 1.0)
+    tensors = fit._tensors(f.model)
+    for budget, scales in ((plan.budget, None), (int(plan.budget * 1.3), [fit._rms(t) for t in tensors])):
+        _, data, codings, _ = fit.rate_control(plan.header, tensors, budget, plan.metadata, scales)
+        assert budget - 6 <= len(data) <= budget
+        assert bitstream.loads(data).codings == codings
+
+
 def test_plain_networks_train_at_their_own_rate_and_warm_up():
     """The schedule follows the architecture: small unmodulated networks train gentler (NOTES.md #53)."""
     from pillow_nif import fit

@@ -70,8 +70,8 @@ class FitConfig:
     warmup: float = 0.1  # fraction of a stage spent warming the learning rate up
     # Plain networks (no modulation: budgets below DEEP_PARAMS) train more gently. At lr 3e-3 some images'
     # fits land in a poor optimum that also quantises badly (kodim20 at 0.3 bpp: 28.2 dB fitted, 26.3 dB
-    # coded; 29.5 / 28.7 dB at 2e-3): 2e-3 with 30 % warm-up was +0.76 dB on 8 crops at 0.3 bpp, while the
-    # same change on the modulated networks of 0.6/1.0 bpp was neutral to negative (benchmarks/NOTES.md #52).
+    # coded; 29.6 / 29.2 dB with this schedule): 2e-3 with 30 % warm-up was +0.76 dB on 8 crops at 0.3 bpp,
+    # while the same change on the modulated networks of 0.6/1.0 bpp was -0.02 dB (benchmarks/NOTES.md #53).
     plain_lr: float = 2e-3
     plain_warmup: float = 0.3
     weight_decay: float = 1e-4
