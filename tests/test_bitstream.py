@@ -48,14 +48,12 @@ def test_bf16_ceil_rounds_up_to_the_version_2_grid():
 
 
 def test_version_2_step_out_of_range_is_refused():
-    data = bytearray(make_file())
-    at = data.index(b"WGTS") + 8
-    data[at : at + 2] = b"\x7f\x80"  # +inf as a bfloat16
-    length = struct.unpack(">I", data[at - 4 : at])[0]
-    crc_at = at + length
-    data[crc_at : crc_at + 4] = struct.pack(">I", zlib.crc32(b"WGTS" + bytes(data[at:crc_at])))
+    data = make_file()
+    start = data.index(b"WGTS")  # type, then length, then payload
+    (length,) = struct.unpack(">I", data[start + 4 : start + 8])
+    payload = b"\x7f\x80" + data[start + 10 : start + 8 + length]  # the first step: +inf as a bfloat16
     with pytest.raises(FormatError, match="out of range"):
-        bs.loads(bytes(data))
+        bs.loads(data[:start] + chunk(b"WGTS", payload) + data[start + 12 + length :])
 
 
 def test_signature_and_version():

@@ -282,7 +282,7 @@ def records(draw, n, version=1):
             if version == 1:
                 out += struct.pack(">fHBH", step, qmax, model, param)
             else:  # the step as a bfloat16: the upper half of its f32
-                out += struct.pack(">HHH", struct.unpack(">I", struct.pack(">f", step))[0] >> 16, qmax, param)
+                out += struct.pack(">HHH", bs._f32_bits(step) >> 16, qmax, param)
         elif version == 1:
             out += struct.pack(">fHBH", draw(F32), draw(U16), draw(U8), draw(U16))
         else:
