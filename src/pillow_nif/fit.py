@@ -47,16 +47,19 @@ class Effort:
 # Few long stages beat many short ones at equal steps (benchmarks/NOTES.md #16: 2 x 900 steps were
 # +0.14 dB over 4 x 450 on 4 crops at 0.6/1.0 bpp; each stage re-warms the learning rate).
 # Effort 5, the default, spends what the CPU target allows (a 256x256 image in under a minute on 2 cores):
-# 2 x 1250 steps were +0.20 dB over 2 x 900 on the same crops (NOTES.md #33).
+# 2 x 1250 steps were +0.20 dB over 2 x 900 (NOTES.md #33), and 2 x 2000 another +0.13 / +0.29 / +0.28 dB
+# at 0.3 / 0.6 / 1.0 bpp on 8 crops for 1.6x the fitting time (NOTES.md #62). That beat the former effort 6
+# (2 x 1250 steps of 8k pixels, slower), so from effort 5 up every stage has 2000 steps and the levels add
+# pixels per step and stages.
 EFFORTS = {
     1: Effort(1, 300, 1, 40, 1 << 12, 1 << 18),
     2: Effort(1, 500, 1, 60, 1 << 12, 1 << 18),
     3: Effort(2, 400, 1, 80, 1 << 12, 1 << 18),
     4: Effort(2, 600, 2, 60, 1 << 12, 1 << 18),
-    5: Effort(2, 1250, 2, 80, 1 << 12, 1 << 18),
-    6: Effort(2, 1250, 2, 100, 1 << 13, 1 << 19),
-    7: Effort(3, 1200, 3, 100, 1 << 13, 1 << 19),
-    8: Effort(3, 1600, 3, 150, 1 << 14, 1 << 20),
+    5: Effort(2, 2000, 2, 80, 1 << 12, 1 << 18),
+    6: Effort(2, 2000, 2, 100, 1 << 13, 1 << 19),
+    7: Effort(3, 2000, 3, 100, 1 << 13, 1 << 19),
+    8: Effort(3, 2000, 3, 150, 1 << 14, 1 << 20),
     9: Effort(4, 2000, 4, 150, 1 << 14, 1 << 20),
 }
 
