@@ -32,3 +32,24 @@ def kodak():
     if not p.exists():
         pytest.skip("../shared/datasets/kodak is not available")
     return p
+
+
+class Jolted:
+    """Mixin: at one training step the weights are knocked far off (as a blow-up does), in the rows `rows`."""
+
+    jolt_at, jolt, rows = None, None, slice(None)
+
+    def loss(self, ys, xs, target, weights=None):
+        import torch
+
+        self.steps = getattr(self, "steps", 0) + 1
+        if self.steps == self.jolt_at:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p[self.rows] = self.jolt(p[self.rows])
+        return super().loss(ys, xs, target, weights)
+
+
+# How a stage can go wrong: weights thrown far off, or not numbers at all.
+JOLTS = {"noise": lambda p: p + 50 * p.abs().mean() * (2 * (p.abs() > p.abs().median()) - 1),
+         "nan": lambda p: p * float("nan")}

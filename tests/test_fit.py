@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import photo
+from conftest import JOLTS, Jolted, photo
 
 import pillow_nif
 from pillow_nif import bitstream
@@ -178,3 +178,28 @@ def test_quantisation_aware_tuning_keeps_a_state_no_worse_than_untuned():
     fit._quantisation_aware_tuning(f, codings, fit._NoBar())
     assert quantised_mse() <= before
     assert len(fit.recode(f.model, plan, codings)) <= plan.budget
+
+
+
+@pytest.mark.parametrize("jolt", sorted(JOLTS))
+def test_a_blown_up_stage_goes_back_to_its_best_weights(jolt):
+    # kodim03's 256x256 crop at 1.0 bpp left the basin half-way through a stage and came out as a flat
+    # 14.7 dB image (benchmarks/NOTES.md #68): the stage must end near where it would have without the jolt.
+    import math
+
+    from pillow_nif import fit
+    from pillow_nif.colour import to_network_space
+    from pillow_nif.imaging import prepare_image
+
+    cfg = FitConfig()
+    target = to_network_space(prepare_image(photo(32, 32))[0], bitstream.COLOUR_IDENTITY)
+    arch = choose_architecture(32, 32, 3, 2000, cfg)
+
+    def stage(jolt_at):
+        f = type("JoltedFitter", (Jolted, fit.Fitter), dict(jolt_at=jolt_at, jolt=staticmethod(JOLTS[jolt])))(
+            target, arch, "cpu", fit.EFFORTS[1], cfg, 0)
+        f.run_stage(400, 3e-3, lambda n: None)
+        return f.mse()
+
+    clean, jolted = stage(None), stage(300)
+    assert math.isfinite(jolted) and jolted < 1.5 * clean

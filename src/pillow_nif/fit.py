@@ -198,10 +198,15 @@ def choose_architecture(width: int, height: int, channels: int, param_budget: fl
 # ---- losses ----------------------------------------------------------------------------------------
 
 
-def log_cosh(x):
+def log_cosh_terms(x):
+    """log(cosh(x)) elementwise, in a form that cannot overflow."""
     import torch.nn.functional as F
 
-    return (x + F.softplus(-2 * x) - math.log(2)).mean()
+    return x + F.softplus(-2 * x) - math.log(2)
+
+
+def log_cosh(x):
+    return log_cosh_terms(x).mean()
 
 
 def _gaussian_band(n: int, size: int, device, dtype):
@@ -279,7 +284,9 @@ class Fitter:
         return (*self.axes(range(py, self.h, s), range(px, self.w, s)), self.target[py::s, px::s])
 
     def loss(self, ys, xs, target, weights=None):
-        pred = self.model(ys, xs, weights)
+        return self.objective(self.model(ys, xs, weights), target)
+
+    def objective(self, pred, target):
         loss = log_cosh(pred - target)
         if self.cfg.ssim_weight and min(target.shape[:2]) >= 7:
             loss = loss + self.cfg.ssim_weight * (1 - ssim(pred, target))
@@ -298,6 +305,7 @@ class Fitter:
         # fused: one kernel for all parameters instead of several per tensor (5 % of a CPU step)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=True)
         warm = max(1, int(iters * self.warmup))
+        guard = CollapseGuard(params, opt)
         for it in range(iters):
             if it < warm:
                 f = (it + 1) / warm
@@ -311,8 +319,13 @@ class Fitter:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             self.clip_gradients()
+            guard.step(self.image_losses(loss))  # before the update: these weights are the ones just measured
             opt.step()
             tick(1)
+
+    def image_losses(self, loss):
+        """The step's loss per image (one here; BatchFitter has one per image of the stack)."""
+        return loss.detach().reshape(1)
 
     def clip_gradients(self):
         if self.cfg.grad_clip:
@@ -351,6 +364,53 @@ class Fitter:
                 self.model.load_state_dict(best_state)
         self.model.load_state_dict(best_state)
         return best_mse
+
+
+class CollapseGuard:
+    """Keeps each image's best weights of a stage and goes back to them if its loss blows up.
+
+    A sine network trained at a high rate now and then leaves the basin for good: kodim03's 256x256 crop at
+    1.0 bpp with 2 x 3000 steps went from a loss of 3.5e-4 to 3e-2 within 250 steps, at the peak of the
+    first stage's rate, and ended at the flat image (14.7 dB instead of 35.7; benchmarks/NOTES.md #68).
+    Every `window` steps, before the update, the mean loss is compared with the best window's: lower (and
+    the last step's loss, that of the weights at hand, not `blowup` times higher), and the weights and the
+    optimiser's moments are saved; `blowup` times higher (or not finite), and they are restored and the
+    step's gradient dropped. Tensors whose first dimension is the image (BatchFitter's stacks) are saved
+    and restored per image.
+    """
+
+    def __init__(self, params, opt, window: int = 50, blowup: float = 4.0):
+        self.params, self.opt, self.window, self.blowup = params, opt, window, blowup
+        self.total, self.count = None, 0
+        self.best = self.saved = None
+        self.restores = 0
+
+    def tensors(self):
+        """Parameters and the optimiser's per-element state (its step counters are shared: left alone)."""
+        state = [v for p in self.params for v in self.opt.state.get(p, {}).values() if v.dim()]
+        return self.params + state
+
+    def step(self, losses):
+        self.total = losses if self.total is None else self.total + losses
+        self.count += 1
+        if self.count < self.window:
+            return
+        import torch
+
+        mean, self.total, self.count = self.total / self.window, None, 0
+        if self.best is None:  # the first window: everything finite is better than nothing
+            self.best, self.saved = torch.full_like(mean, math.inf), [t.detach().clone() for t in self.tensors()]
+        collapsed = ~(mean <= self.blowup * self.best)  # NaN counts as a collapse
+        better = (mean < self.best) & (losses <= self.blowup * self.best)
+        self.restores += int(collapsed.sum())
+        with torch.no_grad():
+            for t, s in zip(self.tensors(), self.saved):
+                rows = lambda m: m.reshape(-1, *([1] * (t.dim() - 1)))  # noqa: E731
+                s.copy_(torch.where(rows(better), t, s))
+                t.copy_(torch.where(rows(collapsed), s, t))
+                if t.grad is not None:
+                    t.grad.copy_(torch.where(rows(collapsed), 0.0, t.grad))
+        self.best = torch.where(better, mean, self.best)
 
 
 def pixel_axes(h: int, w: int, rows, cols, device):
