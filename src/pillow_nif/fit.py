@@ -47,20 +47,20 @@ class Effort:
 # Few long stages beat many short ones at equal steps (benchmarks/NOTES.md #16: 2 x 900 steps were
 # +0.14 dB over 4 x 450 on 4 crops at 0.6/1.0 bpp; each stage re-warms the learning rate).
 # Effort 5, the default, spends what the CPU target allows (a 256x256 image in under a minute on 2 cores):
-# 2 x 1250 steps were +0.20 dB over 2 x 900 (NOTES.md #33), and 2 x 2000 another +0.13 / +0.29 / +0.28 dB
-# at 0.3 / 0.6 / 1.0 bpp on 8 crops for 1.6x the fitting time (NOTES.md #62). That beat the former effort 6
-# (2 x 1250 steps of 8k pixels, slower), so from effort 5 up every stage has 2000 steps and the levels add
-# pixels per step and stages.
+# 2 x 1250 steps were +0.20 dB over 2 x 900 (NOTES.md #33), 2 x 2000 another +0.13 / +0.29 / +0.28 dB at
+# 0.3 / 0.6 / 1.0 bpp on 8 crops for 1.6x the fitting time (NOTES.md #62), and 2 x 3000 another +0.19 /
+# +0.10 / +0.27 dB for 1.5x (NOTES.md #69). More steps of 4k pixels beat fewer of 8k (#62), so from effort
+# 5 up every stage has 3000 steps and the levels add pixels per step and stages.
 EFFORTS = {
     1: Effort(1, 300, 1, 40, 1 << 12, 1 << 18),
     2: Effort(1, 500, 1, 60, 1 << 12, 1 << 18),
     3: Effort(2, 400, 1, 80, 1 << 12, 1 << 18),
     4: Effort(2, 600, 2, 60, 1 << 12, 1 << 18),
-    5: Effort(2, 2000, 2, 80, 1 << 12, 1 << 18),
-    6: Effort(2, 2000, 2, 100, 1 << 13, 1 << 19),
-    7: Effort(3, 2000, 3, 100, 1 << 13, 1 << 19),
-    8: Effort(3, 2000, 3, 150, 1 << 14, 1 << 20),
-    9: Effort(4, 2000, 4, 150, 1 << 14, 1 << 20),
+    5: Effort(2, 3000, 2, 80, 1 << 12, 1 << 18),
+    6: Effort(2, 3000, 2, 100, 1 << 13, 1 << 19),
+    7: Effort(3, 3000, 3, 100, 1 << 13, 1 << 19),
+    8: Effort(3, 3000, 3, 150, 1 << 14, 1 << 20),
+    9: Effort(4, 3000, 4, 150, 1 << 14, 1 << 20),
 }
 
 
