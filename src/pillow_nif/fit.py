@@ -49,8 +49,9 @@ class Effort:
 # Effort 5, the default, spends what the CPU target allows (a 256x256 image in under a minute on 2 cores):
 # 2 x 1250 steps were +0.20 dB over 2 x 900 (NOTES.md #33), 2 x 2000 another +0.13 / +0.29 / +0.28 dB at
 # 0.3 / 0.6 / 1.0 bpp on 8 crops for 1.6x the fitting time (NOTES.md #62), and 2 x 3000 another +0.19 /
-# +0.10 / +0.27 dB for 1.5x (NOTES.md #69). More steps of 4k pixels beat fewer of 8k (#62), so from effort
-# 5 up every stage has 3000 steps and the levels add pixels per step and stages.
+# +0.10 / +0.28 dB for 1.5x (NOTES.md #69; +0.12 / +0.13 / +0.20 on all 24 crops). More steps of 4k pixels
+# beat fewer of 8k (#62), so from effort 5 up every stage has 3000 steps and the levels add pixels per step
+# and stages.
 EFFORTS = {
     1: Effort(1, 300, 1, 40, 1 << 12, 1 << 18),
     2: Effort(1, 500, 1, 60, 1 << 12, 1 << 18),
