@@ -180,7 +180,6 @@ def test_quantisation_aware_tuning_keeps_a_state_no_worse_than_untuned():
     assert len(fit.recode(f.model, plan, codings)) <= plan.budget
 
 
-
 @pytest.mark.parametrize("jolt", sorted(JOLTS))
 def test_a_blown_up_stage_goes_back_to_its_best_weights(jolt):
     # kodim03's 256x256 crop at 1.0 bpp left the basin half-way through a stage and came out as a flat
