@@ -269,14 +269,12 @@ class BatchFitter(fit.Fitter):
         self.count, self.channels = len(targets), targets[0].shape[2]
         self.model = StackedNIF([self.model] * self.count, use_fused).to(device)
 
-    def objective(self, pred, target):
-        with torch.no_grad():  # for the collapse guard, which watches each image on its own
-            terms = fit.log_cosh_terms(pred - target)
-            self.per_image = terms.reshape(-1, self.count, self.channels).mean((0, 2))
-        return self.count * super().objective(pred, target)
+    def loss(self, ys, xs, target, weights=None):
+        return self.count * super().loss(ys, xs, target, weights)
 
     def image_losses(self, loss):
-        return self.per_image
+        """Each image's share of the step's loss, so the collapse guard watches each image on its own."""
+        return self.terms.reshape(-1, self.count, self.channels).mean((0, 2))
 
     def mse(self, weights=None) -> np.ndarray:
         """Per-image full-image MSE in network units."""

@@ -206,10 +206,6 @@ def log_cosh_terms(x):
     return x + F.softplus(-2 * x) - math.log(2)
 
 
-def log_cosh(x):
-    return log_cosh_terms(x).mean()
-
-
 def _gaussian_band(n: int, size: int, device, dtype):
     """(n - size + 1, n) matrix applying a valid 1-D Gaussian window (sigma 1.5) along an axis."""
     import torch
@@ -285,10 +281,10 @@ class Fitter:
         return (*self.axes(range(py, self.h, s), range(px, self.w, s)), self.target[py::s, px::s])
 
     def loss(self, ys, xs, target, weights=None):
-        return self.objective(self.model(ys, xs, weights), target)
-
-    def objective(self, pred, target):
-        loss = log_cosh(pred - target)
+        pred = self.model(ys, xs, weights)
+        terms = log_cosh_terms(pred - target)
+        self.terms = terms.detach()  # the step's per-pixel losses, for image_losses
+        loss = terms.mean()
         if self.cfg.ssim_weight and min(target.shape[:2]) >= 7:
             loss = loss + self.cfg.ssim_weight * (1 - ssim(pred, target))
         return loss
