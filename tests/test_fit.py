@@ -148,6 +148,36 @@ def test_plain_networks_train_at_their_own_rate_and_warm_up():
     assert cfg.plain_lr < cfg.lr and cfg.plain_warmup > cfg.warmup
 
 
+def test_fitting_stages_hold_the_peak_rate_before_decaying_and_tuning_decays_at_once(monkeypatch):
+    """The rates the optimiser is given (NOTES.md #78): warm-up, peak held to cfg.lr_hold, cosine to the floor."""
+    import torch
+
+    from pillow_nif import fit
+
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    cfg = FitConfig()
+    f = fit.Fitter(np.zeros((16, 16, 3)), choose_architecture(16, 16, 3, 600, cfg), "cpu", fit.EFFORTS[1], cfg, 0)
+    f.run_stage(200, 1e-3, lambda n: None)
+    fitting = seen[:]
+    seen.clear()
+    f.run_stage(200, 1e-3, lambda n: None, weights_fn=lambda: dict(f.model.named_tensors()))
+    warm, hold = int(200 * f.warmup), int(200 * cfg.lr_hold)
+    assert 0 < warm < hold < 200
+    assert fitting[:warm] == sorted(fitting[:warm]) and fitting[0] < 1e-4
+    assert fitting[warm - 1 : hold] == [1e-3] * (hold - warm + 1)
+    assert fitting[hold:] == sorted(fitting[hold:], reverse=True)
+    assert fitting[-1] == pytest.approx(1e-3 * cfg.lr_floor, rel=0.01)
+    assert seen[:warm] == fitting[:warm] and seen[warm + 1] < fitting[warm + 1]  # tuning: no plateau
+    assert seen[-1] == pytest.approx(fitting[-1], rel=0.01)
+
+
 def test_training_steps_clip_the_gradient_norm():
     import torch
 
