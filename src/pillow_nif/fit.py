@@ -1,7 +1,7 @@
 """Encoding: fit a NIF network to an image, quantise, entropy code, and honour the bit budget.
 
-The recipe follows NIF: AdamW in stages with warm-restarted cosine schedules and a partial weight
-restart (perturbation) between stages, a log-cosh loss (NIF's small SSIM term is optional), then
+The recipe follows NIF: AdamW in stages, each warming its rate up, holding it, then a cosine decay, with a
+partial weight restart (perturbation) between stages, a log-cosh loss (NIF's small SSIM term is optional), then
 quantisation-aware tuning. The architecture follows from the budget; per-tensor quantisation steps
 are allocated by measured distortion per bit, and one global factor on them lands the *whole file*
 just under ``bpp * width * height`` bits.
