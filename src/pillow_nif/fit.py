@@ -107,6 +107,9 @@ class FitConfig:
     pe_scale: float = 1.4
     omega: float = 45.0  # sine factor of genesis and modulation layers: 45 beat 30 by 0.2-0.4 dB, 60 lost
     mod_sigma: float = 10.0
+    # The fitting stages of modulated networks train the genesis hidden and output matrices with Muon (optim.py), the
+    # rest with AdamW: +0.15 / +0.10 dB at 0.6 / 1.0 bpp on 8 crops (benchmarks/NOTES.md #84). False: AdamW for all.
+    muon: bool = True
     # Per-tensor steps by measured distortion (allocate_steps) instead of one factor times each
     # tensor's rms: +0.18 dB on 4 crops at 0.6/1.0 bpp (benchmarks/NOTES.md #17).
     rd_steps: bool = True
@@ -300,11 +303,9 @@ class Fitter:
         return copy.deepcopy(self.model.state_dict())
 
     def run_stage(self, iters: int, lr: float, tick: Callable[[int], None], weights_fn=None):
-        torch = self.torch
         params = list(self.model.parameters())
         decay = self.cfg.weight_decay if weights_fn is None else 0.0
-        # fused: one kernel for all parameters instead of several per tensor (5 % of a CPU step)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=True)
+        opt = self.optimizer(lr, decay, tuning=weights_fn is not None)
         hold = self.cfg.lr_hold if weights_fn is None else 0.0
         guard = CollapseGuard(params, opt)
         for it in range(iters):
@@ -319,6 +320,25 @@ class Fitter:
             guard.step(self.image_losses(loss))  # before the update: these weights are the ones just measured
             opt.step()
             tick(1)
+
+    def optimizer(self, lr: float, decay: float, tuning: bool):
+        """Fitting stages of modulated networks: Muon on the genesis matrices after the input layer, AdamW on the
+        rest (cfg.muon). Plain (small) networks and quantisation-aware tuning: AdamW. Muon fitted the plain networks
+        of 0.3 bpp better too (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation cost 2.6 dB
+        instead of 0.8; benchmarks/NOTES.md #84); the tuning's few tiny steps only nudge weights across rounding
+        boundaries."""
+        torch = self.torch
+        params = list(self.model.parameters())
+        # fused: one kernel for all parameters instead of several per tensor (5 % of a CPU step)
+        if tuning or not self.cfg.muon or not self.model.arch.mod_widths:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=True)
+        from .optim import Chain, Muon
+
+        names = {f"genesis.{i}.weight" for i in range(1, len(self.model.arch.widths) + 1)}
+        matrices = {id(t) for n, t in self.model.named_tensors() if n in names}
+        return Chain(Muon([p for p in params if id(p) in matrices], lr=lr, weight_decay=decay),
+                     torch.optim.AdamW([p for p in params if id(p) not in matrices], lr=lr, weight_decay=decay,
+                                       fused=True))
 
     def image_losses(self, loss):
         """The step's loss per image (one here; BatchFitter has one per image of the stack)."""

@@ -1,0 +1,105 @@
+"""The fitting optimiser (optim.py): Muon on the genesis matrices after the input layer, AdamW on the rest."""
+
+import numpy as np
+import pytest
+import torch
+
+from pillow_nif import fit
+from pillow_nif.fit import FitConfig, choose_architecture
+from pillow_nif.optim import Chain, Muon, orthogonalise
+
+
+@pytest.mark.parametrize("shape", [(18, 70), (70, 32), (3, 25, 99), (2, 1, 16)])
+def test_orthogonalise_flattens_the_spectrum_of_every_matrix_of_a_stack(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    g[..., 0, :] *= 100  # one dominant direction, as a gradient has: the update must not be dominated by it
+    o = orthogonalise(g)
+    assert o.shape == g.shape
+    s = torch.linalg.svdvals(o)
+    assert s.min() > 0.5 and s.max() < 1.5
+    if g.dim() == 3:  # each matrix of the stack as if alone
+        for i in range(g.shape[0]):
+            torch.testing.assert_close(o[i], orthogonalise(g[i]), rtol=1e-5, atol=1e-6)
+
+
+def _run(opt_params, grads, make):
+    opt = make(opt_params)
+    for g in grads:
+        for p, gp in zip(opt_params, g):
+            p.grad = gp.clone()
+        opt.step()
+    return [p.detach() for p in opt_params]
+
+
+def test_muon_follows_torch_muon_and_gives_each_stacked_matrix_its_own_update():
+    gen = torch.Generator().manual_seed(1)
+    w0 = torch.randn(2, 24, 40, generator=gen) * 0.1
+    grads = [torch.randn(2, 24, 40, generator=gen) * 10 ** -k for k in range(1, 5)]  # shrinking, as when converging
+    kw = dict(lr=3e-3, weight_decay=0.01)
+    stacked = _run([torch.nn.Parameter(w0.clone())], [[g] for g in grads], lambda ps: Muon(ps, **kw))[0]
+    for i in range(2):
+        alone = _run([torch.nn.Parameter(w0[i].clone())], [[g[i]] for g in grads], lambda ps: Muon(ps, **kw))[0]
+        torch.testing.assert_close(stacked[i], alone, rtol=1e-5, atol=1e-7)
+        # torch's own Muon (2-D only, orthogonalising in bfloat16): the same update up to its rounding
+        ref = _run([torch.nn.Parameter(w0[i].clone())], [[g[i]] for g in grads],
+                   lambda ps: torch.optim.Muon(ps, adjust_lr_fn="match_rms_adamw", **kw))[0]
+        moved = (ref - w0[i]).norm()
+        assert moved > 0 and (alone - ref).norm() < 0.05 * moved
+
+
+def test_muon_refuses_vectors():
+    with pytest.raises(ValueError, match="matrices"):
+        Muon([torch.nn.Parameter(torch.zeros(5))])
+
+
+def _groups(opt):
+    muon = [p for o in opt.optimizers if isinstance(o, Muon) for g in o.param_groups for p in g["params"]]
+    adamw = [p for o in opt.optimizers if isinstance(o, torch.optim.AdamW) for g in o.param_groups for p in g["params"]]
+    return {id(p) for p in muon}, {id(p) for p in adamw}
+
+
+def test_fitting_trains_the_matrices_after_the_input_layer_with_muon_and_tuning_uses_adamw():
+    from pillow_nif.batch import BatchFitter
+
+    cfg = FitConfig()
+    arch = choose_architecture(64, 64, 3, 8000, cfg)  # modulated, four sine layers
+    target = np.zeros((16, 16, 3))
+    for f in (fit.Fitter(target, arch, "cpu", fit.EFFORTS[1], cfg, 0),
+              BatchFitter([target, target], arch, "cpu", fit.EFFORTS[1], cfg, 0)):
+        named = f.model.named_tensors()
+        expected = {id(t) for n, t in named if n.startswith("genesis.") and n.endswith(".weight") and n != "genesis.0.weight"}
+        opt = f.optimizer(1e-3, 0.0, tuning=False)
+        assert isinstance(opt, Chain)
+        muon, adamw = _groups(opt)
+        assert muon == expected and len(expected) == len(arch.widths) == 4
+        assert adamw == {id(t) for _, t in named} - expected
+        assert isinstance(f.optimizer(1e-3, 0.0, tuning=True), torch.optim.AdamW)
+    assert isinstance(fit.Fitter(target, arch, "cpu", fit.EFFORTS[1], FitConfig(muon=False), 0)
+                      .optimizer(1e-3, 0.0, tuning=False), torch.optim.AdamW)
+
+
+def test_plain_networks_fit_with_adamw():
+    # Muon fitted the unmodulated networks of 0.3 bpp better, but their files came out worse (NOTES.md #84)
+    cfg = FitConfig()
+    arch = choose_architecture(64, 64, 3, 3000, cfg)
+    assert not arch.mod_widths
+    f = fit.Fitter(np.zeros((16, 16, 3)), arch, "cpu", fit.EFFORTS[1], cfg, 0)
+    assert isinstance(f.optimizer(1e-3, 0.0, tuning=False), torch.optim.AdamW)
+
+
+def test_collapse_guard_sees_the_state_of_both_optimisers():
+    # The guard saves and restores every per-element optimiser state it finds through opt.state, so Chain
+    # must expose Muon's momentum and AdamW's moments alike (and not create empty entries looking them up).
+    cfg = FitConfig()
+    f = fit.Fitter(np.zeros((16, 16, 3)), choose_architecture(64, 64, 3, 8000, cfg), "cpu", fit.EFFORTS[1], cfg, 0)
+    params = list(f.model.parameters())
+    opt = f.optimizer(1e-3, 0.0, tuning=False)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = fit.CollapseGuard(params, opt).tensors()[len(params):]
+    state = [t for o in opt.optimizers for s in o.state.values() for t in s.values() if t.dim()]
+    # Muon keeps one tensor per matrix (its momentum), AdamW two per parameter (exp_avg, exp_avg_sq)
+    assert len(state) == len(saved) == 2 * len(params) - len(f.model.arch.widths)
+    assert all(any(t is u for u in saved) for t in state)
+    assert all(len(o.state) == sum(len(g["params"]) for g in o.param_groups) for o in opt.optimizers)
