@@ -7,7 +7,7 @@
 Sections (each can be skipped with --skip NAME,NAME):
   kodak:    one whole call per target (--bpp, default 0.3 and 1.0): pillow_nif.encode of a Kodak image (768x512)
             at --effort on --device, the file written to disk; bytes, bpp and PSNR of the decoded file.
-  step:     time of one training step (sample, forward, loss, backward, AdamW) on that image's network for the
+  step:     time of one training step (sample, forward, loss, backward, optimiser) on that image's network for the
             largest --bpp: model.NIF in torch, the batch encoder's StackedNIF (B=1) in torch, and StackedNIF with
             the fused Triton sine layer (CUDA only; skipped without it). Best of 3 interleaved runs of --steps
             steps each, after warm-up.

@@ -3,8 +3,8 @@
 Images that get the same architecture and size (hence the same sampling stride and step shape) form a
 group. A group's B networks live in one `StackedNIF`, every parameter a (B, ...) tensor, and train
 together: one forward of batched matmuls per step, one loss (the sum of the per-image losses, so each
-image's gradient is exactly its own), one AdamW over the stacked tensors. Adam's state is per element,
-so the B fits are independent; what is shared is the per-step overhead (Python, dispatch, optimizer),
+image's gradient is exactly its own), one optimiser over the stacked tensors. Adam's state is per element
+and Muon orthogonalises each image's matrix of a (B, out, in) stack on its own, so the B fits are independent; what is shared is the per-step overhead (Python, dispatch, optimizer),
 which dominates small networks on a CPU and launches on a GPU.
 
 Each image follows the one-at-a-time recipe of fit.py with the same seed: the same initial weights,

@@ -1,8 +1,9 @@
 """Encoding: fit a NIF network to an image, quantise, entropy code, and honour the bit budget.
 
-The recipe follows NIF: AdamW in stages, each warming its rate up, holding it, then a cosine decay, with a
+The recipe follows NIF: training in stages, each warming its rate up, holding it, then a cosine decay, with a
 partial weight restart (perturbation) between stages, a log-cosh loss (NIF's small SSIM term is optional), then
-quantisation-aware tuning. The architecture follows from the budget; per-tensor quantisation steps
+quantisation-aware tuning. AdamW trains every parameter, except that Muon (optim.py) trains the hidden and
+output matrices of modulated networks while they are fitted. The architecture follows from the budget; per-tensor quantisation steps
 are allocated by measured distortion per bit, and one global factor on them lands the *whole file*
 just under ``bpp * width * height`` bits.
 """
