@@ -4,8 +4,9 @@ Images that get the same architecture and size (hence the same sampling stride a
 group. A group's B networks live in one `StackedNIF`, every parameter a (B, ...) tensor, and train
 together: one forward of batched matmuls per step, one loss (the sum of the per-image losses, so each
 image's gradient is exactly its own), one optimiser over the stacked tensors. Adam's state is per element
-and Muon orthogonalises each image's matrix of a (B, out, in) stack on its own, so the B fits are independent; what is shared is the per-step overhead (Python, dispatch, optimizer),
-which dominates small networks on a CPU and launches on a GPU.
+and Muon orthogonalises each image's matrix of a (B, out, in) stack on its own, so the B fits are
+independent; what is shared is the per-step overhead (Python, dispatch, optimizer), which dominates
+small networks on a CPU and launches on a GPU.
 
 Each image follows the one-at-a-time recipe of fit.py with the same seed: the same initial weights,
 the same strided-subgrid phases, the same restart noise (scaled by its own weights), its own best-state

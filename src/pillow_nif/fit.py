@@ -3,8 +3,8 @@
 The recipe follows NIF: training in stages, each warming its rate up, holding it, then a cosine decay, with a
 partial weight restart (perturbation) between stages, a log-cosh loss (NIF's small SSIM term is optional), then
 quantisation-aware tuning. AdamW trains every parameter, except that Muon (optim.py) trains the hidden and
-output matrices of modulated networks while they are fitted. The architecture follows from the budget; per-tensor quantisation steps
-are allocated by measured distortion per bit, and one global factor on them lands the *whole file*
+output matrices of modulated networks while they are fitted. The architecture follows from the budget;
+per-tensor quantisation steps are allocated by measured distortion per bit, and one global factor on them lands the *whole file*
 just under ``bpp * width * height`` bits.
 """
 
@@ -328,18 +328,16 @@ class Fitter:
         of 0.3 bpp better too (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation cost 2.6 dB
         instead of 0.8; benchmarks/NOTES.md #84); the tuning's few tiny steps only nudge weights across rounding
         boundaries."""
-        torch = self.torch
-        params = list(self.model.parameters())
         # fused: one kernel for all parameters instead of several per tensor (5 % of a CPU step)
+        adamw = lambda ps: self.torch.optim.AdamW(ps, lr=lr, weight_decay=decay, fused=True)  # noqa: E731
         if tuning or not self.cfg.muon or not self.model.arch.mod_widths:
-            return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=True)
+            return adamw(list(self.model.parameters()))
         from .optim import Chain, Muon
 
         names = {f"genesis.{i}.weight" for i in range(1, len(self.model.arch.widths) + 1)}
-        matrices = {id(t) for n, t in self.model.named_tensors() if n in names}
-        return Chain(Muon([p for p in params if id(p) in matrices], lr=lr, weight_decay=decay),
-                     torch.optim.AdamW([p for p in params if id(p) not in matrices], lr=lr, weight_decay=decay,
-                                       fused=True))
+        tensors = self.model.named_tensors()  # every parameter, by name
+        return Chain(Muon([t for n, t in tensors if n in names], lr=lr, weight_decay=decay),
+                     adamw([t for n, t in tensors if n not in names]))
 
     def image_losses(self, loss):
         """The step's loss per image (one here; BatchFitter has one per image of the stack)."""

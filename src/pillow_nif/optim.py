@@ -4,8 +4,8 @@ Muon (K. Jordan et al. 2024; "Muon is Scalable for LLM Training", Liu et al. 202
 matrix's momentum by its nearest semi-orthogonal matrix (a few Newton-Schulz iterations), so that every
 direction of the layer's update moves at the same rate instead of the few that dominate the gradient.
 The sine layers' units are strongly correlated, and Adam's per-weight scaling does not see that.
-Measured on 8 Kodak crops at 0.6 / 1.0 bpp against AdamW everywhere (benchmarks/NOTES.md #84): +0.17 /
-+0.18 dB, all 16 points up. The input layer stays on AdamW: a preconditioned input layer grows heavy-tailed
+Measured against AdamW everywhere (benchmarks/NOTES.md #84): +0.15 / +0.10 dB at 0.6 / 1.0 bpp on all 24
+Kodak 256x256 crops (torch's own Muon: +0.17 on 8 of them). The input layer stays on AdamW: a preconditioned input layer grows heavy-tailed
 weights that quantise badly (SOAP there lost 0.42 dB in the coded file while fitting 0.32 dB better, #76).
 
 torch ships torch.optim.Muon, and this follows its update exactly (EMA momentum with a Nesterov blend, the
