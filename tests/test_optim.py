@@ -68,9 +68,11 @@ def test_fitting_trains_the_matrices_after_the_input_layer_with_muon_and_tuning_
               BatchFitter([target, target], arch, "cpu", fit.EFFORTS[1], cfg, 0)):
         named = f.model.named_tensors()
         expected = {id(t) for n, t in named if n.startswith("genesis.") and n.endswith(".weight") and n != "genesis.0.weight"}
-        opt = f.optimizer(1e-3, 0.0, tuning=False)
+        opt = f.optimizer(1e-3, 1e-4, tuning=False)
         assert isinstance(opt, Chain)
         muon, adamw = _groups(opt)
+        # Muon's matrices decay at their own rate (their weights grow under fixed-size updates), the rest as asked
+        assert [g["weight_decay"] for o in opt.optimizers for g in o.param_groups] == [cfg.muon_decay, 1e-4]
         assert muon == expected and len(expected) == len(arch.widths) == 4
         assert adamw == {id(t) for _, t in named} - expected
         assert isinstance(f.optimizer(1e-3, 0.0, tuning=True), torch.optim.AdamW)

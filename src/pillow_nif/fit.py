@@ -111,6 +111,12 @@ class FitConfig:
     # The fitting stages of modulated networks train the genesis hidden and output matrices with Muon (optim.py), the
     # rest with AdamW: +0.15 / +0.10 dB at 0.6 / 1.0 bpp on 8 crops (benchmarks/NOTES.md #84). False: AdamW for all.
     muon: bool = True
+    # Decoupled weight decay of the Muon matrices (p <- p (1 - lr decay) a step). Muon's updates have a fixed size
+    # whatever the gradient, so without decay the weights keep growing, and a larger weight turns the same relative
+    # rounding error into a larger phase error of the sine. On 8 crops at 0.6 / 1.0 bpp, 1.0 fitted 0.12 / 0.07 dB
+    # worse but cut the quantisation cost by 0.19 / 0.27 dB: +0.07 / +0.20 dB in the files (0.1: +0.03 / +0.11;
+    # 0.3: +0.07 / +0.13; 3.0 starves the fit: -0.44 / +0.00; benchmarks/NOTES.md #85).
+    muon_decay: float = 1.0
     # Per-tensor steps by measured distortion (allocate_steps) instead of one factor times each
     # tensor's rms: +0.18 dB on 4 crops at 0.6/1.0 bpp (benchmarks/NOTES.md #17).
     rd_steps: bool = True
@@ -336,7 +342,7 @@ class Fitter:
 
         names = {f"genesis.{i}.weight" for i in range(1, len(self.model.arch.widths) + 1)}
         tensors = self.model.named_tensors()  # every parameter, by name
-        return Chain(Muon([t for n, t in tensors if n in names], lr=lr, weight_decay=decay),
+        return Chain(Muon([t for n, t in tensors if n in names], lr=lr, weight_decay=self.cfg.muon_decay),
                      adamw([t for n, t in tensors if n not in names]))
 
     def image_losses(self, loss):
