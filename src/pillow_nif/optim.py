@@ -5,8 +5,12 @@ matrix's momentum by its nearest semi-orthogonal matrix (a few Newton-Schulz ite
 direction of the layer's update moves at the same rate instead of the few that dominate the gradient.
 The sine layers' units are strongly correlated, and Adam's per-weight scaling does not see that.
 Measured against AdamW everywhere (benchmarks/NOTES.md #84): +0.15 / +0.10 dB at 0.6 / 1.0 bpp on all 24
-Kodak 256x256 crops (torch's own Muon: +0.17 on 8 of them). The input layer stays on AdamW: a preconditioned input layer grows heavy-tailed
-weights that quantise badly (SOAP there lost 0.42 dB in the coded file while fitting 0.32 dB better, #76).
+Kodak 256x256 crops (torch's own Muon: +0.17 on 8 of them). The input layer stays on AdamW: a preconditioned
+input layer grows heavy-tailed weights that quantise badly (SOAP there lost 0.42 dB in the coded file while
+fitting 0.32 dB better, #76).
+The fit gives the Muon matrices a strong decoupled weight decay (FitConfig.muon_decay): fixed-size updates
+grow the weights, and smaller weights quantise with smaller phase errors (+0.07 / +0.19 dB more on the 24
+crops, #85).
 
 torch ships torch.optim.Muon, and this follows its update exactly (EMA momentum with a Nesterov blend, the
 quintic Newton-Schulz iteration and its coefficients, the update scaled to AdamW's RMS, decoupled weight
