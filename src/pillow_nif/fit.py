@@ -329,8 +329,8 @@ class Fitter:
             tick(1)
 
     def optimizer(self, lr: float, decay: float, tuning: bool):
-        """Fitting stages of modulated networks: Muon on the genesis matrices after the input layer, AdamW on the
-        rest (cfg.muon). Plain (small) networks and quantisation-aware tuning: AdamW. Muon fitted the plain networks
+        """Fitting stages of modulated networks: Muon on the genesis matrices after the input layer, with its own
+        weight decay (cfg.muon_decay; `decay` is the AdamW tensors'), AdamW on the rest (cfg.muon). Plain (small) networks and quantisation-aware tuning: AdamW. Muon fitted the plain networks
         of 0.3 bpp better too (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation cost 2.6 dB
         instead of 0.8; benchmarks/NOTES.md #84); the tuning's few tiny steps only nudge weights across rounding
         boundaries."""
