@@ -11,9 +11,10 @@ small networks on a CPU and launches on a GPU.
 Each image follows the one-at-a-time recipe of fit.py with the same seed: the same initial weights,
 the same strided-subgrid phases, the same restart noise (scaled by its own weights), its own best-state
 tracking across restart stages; rate control per image; quantisation-aware tuning for the group at
-once, each image at its own quantisation steps; then each image's file. Files are in encode_image's format with its header, within the same budget, and within
-~0.1 dB of its PSNR (measured); not bit-identical (the stacked network scales by omega inside the
-matmuls, and batched matmuls may round differently), but deterministic for a seed.
+once, each image at its own quantisation steps; then each image's file. Files are in encode_image's format
+with its header, within the same budget, and within ~0.1 dB of its PSNR (measured); not bit-identical (the
+stacked network scales by omega inside the matmuls, and batched matmuls may round differently), but
+deterministic for a seed.
 
 Measured (benchmarks/encode_speed.py, 2-core CPU, OMP_NUM_THREADS=1, effort 1, 4 Kodak crops at 0.6 bpp):
 a training step of 4 networks took 9.1 ms as hand-written batched matmuls, 10.4 ms with torch.func.vmap

@@ -67,7 +67,8 @@ def _encode(args) -> int:
     check_options(args.bpp, args.quality, args.effort, args.device, args.seed)
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        jobs = [(src, os.path.join(args.out_dir, os.path.splitext(os.path.basename(src))[0] + ".nif")) for src in args.inputs]
+        stem = lambda src: os.path.splitext(os.path.basename(src))[0]  # noqa: E731
+        jobs = [(src, os.path.join(args.out_dir, stem(src) + ".nif")) for src in args.inputs]
     elif len(args.inputs) == 2:
         jobs = [tuple(args.inputs)]
     else:

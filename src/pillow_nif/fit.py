@@ -4,8 +4,8 @@ The recipe follows NIF: training in stages, each warming its rate up, holding it
 partial weight restart (perturbation) between stages, a log-cosh loss (NIF's small SSIM term is optional), then
 quantisation-aware tuning. AdamW trains every parameter, except that Muon (optim.py) trains the hidden and
 output matrices of modulated networks while they are fitted. The architecture follows from the budget;
-per-tensor quantisation steps are allocated by measured distortion per bit, and one global factor on them lands the *whole file*
-just under ``bpp * width * height`` bits.
+per-tensor quantisation steps are allocated by measured distortion per bit, and one global factor on them lands
+the *whole file* just under ``bpp * width * height`` bits.
 """
 
 from __future__ import annotations
@@ -329,11 +329,11 @@ class Fitter:
             tick(1)
 
     def optimizer(self, lr: float, decay: float, tuning: bool):
-        """Fitting stages of modulated networks: Muon on the genesis matrices after the input layer, with its own
-        weight decay (cfg.muon_decay; `decay` is the AdamW tensors'), AdamW on the rest (cfg.muon). Plain (small) networks and quantisation-aware tuning: AdamW. Muon fitted the plain networks
-        of 0.3 bpp better too (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation cost 2.6 dB
-        instead of 0.8; benchmarks/NOTES.md #84); the tuning's few tiny steps only nudge weights across rounding
-        boundaries."""
+        """Fitting stages of modulated networks: Muon on the genesis matrices after the input layer, with its own weight
+        decay (cfg.muon_decay; `decay` is the AdamW tensors'), AdamW on the rest (cfg.muon). Plain (small) networks and
+        quantisation-aware tuning: AdamW. Muon fitted the plain networks of 0.3 bpp better too (+0.08 dB) but their
+        files came out 0.40 dB worse (kodim20: quantisation cost 2.6 dB instead of 0.8; benchmarks/NOTES.md #84); the
+        tuning's few tiny steps only nudge weights across rounding boundaries."""
         # fused: one kernel for all parameters instead of several per tensor (5 % of a CPU step)
         adamw = lambda ps: self.torch.optim.AdamW(ps, lr=lr, weight_decay=decay, fused=True)  # noqa: E731
         if tuning or not self.cfg.muon or not self.model.arch.mod_widths:
@@ -499,7 +499,9 @@ def _rms(t: np.ndarray) -> float:
     return float(np.sqrt(np.mean(t * t))) if t.size else 0.0
 
 
-def _codings_for(tensors: list[np.ndarray], factor: float, scales=None) -> tuple[list[TensorCoding], list[np.ndarray], float]:
+def _codings_for(
+    tensors: list[np.ndarray], factor: float, scales=None
+) -> tuple[list[TensorCoding], list[np.ndarray], float]:
     """Quantise tensor t with step = factor * scales[t] (default: its rms); return codings, symbols, estimated bits."""
     codings, syms, bits = [], [], 0.0
     for i, t in enumerate(tensors):
@@ -537,7 +539,9 @@ def _estimate_factor(header: Header, tensors, budget_bytes: int, metadata: dict,
     return math.exp(hi)
 
 
-def rate_control(header: Header, tensors: list[np.ndarray], budget_bytes: int, metadata: dict, scales=None, lo_factor: float = 1e-4):
+def rate_control(
+    header: Header, tensors: list[np.ndarray], budget_bytes: int, metadata: dict, scales=None, lo_factor: float = 1e-4
+):
     """Smallest step factor whose file fits `budget_bytes`; returns (factor, bytes, codings, symbols)."""
     factor = _estimate_factor(header, tensors, budget_bytes, metadata, scales, lo_factor)
 

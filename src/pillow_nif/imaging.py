@@ -8,7 +8,8 @@ import numpy as np
 NATIVE_MODES = ("L", "LA", "RGB", "RGBA", "I;16")
 # Converted explicitly (documented): bilevel to grey, palette to RGB(A), premultiplied to straight,
 # the 16-bit byte orders and 32-bit integer grey (when its values fit 16 bits) to I;16.
-_CONVERT = {"1": "L", "La": "LA", "RGBa": "RGBA", "RGBX": "RGB", "PA": "RGBA", "I;16L": "I;16", "I;16B": "I;16", "I;16N": "I;16"}
+_CONVERT = {"1": "L", "La": "LA", "RGBa": "RGBA", "RGBX": "RGB", "PA": "RGBA",
+            "I;16L": "I;16", "I;16B": "I;16", "I;16N": "I;16"}
 
 
 def storage_mode(im) -> str:
@@ -24,7 +25,8 @@ def storage_mode(im) -> str:
         lo, hi = im.getextrema()
         if lo >= 0 and hi <= 65535:
             return "I;16"
-    raise OSError(f"cannot write mode {mode} as NIF (supported: {', '.join(NATIVE_MODES)}, and 1, P, PA, La, RGBa, I in 0..65535)")
+    supported = ", ".join(NATIVE_MODES)
+    raise OSError(f"cannot write mode {mode} as NIF (supported: {supported}, and 1, P, PA, La, RGBa, I in 0..65535)")
 
 
 def prepare_image(im) -> tuple[np.ndarray, str, int]:
