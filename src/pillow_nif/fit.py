@@ -117,6 +117,13 @@ class FitConfig:
     # worse but cut the quantisation cost by 0.19 / 0.27 dB: +0.07 / +0.20 dB in the files (0.1: +0.03 / +0.11;
     # 0.3: +0.07 / +0.13; 3.0 starves the fit: -0.44 / +0.00; benchmarks/NOTES.md #85).
     muon_decay: float = 1.0
+    # Decoupled decays of the other weight matrices of modulated networks (AdamW): the genesis input layer's, and the
+    # modulation network's. On 8 crops at 0.6 / 1.0 bpp, against 1e-4: the input layer alone at 1.0, +0.19 / +0.09 dB
+    # (0.1: +0.12 / +0.07; 3.0: +0.06 / -0.20); with the modulation at 1.0 too, +0.42 / +0.26, and at 3.0, +0.46 /
+    # +0.26 dB, fitting better as well (benchmarks/NOTES.md #87). The decayed modulation varies the period less
+    # over the image, which costs fewer bits and less phase error.
+    input_decay: float = 1.0
+    modulation_decay: float = 3.0
     # Per-tensor steps by measured distortion (allocate_steps) instead of one factor times each
     # tensor's rms: +0.18 dB on 4 crops at 0.6/1.0 bpp (benchmarks/NOTES.md #17).
     rd_steps: bool = True
@@ -329,21 +336,34 @@ class Fitter:
             tick(1)
 
     def optimizer(self, lr: float, decay: float, tuning: bool):
-        """Fitting stages of modulated networks: Muon on the genesis matrices after the input layer, with its own weight
-        decay (cfg.muon_decay; `decay` is the AdamW tensors'), AdamW on the rest (cfg.muon). Plain (small) networks and
-        quantisation-aware tuning: AdamW. Muon fitted the plain networks of 0.3 bpp better too (+0.08 dB) but their
-        files came out 0.40 dB worse (kodim20: quantisation cost 2.6 dB instead of 0.8; benchmarks/NOTES.md #84); the
-        tuning's few tiny steps only nudge weights across rounding boundaries."""
+        """Fitting stages: the weight matrices decay strongly, since smaller weights quantise with smaller phase
+        errors. In modulated networks Muon trains the genesis matrices after the input layer (cfg.muon) at
+        cfg.muon_decay; AdamW trains the rest: the input layer's weight at cfg.input_decay, the modulation's at
+        cfg.modulation_decay, the biases at `decay`. Plain (small) networks train with AdamW alone, the input layer
+        at cfg.input_decay: Muon fitted the plain networks of 0.3 bpp better (+0.08 dB) but their files came out
+        0.40 dB worse (kodim20: quantisation cost 2.6 dB instead of 0.8; benchmarks/NOTES.md #84). Quantisation-
+        aware tuning: AdamW at `decay`; its few tiny steps only nudge weights across rounding boundaries."""
         # fused: one kernel for all parameters instead of several per tensor (5 % of a CPU step)
-        adamw = lambda ps: self.torch.optim.AdamW(ps, lr=lr, weight_decay=decay, fused=True)  # noqa: E731
-        if tuning or not self.cfg.muon or not self.model.arch.mod_widths:
+        adamw = lambda groups: self.torch.optim.AdamW(groups, lr=lr, weight_decay=decay, fused=True)  # noqa: E731
+        if tuning:
             return adamw(list(self.model.parameters()))
+        tensors = self.model.named_tensors()  # every parameter, by name
+        muon = set()
+        if self.model.arch.mod_widths and self.cfg.muon:
+            muon = {f"genesis.{i}.weight" for i in range(1, len(self.model.arch.widths) + 1)}
+        own = {"genesis.0.weight": self.cfg.input_decay}
+        own.update((n, self.cfg.modulation_decay) for n, _ in tensors
+                   if n.startswith("modulation.") and n.endswith(".weight"))
+        groups: dict[float, list] = {}  # decay -> its tensors, in the model's order
+        for n, t in tensors:
+            if n not in muon:
+                groups.setdefault(own.get(n, decay), []).append(t)
+        rest = adamw([{"params": ps, "weight_decay": d} for d, ps in groups.items()])
+        if not muon:
+            return rest
         from .optim import Chain, Muon
 
-        names = {f"genesis.{i}.weight" for i in range(1, len(self.model.arch.widths) + 1)}
-        tensors = self.model.named_tensors()  # every parameter, by name
-        return Chain(Muon([t for n, t in tensors if n in names], lr=lr, weight_decay=self.cfg.muon_decay),
-                     adamw([t for n, t in tensors if n not in names]))
+        return Chain(Muon([t for n, t in tensors if n in muon], lr=lr, weight_decay=self.cfg.muon_decay), rest)
 
     def image_losses(self, loss):
         """The step's loss per image (one here; BatchFitter has one per image of the stack)."""
