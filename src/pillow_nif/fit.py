@@ -117,11 +117,12 @@ class FitConfig:
     # worse but cut the quantisation cost by 0.19 / 0.27 dB: +0.07 / +0.20 dB in the files (0.1: +0.03 / +0.11;
     # 0.3: +0.07 / +0.13; 3.0 starves the fit: -0.44 / +0.00; benchmarks/NOTES.md #85).
     muon_decay: float = 1.0
-    # Decoupled decays of the other weight matrices of modulated networks (AdamW): the genesis input layer's, and the
-    # modulation network's. On 8 crops at 0.6 / 1.0 bpp, against 1e-4: the input layer alone at 1.0, +0.19 / +0.09 dB
-    # (0.1: +0.12 / +0.07; 3.0: +0.06 / -0.20); with the modulation at 1.0 too, +0.42 / +0.26, and at 3.0, +0.46 /
-    # +0.26 dB, fitting better as well (benchmarks/NOTES.md #87). The decayed modulation varies the period less
-    # over the image, which costs fewer bits and less phase error.
+    # Decoupled decays of the weight matrices AdamW trains: the genesis input layer's (plain and modulated networks)
+    # and the modulation network's. On 8 crops, against 1e-4: the input layer alone at 1.0, +0.09 dB at 0.3 bpp and
+    # +0.19 / +0.09 at 0.6 / 1.0 (0.1: +0.12 / +0.07; 3.0: +0.06 / -0.20); with the modulation at 1.0 too, +0.42 /
+    # +0.26, at 3.0 +0.46 / +0.26, fitting better as well (benchmarks/NOTES.md #87). The period and the genesis
+    # weights share one scale; decayed, the fit keeps a larger period (29 instead of 16 on one crop) and smaller
+    # genesis weights.
     input_decay: float = 1.0
     modulation_decay: float = 3.0
     # Per-tensor steps by measured distortion (allocate_steps) instead of one factor times each
