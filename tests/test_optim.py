@@ -64,8 +64,8 @@ def test_fitting_trains_the_matrices_after_the_input_layer_with_muon_and_tuning_
     cfg = FitConfig()
     arch = choose_architecture(64, 64, 3, 8000, cfg)  # modulated, four sine layers
     target = np.zeros((16, 16, 3))
-    for f in (fit.Fitter(target, arch, "cpu", fit.EFFORTS[1], cfg, 0),
-              BatchFitter([target, target], arch, "cpu", fit.EFFORTS[1], cfg, 0)):
+    for f in (fit.Fitter(target, arch, "cpu", fit.EFFORTS[5], cfg, 0),
+              BatchFitter([target, target], arch, "cpu", fit.EFFORTS[5], cfg, 0)):
         named = f.model.named_tensors()
         expected = {id(t) for n, t in named
                     if n.startswith("genesis.") and n.endswith(".weight") and n != "genesis.0.weight"}
@@ -83,7 +83,10 @@ def test_fitting_trains_the_matrices_after_the_input_layer_with_muon_and_tuning_
         assert muon == expected and len(expected) == len(arch.widths) == 4
         assert adamw == {id(t) for _, t in named} - expected
         assert isinstance(f.optimizer(1e-3, 0.0, tuning=True), torch.optim.AdamW)
-    adamw_only = fit.Fitter(target, arch, "cpu", fit.EFFORTS[1], FitConfig(muon=False), 0).optimizer(1e-3, 0.0, False)
+    # short stages (effort 3: 2 x 400 steps) lost with the input and modulation decays: those decay as asked
+    short = fit.Fitter(target, arch, "cpu", fit.EFFORTS[3], cfg, 0).optimizer(1e-3, 1e-4, tuning=False)
+    assert [g["weight_decay"] for o in short.optimizers for g in o.param_groups] == [cfg.muon_decay, 1e-4]
+    adamw_only = fit.Fitter(target, arch, "cpu", fit.EFFORTS[5], FitConfig(muon=False), 0).optimizer(1e-3, 0.0, False)
     assert isinstance(adamw_only, torch.optim.AdamW)
     # without Muon the hidden matrices train with AdamW at the decay asked for; the input layer keeps its own
     decays = sorted(g["weight_decay"] for g in adamw_only.param_groups)

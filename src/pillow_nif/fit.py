@@ -125,6 +125,9 @@ class FitConfig:
     # genesis weights.
     input_decay: float = 1.0
     modulation_decay: float = 3.0
+    # In modulated networks these two need long stages: at effort 3 (2 x 400 steps) they cost 0.29 / 0.91 dB at
+    # 0.6 / 1.0 bpp on the 8 crops (0.3 bpp, plain: +0.12). Shorter stages keep `weight_decay` there.
+    matrix_decay_iters: int = 3000
     # Per-tensor steps by measured distortion (allocate_steps) instead of one factor times each
     # tensor's rms: +0.18 dB on 4 crops at 0.6/1.0 bpp (benchmarks/NOTES.md #17).
     rd_steps: bool = True
@@ -340,7 +343,8 @@ class Fitter:
         """Fitting stages: the weight matrices decay strongly, since smaller weights quantise with smaller phase
         errors. In modulated networks Muon trains the genesis matrices after the input layer (cfg.muon) at
         cfg.muon_decay; AdamW trains the rest: the input layer's weight at cfg.input_decay, the modulation's at
-        cfg.modulation_decay, the biases at `decay`. Plain (small) networks train with AdamW alone, the input layer
+        cfg.modulation_decay (from cfg.matrix_decay_iters steps a stage; shorter stages at `decay`), the biases at
+        `decay`. Plain (small) networks train with AdamW alone, the input layer
         at cfg.input_decay: Muon fitted the plain networks of 0.3 bpp better (+0.08 dB) but their files came out
         0.40 dB worse (kodim20: quantisation cost 2.6 dB instead of 0.8; benchmarks/NOTES.md #84). Quantisation-
         aware tuning: AdamW at `decay`; its few tiny steps only nudge weights across rounding boundaries."""
@@ -355,6 +359,8 @@ class Fitter:
         own = {"genesis.0.weight": self.cfg.input_decay}
         own.update((n, self.cfg.modulation_decay) for n, _ in tensors
                    if n.startswith("modulation.") and n.endswith(".weight"))
+        if self.model.arch.mod_widths and self.effort.iters < self.cfg.matrix_decay_iters:
+            own = {}
         groups: dict[float, list] = {}  # decay -> its tensors, in the model's order
         for n, t in tensors:
             if n not in muon:
