@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 import tempfile
 
@@ -67,8 +68,7 @@ def _encode(args) -> int:
     check_options(args.bpp, args.quality, args.effort, args.device, args.seed)
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        stem = lambda src: os.path.splitext(os.path.basename(src))[0]  # noqa: E731
-        jobs = [(src, os.path.join(args.out_dir, stem(src) + ".nif")) for src in args.inputs]
+        jobs = [(src, os.path.join(args.out_dir, pathlib.Path(src).stem + ".nif")) for src in args.inputs]
     elif len(args.inputs) == 2:
         jobs = [tuple(args.inputs)]
     else:

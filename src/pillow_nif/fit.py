@@ -344,23 +344,24 @@ class Fitter:
         errors. In modulated networks Muon trains the genesis matrices after the input layer (cfg.muon) at
         cfg.muon_decay; AdamW trains the rest: the input layer's weight at cfg.input_decay, the modulation's at
         cfg.modulation_decay (from cfg.matrix_decay_iters steps a stage; shorter stages at `decay`), the biases at
-        `decay`. Plain (small) networks train with AdamW alone, the input layer
-        at cfg.input_decay: Muon fitted the plain networks of 0.3 bpp better (+0.08 dB) but their files came out
-        0.40 dB worse (kodim20: quantisation cost 2.6 dB instead of 0.8; benchmarks/NOTES.md #84). Quantisation-
-        aware tuning: AdamW at `decay`; its few tiny steps only nudge weights across rounding boundaries."""
+        `decay`. Plain (small) networks train with AdamW alone, the input layer at cfg.input_decay: Muon fitted the
+        plain networks of 0.3 bpp better (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation
+        cost 2.6 dB instead of 0.8; benchmarks/NOTES.md #84). Quantisation-aware tuning: AdamW at `decay`; its few
+        tiny steps only nudge weights across rounding boundaries."""
         # fused: one kernel for all parameters instead of several per tensor (5 % of a CPU step)
         adamw = lambda groups: self.torch.optim.AdamW(groups, lr=lr, weight_decay=decay, fused=True)  # noqa: E731
         if tuning:
             return adamw(list(self.model.parameters()))
         tensors = self.model.named_tensors()  # every parameter, by name
+        modulated = bool(self.model.arch.mod_widths)
         muon = set()
-        if self.model.arch.mod_widths and self.cfg.muon:
+        if modulated and self.cfg.muon:
             muon = {f"genesis.{i}.weight" for i in range(1, len(self.model.arch.widths) + 1)}
-        own = {"genesis.0.weight": self.cfg.input_decay}
-        own.update((n, self.cfg.modulation_decay) for n, _ in tensors
-                   if n.startswith("modulation.") and n.endswith(".weight"))
-        if self.model.arch.mod_widths and self.effort.iters < self.cfg.matrix_decay_iters:
-            own = {}
+        own = {}  # the tensors with a decay of their own
+        if not modulated or self.effort.iters >= self.cfg.matrix_decay_iters:
+            own = {n: self.cfg.modulation_decay for n, _ in tensors
+                   if n.startswith("modulation.") and n.endswith(".weight")}
+            own["genesis.0.weight"] = self.cfg.input_decay
         groups: dict[float, list] = {}  # decay -> its tensors, in the model's order
         for n, t in tensors:
             if n not in muon:
