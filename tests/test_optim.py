@@ -94,6 +94,25 @@ def test_fitting_trains_the_matrices_after_the_input_layer_with_muon_and_tuning_
     assert sum(len(g["params"]) for g in adamw_only.param_groups) == len(named)
 
 
+def test_decays_scale_down_where_a_step_samples_less_of_the_image():
+    # The decays were measured with steps of 1/16 of a 256x256 image; at full Kodak size they cost up to 1 dB at
+    # 1.0 bpp, a quarter of them (a step's share there) did not (NOTES.md #92)
+    cfg = FitConfig()
+    arch = choose_architecture(768, 512, 3, 20000, cfg)
+    assert arch.mod_widths
+
+    def own(h, w):
+        f = fit.Fitter(np.zeros((h, w, 3), np.float32), arch, "cpu", fit.EFFORTS[5], cfg, 0)
+        opt = f.optimizer(1e-3, 1e-4, tuning=False)
+        decays = {id(p): g["weight_decay"] for o in opt.optimizers for g in o.param_groups for p in g["params"]}
+        named = dict(f.model.named_tensors())
+        return f.stride, decays[id(named["genesis.0.weight"])], decays[id(named["modulation.0.weight"])]
+
+    assert own(256, 256) == (4, cfg.input_decay, cfg.modulation_decay)
+    assert own(64, 64) == (1, cfg.input_decay, cfg.modulation_decay)  # never above the measured decays
+    assert own(512, 768) == (8, cfg.input_decay / 4, cfg.modulation_decay / 4)
+
+
 def test_plain_networks_fit_with_adamw():
     # Muon fitted the unmodulated networks of 0.3 bpp better, but their files came out worse (NOTES.md #84)
     cfg = FitConfig()

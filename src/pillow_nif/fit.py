@@ -128,6 +128,11 @@ class FitConfig:
     # In modulated networks these two need long stages: at effort 3 (2 x 400 steps) they cost 0.29 / 0.91 dB at
     # 0.6 / 1.0 bpp on the 8 crops (0.3 bpp, plain: +0.12). Shorter stages keep `weight_decay` there.
     matrix_decay_iters: int = 3000
+    # Both were measured where a step samples 1/16 of the image (256x256, 4k pixels). A step that samples less
+    # carries less of the image's gradient against the same pull to zero, so the decays scale down in proportion:
+    # at full Kodak size (768x512, 1/64 a step at effort 5) the full decays cost 0.15 / 0.56 dB at 0.6 / 1.0 bpp
+    # (2 images; 0.26 / 1.02 dB at effort 7 on 4 others); a quarter of them gained 0.10 / 0.02 (NOTES.md #92).
+    decay_fraction: float = 1 / 16
     # Per-tensor steps by measured distortion (allocate_steps) instead of one factor times each
     # tensor's rms: +0.18 dB on 4 crops at 0.6/1.0 bpp (benchmarks/NOTES.md #17).
     rd_steps: bool = True
@@ -343,8 +348,9 @@ class Fitter:
         """Fitting stages: the weight matrices decay strongly, since smaller weights quantise with smaller phase
         errors. In modulated networks Muon trains the genesis matrices after the input layer (cfg.muon) at
         cfg.muon_decay; AdamW trains the rest: the input layer's weight at cfg.input_decay, the modulation's at
-        cfg.modulation_decay (from cfg.matrix_decay_iters steps a stage; shorter stages at `decay`), the biases at
-        `decay`. Plain (small) networks train with AdamW alone, the input layer at cfg.input_decay: Muon fitted the
+        cfg.modulation_decay (from cfg.matrix_decay_iters steps a stage; shorter stages at `decay`; scaled down
+        where a step samples less than cfg.decay_fraction of the image), the biases at `decay`. Plain (small)
+        networks train with AdamW alone, the input layer at cfg.input_decay: Muon fitted the
         plain networks of 0.3 bpp better (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation
         cost 2.6 dB instead of 0.8; benchmarks/NOTES.md #84). Quantisation-aware tuning: AdamW at `decay`; its few
         tiny steps only nudge weights across rounding boundaries."""
@@ -359,9 +365,10 @@ class Fitter:
             muon = {f"genesis.{i}.weight" for i in range(1, len(self.model.arch.widths) + 1)}
         own = {}  # the tensors with a decay of their own
         if not modulated or self.effort.iters >= self.cfg.matrix_decay_iters:
-            own = {n: self.cfg.modulation_decay for n, _ in tensors
+            scale = min(1.0, 1 / (self.stride**2 * self.cfg.decay_fraction))  # the share of the image a step samples
+            own = {n: scale * self.cfg.modulation_decay for n, _ in tensors
                    if n.startswith("modulation.") and n.endswith(".weight")}
-            own["genesis.0.weight"] = self.cfg.input_decay
+            own["genesis.0.weight"] = scale * self.cfg.input_decay
         groups: dict[float, list] = {}  # decay -> its tensors, in the model's order
         for n, t in tensors:
             if n not in muon:
