@@ -58,6 +58,11 @@ def _groups(opt):
     return {id(p) for p in muon}, {id(p) for p in adamw}
 
 
+def _decays(opt):
+    """id of each parameter of a Chain -> the weight decay it trains with."""
+    return {id(p): g["weight_decay"] for o in opt.optimizers for g in o.param_groups for p in g["params"]}
+
+
 def test_fitting_trains_the_matrices_after_the_input_layer_with_muon_and_tuning_uses_adamw():
     from pillow_nif.batch import BatchFitter
 
@@ -74,7 +79,7 @@ def test_fitting_trains_the_matrices_after_the_input_layer_with_muon_and_tuning_
         muon, adamw = _groups(opt)
         # Every weight matrix decays strongly (smaller weights quantise with smaller phase errors): Muon's at
         # muon_decay, the input layer's and the modulation's at their own rates; the biases as asked
-        decays = {id(p): g["weight_decay"] for o in opt.optimizers for g in o.param_groups for p in g["params"]}
+        decays = _decays(opt)
         assert len(decays) == len(named)
         own = {"genesis.0.weight": cfg.input_decay, "modulation.0.weight": cfg.modulation_decay,
                "modulation.1.weight": cfg.modulation_decay, "modulation.2.weight": cfg.modulation_decay}
@@ -104,7 +109,7 @@ def test_decays_scale_down_where_a_step_samples_less_of_the_image():
     def own(h, w):
         f = fit.Fitter(np.zeros((h, w, 3), np.float32), arch, "cpu", fit.EFFORTS[5], cfg, 0)
         opt = f.optimizer(1e-3, 1e-4, tuning=False)
-        decays = {id(p): g["weight_decay"] for o in opt.optimizers for g in o.param_groups for p in g["params"]}
+        decays = _decays(opt)
         named = dict(f.model.named_tensors())
         return f.stride, decays[id(named["genesis.0.weight"])], decays[id(named["modulation.0.weight"])]
 

@@ -350,10 +350,10 @@ class Fitter:
         cfg.muon_decay; AdamW trains the rest: the input layer's weight at cfg.input_decay, the modulation's at
         cfg.modulation_decay (from cfg.matrix_decay_iters steps a stage; shorter stages at `decay`; scaled down
         where a step samples less than cfg.decay_fraction of the image), the biases at `decay`. Plain (small)
-        networks train with AdamW alone, the input layer at cfg.input_decay: Muon fitted the
-        plain networks of 0.3 bpp better (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation
-        cost 2.6 dB instead of 0.8; benchmarks/NOTES.md #84). Quantisation-aware tuning: AdamW at `decay`; its few
-        tiny steps only nudge weights across rounding boundaries."""
+        networks train with AdamW alone, the input layer at cfg.input_decay: Muon fitted the plain networks of
+        0.3 bpp better (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation cost 2.6 dB instead
+        of 0.8; benchmarks/NOTES.md #84). Quantisation-aware tuning: AdamW at `decay`; its few tiny steps only nudge
+        weights across rounding boundaries."""
         # fused: one kernel for all parameters instead of several per tensor (5 % of a CPU step)
         adamw = lambda groups: self.torch.optim.AdamW(groups, lr=lr, weight_decay=decay, fused=True)  # noqa: E731
         if tuning:
