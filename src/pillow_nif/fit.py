@@ -51,19 +51,18 @@ class Effort:
 # 2 x 1250 steps were +0.20 dB over 2 x 900 (NOTES.md #33), 2 x 2000 another +0.13 / +0.29 / +0.28 dB at
 # 0.3 / 0.6 / 1.0 bpp on 8 crops for 1.6x the fitting time (NOTES.md #62), and 2 x 3000 another +0.19 /
 # +0.10 / +0.28 dB for 1.5x (NOTES.md #69; +0.12 / +0.13 / +0.20 on all 24 crops), and 2 x 4000 another +0.17 /
-# +0.15 / +0.22 dB for 1.33x (23 of 24 points up; NOTES.md #97). More steps of 4k pixels beat fewer of 8k (#62);
-# efforts 6-9 keep 3000 steps a stage and add pixels per step and stages (effort 6 still spends 1.5x effort 5's
-# pixel-steps).
+# +0.15 / +0.22 dB for 1.33x (23 of 24 points up; NOTES.md #97). More steps of 4k pixels beat fewer of 8k (#62),
+# so from effort 5 up every stage has 4000 steps and the levels add pixels per step and stages.
 EFFORTS = {
     1: Effort(1, 300, 1, 40, 1 << 12, 1 << 18),
     2: Effort(1, 500, 1, 60, 1 << 12, 1 << 18),
     3: Effort(2, 400, 1, 80, 1 << 12, 1 << 18),
     4: Effort(2, 600, 2, 60, 1 << 12, 1 << 18),
     5: Effort(2, 4000, 2, 80, 1 << 12, 1 << 18),
-    6: Effort(2, 3000, 2, 100, 1 << 13, 1 << 19),
-    7: Effort(3, 3000, 3, 100, 1 << 13, 1 << 19),
-    8: Effort(3, 3000, 3, 150, 1 << 14, 1 << 20),
-    9: Effort(4, 3000, 4, 150, 1 << 14, 1 << 20),
+    6: Effort(2, 4000, 2, 100, 1 << 13, 1 << 19),
+    7: Effort(3, 4000, 3, 100, 1 << 13, 1 << 19),
+    8: Effort(3, 4000, 3, 150, 1 << 14, 1 << 20),
+    9: Effort(4, 4000, 4, 150, 1 << 14, 1 << 20),
 }
 
 
