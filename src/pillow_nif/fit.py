@@ -47,12 +47,12 @@ class Effort:
 # with the least compute; 16k-pixel batches gain ~0.7 dB for 4x the time, so only high efforts use them.
 # Few long stages beat many short ones at equal steps (benchmarks/NOTES.md #16: 2 x 900 steps were
 # +0.14 dB over 4 x 450 on 4 crops at 0.6/1.0 bpp; each stage re-warms the learning rate).
-# Effort 5, the default, spends what the CPU target allows (a 256x256 image in under a minute on 2 cores):
-# 2 x 1250 steps were +0.20 dB over 2 x 900 (NOTES.md #33), 2 x 2000 another +0.13 / +0.29 / +0.28 dB at
-# 0.3 / 0.6 / 1.0 bpp on 8 crops for 1.6x the fitting time (NOTES.md #62), and 2 x 3000 another +0.19 /
-# +0.10 / +0.28 dB for 1.5x (NOTES.md #69; +0.12 / +0.13 / +0.20 on all 24 crops), and 2 x 4000 another +0.17 /
-# +0.15 / +0.22 dB for 1.33x (23 of 24 points up; NOTES.md #97). More steps of 4k pixels beat fewer of 8k (#62),
-# so from effort 5 up every stage has 4000 steps and the levels add pixels per step and stages.
+# Effort 5, the default, spends about what the CPU target allows (a 256x256 image in a minute on 2 cores; 2 x 3000
+# steps took 35 s on a quiet day, 2 x 4000 took 1.22x as long as 2 x 3000 back to back). Each raise paid, at 0.3 /
+# 0.6 / 1.0 bpp on 8 crops: 2 x 1250 over 2 x 900 +0.20 dB (NOTES.md #33), 2 x 2000 +0.13 / +0.29 / +0.28 (#62),
+# 2 x 3000 +0.19 / +0.10 / +0.28 (#69), 2 x 4000 +0.17 / +0.15 / +0.22 (#97; +0.11 / +0.14 / +0.22 on all 24
+# crops). More steps of 4k pixels beat fewer of 8k (#62), so from effort 5 up every stage has 4000 steps and the
+# levels add pixels per step and stages.
 EFFORTS = {
     1: Effort(1, 300, 1, 40, 1 << 12, 1 << 18),
     2: Effort(1, 500, 1, 60, 1 << 12, 1 << 18),
