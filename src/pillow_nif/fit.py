@@ -47,8 +47,8 @@ class Effort:
 # with the least compute; 16k-pixel batches gain ~0.7 dB for 4x the time, so only high efforts use them.
 # Few long stages beat many short ones at equal steps (benchmarks/NOTES.md #16: 2 x 900 steps were
 # +0.14 dB over 4 x 450 on 4 crops at 0.6/1.0 bpp; each stage re-warms the learning rate).
-# Effort 5, the default, spends about what the CPU target allows (a 256x256 image in a minute on 2 cores; 2 x 3000
-# steps took 35 s on a quiet day, 2 x 4000 took 1.22x as long as 2 x 3000 back to back). Each raise paid, at 0.3 /
+# Effort 5, the default, spends a little more than the CPU target allows (a 256x256 image in a minute on 2 cores:
+# the README's 0.5 bpp encode took 62-69 s with 2 x 4000 steps on an idle 2-core AMD EPYC). Each raise paid, at 0.3 /
 # 0.6 / 1.0 bpp on 8 crops: 2 x 1250 over 2 x 900 +0.20 dB (NOTES.md #33), 2 x 2000 +0.13 / +0.29 / +0.28 (#62),
 # 2 x 3000 +0.19 / +0.10 / +0.28 (#69), 2 x 4000 +0.17 / +0.15 / +0.22 (#97; +0.11 / +0.14 / +0.22 on all 24
 # crops). More steps of 4k pixels beat fewer of 8k (#62), so from effort 5 up every stage has 4000 steps and the
