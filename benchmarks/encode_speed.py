@@ -8,7 +8,7 @@ Sections (each can be skipped with --skip NAME,NAME):
   kodak:    one whole call per target (--bpp, default 0.3 and 1.0): pillow_nif.encode of a Kodak image (768x512)
             at --effort on --device, the file written to disk; bytes, bpp and PSNR of the decoded file.
   step:     time of one training step (sample, forward, loss, backward, optimiser) on that image's network for the
-            largest --bpp: model.NIF in torch, the batch encoder's StackedNIF (B=1) in torch, and StackedNIF with
+            largest --bpp: fit.Fitter's (subgrid.SubgridNetwork, channel-major), the batch encoder's StackedNIF (B=1) in torch, and StackedNIF with
             the fused Triton sine layer (CUDA only; skipped without it). Best of 3 interleaved runs of --steps
             steps each, after warm-up.
   batch:    --batch-n centre crops of --batch-size px from different Kodak images at --batch-bpp:
@@ -183,6 +183,10 @@ class VmapNIF(torch.nn.Module):
         self.names = list(params)
         self.stack = torch.nn.ParameterList(torch.nn.Parameter(params[n]) for n in self.names)
         self.base = [models[0]]  # not a submodule: only its structure is used
+        self.arch = models[0].arch
+
+    def named_tensors(self):  # what fit.Fitter.optimizer reads, as StackedNIF has it
+        return list(zip(self.names, self.stack))
 
     def forward(self, ys, xs, weights=None):
         from torch.func import functional_call, vmap

@@ -39,7 +39,7 @@ class Jolted:
 
     jolt_at, jolt, rows = None, None, slice(None)
 
-    def loss(self, ys, xs, target, weights=None):
+    def loss(self, rows, cols, weights=None):
         import torch
 
         self.steps = getattr(self, "steps", 0) + 1
@@ -47,7 +47,7 @@ class Jolted:
             with torch.no_grad():
                 for p in self.model.parameters():
                     p[self.rows] = self.jolt(p[self.rows])
-        return super().loss(ys, xs, target, weights)
+        return super().loss(rows, cols, weights)
 
 
 # How a stage can go wrong: weights thrown far off, or not numbers at all.

@@ -92,6 +92,25 @@ def _fitted(width=64, height=48, bpp=2.0):
     return f, plan
 
 
+@pytest.mark.parametrize("budget", [600, 8000])  # plain, modulated
+def test_a_training_step_scores_the_network_on_the_pixels_it_samples(budget):
+    """The step's fast network (subgrid.py, channel-major) must be compared with the right target pixels."""
+    from pillow_nif.fit import EFFORTS, Fitter, log_cosh_terms
+
+    cfg = FitConfig()
+    target = np.random.default_rng(1).uniform(-1, 1, (97, 83, 3))  # 8051 pixels: stride 2, uneven sub-grids
+    f = Fitter(target, choose_architecture(83, 97, 3, budget, cfg), "cpu", EFFORTS[1], cfg, 0)
+    assert f.stride == 2
+    seen = set()
+    for _ in range(12):
+        rows, cols = f.sample()
+        seen.add((rows.start, cols.start))
+        ref = f.model(*f.axes(rows, cols)) - f.target[rows.start::2, cols.start::2]
+        got, want = f.loss(rows, cols).item(), log_cosh_terms(ref).mean().item()
+        assert got == pytest.approx(want, rel=1e-5)
+    assert len(seen) > 1
+
+
 def test_subgrid_mse_matches_the_pixels_it_covers():
     import torch
 
@@ -186,8 +205,7 @@ def test_training_steps_clip_the_gradient_norm():
     cfg = FitConfig(grad_clip=0.05)
     arch = choose_architecture(16, 16, 3, 600, cfg)
     f = Fitter(np.random.default_rng(0).uniform(-1, 1, (16, 16, 3)), arch, "cpu", EFFORTS[1], cfg, 0)
-    ys, xs, target = f.sample()
-    f.loss(ys, xs, target).backward()
+    f.loss(*f.sample()).backward()
     before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in f.model.parameters()]))
     f.clip_gradients()
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in f.model.parameters()]))

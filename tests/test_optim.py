@@ -6,7 +6,7 @@ import torch
 
 from pillow_nif import fit
 from pillow_nif.fit import FitConfig, choose_architecture
-from pillow_nif.optim import Chain, Muon, orthogonalise
+from pillow_nif.optim import Chain, Muon, orthogonalise, orthogonalise_all
 
 
 @pytest.mark.parametrize("shape", [(18, 70), (70, 32), (3, 25, 99), (2, 1, 16)])
@@ -20,6 +20,15 @@ def test_orthogonalise_flattens_the_spectrum_of_every_matrix_of_a_stack(shape):
     if g.dim() == 3:  # each matrix of the stack as if alone
         for i in range(g.shape[0]):
             torch.testing.assert_close(o[i], orthogonalise(g[i]), rtol=1e-5, atol=1e-6)
+
+
+def test_orthogonalising_several_shapes_at_once_gives_each_its_own_update():
+    """Muon pads a layer's matrices into one stack: each must come out as if orthogonalised alone."""
+    gen = torch.Generator().manual_seed(3)
+    gs = [torch.randn(*s, generator=gen) for s in [(28, 61), (15, 28), (15, 15), (3, 15), (40, 9), (2, 7, 5)]]
+    for g, o in zip(gs, orthogonalise_all(gs)):
+        assert o.shape == g.shape
+        torch.testing.assert_close(o, orthogonalise(g), rtol=1e-4, atol=1e-5)
 
 
 def _run(opt_params, grads, make):

@@ -41,6 +41,7 @@ from torch import nn
 from . import fit
 from .bitstream import Architecture, Header
 from .model import axis_columns, encode_axis, sin_of_product
+from .subgrid import as_slice
 
 # Floats of saved activations one group may hold per step (about 4 per hidden unit per sampled
 # pixel): groups larger than this are split, so a long list of big images cannot exhaust memory.
@@ -271,8 +272,13 @@ class BatchFitter(fit.Fitter):
         self.count, self.channels = len(targets), targets[0].shape[2]
         self.model = StackedNIF([self.model] * self.count, use_fused).to(device)
 
-    def loss(self, ys, xs, target, weights=None):
-        return self.count * super().loss(ys, xs, target, weights)
+    def predict(self, rows: range, cols: range, weights=None):
+        """(prediction, target) on the grid, (rows, cols, B * C): the stacked networks side by side."""
+        pred = self.model(*self.axes(rows, cols), weights)
+        return pred, self.target[as_slice(rows), as_slice(cols)]
+
+    def loss(self, rows: range, cols: range, weights=None):
+        return self.count * super().loss(rows, cols, weights)
 
     def image_losses(self, loss):
         """Each image's share of the step's loss, so the collapse guard watches each image on its own."""

@@ -47,8 +47,10 @@ class Effort:
 # with the least compute; 16k-pixel batches gain ~0.7 dB for 4x the time, so only high efforts use them.
 # Few long stages beat many short ones at equal steps (benchmarks/NOTES.md #16: 2 x 900 steps were
 # +0.14 dB over 4 x 450 on 4 crops at 0.6/1.0 bpp; each stage re-warms the learning rate).
-# Effort 5, the default, spends a little more than the CPU target allows (a 256x256 image in a minute on 2 cores:
-# the README's 0.5 bpp encode took 62-69 s with 2 x 4000 steps on an idle 2-core AMD EPYC). Each raise paid, at 0.3 /
+# Effort 5, the default, is at or over the CPU target (a 256x256 image in a minute on 2 cores): the README's 0.5 bpp
+# encode took 62-69 s with 2 x 4000 steps on an idle 2-core AMD EPYC in session 15; in session 16 the training step's
+# rework (subgrid.py, NOTES.md #105) made it 0.72x (two threads) and 0.80x (one) of the old code's time, side by side on
+# a VM that then ran the old code in 122 s. Each raise paid, at 0.3 /
 # 0.6 / 1.0 bpp on 8 crops: 2 x 1250 over 2 x 900 +0.20 dB (NOTES.md #33), 2 x 2000 +0.13 / +0.29 / +0.28 (#62),
 # 2 x 3000 +0.19 / +0.10 / +0.28 (#69), 2 x 4000 +0.17 / +0.15 / +0.22 (#97; +0.11 / +0.14 / +0.22 on all 24
 # crops). More steps of 4k pixels beat fewer of 8k (#62), so from effort 5 up every stage has 4000 steps and the
@@ -292,13 +294,13 @@ class Fitter:
         # At least 1/64 of a large image per step, so that huge images are still sampled densely.
         batch = max(batch, self.h * self.w // 64)
         self.stride = max(1, math.ceil(math.sqrt(self.h * self.w / batch)))
-        self.full_axes = self.axes(range(self.h), range(self.w))
+        self.subgrid = None  # built on first use: BatchFitter evaluates its stacked networks its own way
 
     def axes(self, rows, cols):
         return pixel_axes(self.h, self.w, rows, cols, self.device)
 
-    def sample(self):
-        """The pixels of one step: the whole image, or every s-th row and column from a random phase.
+    def sample(self) -> tuple[range, range]:
+        """The rows and columns of one step: the whole image, or every s-th row and column from a random phase.
 
         A strided grid spreads the batch over the whole image, so each step's gradient is an
         unbiased estimate of the full-image one; random crops fit one region at a time and, measured
@@ -306,12 +308,24 @@ class Fitter:
         """
         s = self.stride
         if s == 1:
-            return (*self.full_axes, self.target)
+            return range(self.h), range(self.w)
         py, px = torch_randint(self.gen, s), torch_randint(self.gen, s)
-        return (*self.axes(range(py, self.h, s), range(px, self.w, s)), self.target[py::s, px::s])
+        return range(py, self.h, s), range(px, self.w, s)
 
-    def loss(self, ys, xs, target, weights=None):
-        pred = self.model(ys, xs, weights)
+    def predict(self, rows: range, cols: range, weights=None):
+        """(prediction, target) on the grid rows x cols, each (rows, cols, channels): subgrid.SubgridNetwork,
+        whose output is channel-major (the views permute it, and the target is stored that way to match)."""
+        from .subgrid import SubgridNetwork, as_slice
+
+        if self.subgrid is None:
+            self.subgrid = SubgridNetwork(self.model.arch, self.h, self.w, self.device)
+            self.target_cm = self.target.permute(2, 0, 1).contiguous()
+        pred = self.subgrid.forward(weights if weights is not None else dict(self.model.named_tensors()), rows, cols)
+        target = self.target_cm[:, as_slice(rows), as_slice(cols)]
+        return pred.reshape(target.shape).permute(1, 2, 0), target.permute(1, 2, 0)
+
+    def loss(self, rows: range, cols: range, weights=None):
+        pred, target = self.predict(rows, cols, weights)
         terms = log_cosh_terms(pred - target)
         self.terms = terms.detach()  # the step's per-pixel losses, for image_losses
         loss = terms.mean()
@@ -335,9 +349,10 @@ class Fitter:
             f = lr_factor(it, iters, self.warmup, hold, self.cfg.lr_floor)
             for g in opt.param_groups:
                 g["lr"] = lr * f
-            ys, xs, target = self.sample()
-            loss = self.loss(ys, xs, target, weights_fn() if weights_fn else None)
-            opt.zero_grad(set_to_none=True)
+            rows, cols = self.sample()
+            loss = self.loss(rows, cols, weights_fn() if weights_fn else None)
+            for p in params:  # the optimisers' zero_grad, without their per-call overhead
+                p.grad = None
             loss.backward()
             self.clip_gradients()
             guard.step(self.image_losses(loss))  # before the update: these weights are the ones just measured
@@ -385,8 +400,12 @@ class Fitter:
         return loss.detach().reshape(1)
 
     def clip_gradients(self):
+        """clip_grad_norm_'s arithmetic in three calls: its checks and grouping took half of its 0.17 ms a step."""
         if self.cfg.grad_clip:
-            self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
+            torch = self.torch
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            torch._foreach_mul_(grads, (self.cfg.grad_clip / (norm + 1e-6)).clamp_(max=1.0))
 
     def stage_lr(self, stage: int) -> float:
         return self.lr * (self.cfg.restart_lr if stage else 1.0)

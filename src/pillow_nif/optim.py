@@ -32,17 +32,46 @@ _NS = (3.4445, -4.7750, 2.0315)
 _NS_STEPS = 5
 
 
-def orthogonalise(g: torch.Tensor, steps: int = _NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U V^T for g = U S V^T, for every (m, n) matrix of a (..., m, n) stack."""
-    tall = g.shape[-2] > g.shape[-1]
-    x = (g.mT if tall else g).reshape(-1, *sorted(g.shape[-2:]))  # wide side: the Gram matrix is the small one
+def _newton_schulz(x: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
+    """The quintic iteration on a (k, m, n) stack of wide matrices (m <= n): approximately U V^T of each."""
     x = x / torch.linalg.matrix_norm(x, keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     a, b, c = _NS
     for _ in range(steps):  # three fused matmuls a step: the optimiser's time is mostly per-call overhead
         gram = torch.bmm(x, x.mT)
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    x = x.reshape(*g.shape[:-2], *x.shape[-2:])
-    return x.mT if tall else x
+    return x
+
+
+def orthogonalise(g: torch.Tensor, steps: int = _NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T, for every (m, n) matrix of a (..., m, n) stack."""
+    return orthogonalise_all([g], steps, eps)[0]
+
+
+def orthogonalise_all(gs: list[torch.Tensor], steps: int = _NS_STEPS, eps: float = 1e-7) -> list[torch.Tensor]:
+    """orthogonalise() of several stacks of matrices of any shapes, as one zero-padded stack.
+
+    Zero rows and columns stay zero through the iteration and leave the rest as it would be on its own (the
+    Gram matrix is block diagonal), so padding to the largest shape gives each matrix its own update, in 15
+    batched matmuls instead of 15 per tensor (on the CPU those small calls were the optimiser's time).
+    """
+    wide = [g.mT if g.shape[-2] > g.shape[-1] else g for g in gs]  # wide side: the Gram matrix is the small one
+    flat = [w.reshape(-1, *w.shape[-2:]) for w in wide]
+    m, n = max(f.shape[1] for f in flat), max(f.shape[2] for f in flat)
+    if len(flat) == 1:
+        x = flat[0]
+    else:
+        x = flat[0].new_zeros(sum(f.shape[0] for f in flat), m, n)
+        k = 0
+        for f in flat:
+            x[k:k + f.shape[0], :f.shape[1], :f.shape[2]] = f
+            k += f.shape[0]
+    x = _newton_schulz(x, steps, eps)
+    out, k = [], 0
+    for g, w, f in zip(gs, wide, flat):
+        u = x[k:k + f.shape[0], :f.shape[1], :f.shape[2]].reshape(w.shape)
+        out.append(u.mT if w is not g else u)
+        k += f.shape[0]
+    return out
 
 
 class Muon(torch.optim.Optimizer):
@@ -59,19 +88,19 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            mu, lr = group["momentum"], group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["momentum"] = torch.zeros_like(p)
-                buf = state["momentum"].lerp_(p.grad, 1 - mu)
-                update = orthogonalise(p.grad.lerp(buf, mu))  # Nesterov: look one momentum step ahead
-                if group["weight_decay"]:
-                    p.mul_(1 - lr * group["weight_decay"])
-                # An orthogonal (m, n) update has RMS 1/sqrt(max(m, n)); 0.2 sqrt(max) brings it to AdamW's ~0.2.
-                p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape[-2:])))
+            mu, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            updates = orthogonalise_all(torch._foreach_lerp(grads, bufs, mu))  # Nesterov: one momentum step ahead
+            if decay:
+                torch._foreach_mul_(params, 1 - lr * decay)
+            # An orthogonal (m, n) update has RMS 1/sqrt(max(m, n)); 0.2 sqrt(max) brings it to AdamW's ~0.2.
+            torch._foreach_add_(params, torch._foreach_mul(updates, [-lr * 0.2 * math.sqrt(max(p.shape[-2:]))
+                                                                      for p in params]))
 
 
 class Chain:

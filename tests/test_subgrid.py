@@ -1,0 +1,53 @@
+"""The training step's network (subgrid.SubgridNetwork) against the reference, model.NIF.forward_grid."""
+
+import pytest
+import torch
+
+from pillow_nif.fit import pixel_axes
+from pillow_nif.model import sin_of_product
+from pillow_nif.quant import fake_quantize
+from pillow_nif.subgrid import SubgridNetwork
+from test_model import ARCHS, trained_like
+
+H, W = 23, 17  # neither divisible by the strides below, so phases give sub-grids of different sizes
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("stride,py,px", [(1, 0, 0), (3, 2, 1), (4, 0, 3)])
+def test_values_and_gradients_match_the_reference(arch, stride, py, px):
+    m = trained_like(arch).double()
+    rows, cols = range(py, H, stride), range(px, W, stride)
+    ys, xs = (t.double() for t in pixel_axes(H, W, rows, cols, "cpu"))
+    target = torch.randn(len(rows), len(cols), arch.channels, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ref = m(ys, xs)
+    net = SubgridNetwork(arch, H, W, "cpu", torch.float64)
+    out = net.forward(dict(m.named_tensors()), rows, cols)
+    assert out.shape == (arch.channels, len(rows) * len(cols))
+    got = out.T.reshape(ref.shape)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    params = list(m.parameters())
+    g_ref = torch.autograd.grad(((ref - target) ** 2).mean(), params)
+    g_got = torch.autograd.grad(((got - target) ** 2).mean(), params)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_substituted_tensors_carry_their_gradient_to_the_parameters():
+    """Quantisation-aware tuning hands fake-quantised tensors in: the straight-through gradient must reach the weights."""
+    arch = ARCHS[0]
+    m = trained_like(arch)
+    q = {n: fake_quantize(t, 0.01, 1000) for n, t in m.named_tensors()}
+    rows, cols = range(1, H, 2), range(0, W, 2)
+    net = SubgridNetwork(arch, H, W, "cpu")
+    loss = net.forward(q, rows, cols).square().mean()
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    ref = torch.autograd.grad(m(*pixel_axes(H, W, rows, cols, "cpu"), q).square().mean(), list(m.parameters()))
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sin_of_product_along_the_first_dimension_matches_autograd():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(6, 35, dtype=torch.float64, generator=g, requires_grad=True)
+    p = (3 + torch.randn(1, 35, dtype=torch.float64, generator=g)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z, p: sin_of_product(z, p, dim=0), (z, p))
