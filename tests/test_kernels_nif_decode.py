@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+from conftest import assert_decoders_agree  # noqa: E402
+
 from pillow_nif.bitstream import Architecture  # noqa: E402
 from pillow_nif.kernels.nif_decode import _sin_quadrant, pack, render_band  # noqa: E402
 from pillow_nif.model import NIF, encode_positions, evaluate_folded, fold, pixel_grid, to_pixels  # noqa: E402
@@ -132,7 +134,10 @@ def test_band_rows():
     net = trained_like(arch, 0, 255, SEED)
     check(net, 50, 40, 13, 29)
     full = render_band(net, 50, 40, 0, 40, block_m=BLOCK_M)
-    assert torch.equal(full[13:29], render_band(net, 50, 40, 13, 29, block_m=BLOCK_M))
+    # Rows sit at other places in the kernel's tiles in a band: the same pixels, up to the last bit of a sum or a
+    # sine (a CI run in the interpreter once differed, seed unknown; 60 seeds here did not).
+    assert_decoders_agree(full[13:29].cpu(), render_band(net, 50, 40, 13, 29, block_m=BLOCK_M).cpu(),
+                          f"replay with NIF_TEST_SEED={SEED}")
     assert render_band(net, 50, 40, 7, 7).shape == (0, 50, 1)
 
 
