@@ -66,38 +66,37 @@ class SubgridNetwork:
         self.genesis_axes = both(arch.pe_freqs)
         self.modulation_axes = both(arch.mod_freqs) if arch.mod_widths else None
 
-    @staticmethod
-    def _first(w, b, axes, rows: slice, cols: slice, scale: float = 1.0) -> torch.Tensor:
-        """scale * (W encode + b) on the grid rows x cols: (out, len(rows) * len(cols))."""
-        ey, ex = axes
-        ry = torch.addmm(b[:, None], w, ey[rows].T, beta=scale, alpha=scale)
-        rx = torch.mm(w, ex[cols].T)
-        if scale != 1.0:
-            rx = rx * scale
-        return (ry[:, :, None] + rx[:, None, :]).reshape(w.shape[0], -1)
-
     def forward(self, t: dict, rows: range, cols: range) -> torch.Tensor:
         a = self.arch
         rows, cols = as_slice(rows), as_slice(cols)
+
+        def linear(prefix, i, h, scale=1.0):  # scale * (W h + b)
+            w, b = t[f"{prefix}.{i}.weight"], t[f"{prefix}.{i}.bias"][:, None]
+            return torch.addmm(b, w, h, beta=scale, alpha=scale)
+
+        def first(prefix, axes, scale=1.0):  # scale * (W encode + b) on the grid rows x cols
+            ey, ex = axes
+            ry = linear(prefix, 0, ey[rows].T, scale)
+            rx = torch.mm(t[f"{prefix}.0.weight"], ex[cols].T)
+            if scale != 1.0:
+                rx = rx * scale
+            return (ry[:, :, None] + rx[:, None, :]).reshape(ry.shape[0], -1)
+
+        def sine(z_of, period):  # sin(period * z): a constant period rides on the matmul instead
+            if isinstance(period, torch.Tensor):
+                return sin_of_product(z_of(1.0), period, dim=0)
+            return torch.sin(z_of(period))
+
         if a.mod_widths:
             n = len(a.mod_widths)
-            w = lambda i: t[f"modulation.{i}.weight"]  # noqa: E731
-            b = lambda i: t[f"modulation.{i}.bias"][:, None]  # noqa: E731
-            h = torch.sin(self._first(w(0), b(0)[:, 0], self.modulation_axes, rows, cols, a.mod_omega))
+            h = sine(lambda s: first("modulation", self.modulation_axes, s), a.mod_omega)
             for i in range(1, n):
-                h = torch.sin(torch.addmm(b(i), w(i), h, beta=a.mod_omega, alpha=a.mod_omega))
-            period = torch.addmm(b(n), w(n), h, beta=a.mod_sigma, alpha=a.mod_sigma) + a.omega  # (1, pixels)
+                h = sine(lambda s: linear("modulation", i, h, s), a.mod_omega)  # noqa: B023 (called at once)
+            period = linear("modulation", n, h, a.mod_sigma) + a.omega  # (1, pixels)
         else:
             period = a.omega
         n = len(a.widths)
-        w = lambda i: t[f"genesis.{i}.weight"]  # noqa: E731
-        b = lambda i: t[f"genesis.{i}.bias"][:, None]  # noqa: E731
-        if isinstance(period, torch.Tensor):
-            h = sin_of_product(self._first(w(0), b(0)[:, 0], self.genesis_axes, rows, cols), period, dim=0)
-            for i in range(1, n):
-                h = sin_of_product(torch.addmm(b(i), w(i), h), period, dim=0)
-        else:  # plain networks: the constant period rides on the matmuls too
-            h = torch.sin(self._first(w(0), b(0)[:, 0], self.genesis_axes, rows, cols, period))
-            for i in range(1, n):
-                h = torch.sin(torch.addmm(b(i), w(i), h, beta=period, alpha=period))
-        return torch.addmm(b(n), w(n), h)
+        h = sine(lambda s: first("genesis", self.genesis_axes, s), period)
+        for i in range(1, n):
+            h = sine(lambda s: linear("genesis", i, h, s), period)  # noqa: B023 (called at once)
+        return linear("genesis", n, h)
