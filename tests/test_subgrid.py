@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from pillow_nif.fit import pixel_axes
-from pillow_nif.model import sin_of_product
 from pillow_nif.quant import fake_quantize
 from pillow_nif.subgrid import SubgridNetwork
 from test_model import ARCHS, trained_like
@@ -45,9 +44,3 @@ def test_substituted_tensors_carry_their_gradient_to_the_parameters():
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
-
-def test_sin_of_product_along_the_first_dimension_matches_autograd():
-    g = torch.Generator().manual_seed(2)
-    z = torch.randn(6, 35, dtype=torch.float64, generator=g, requires_grad=True)
-    p = (3 + torch.randn(1, 35, dtype=torch.float64, generator=g)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda z, p: sin_of_product(z, p, dim=0), (z, p))

@@ -73,7 +73,7 @@ def first_layer_grid(weight, bias, ys, xs, freqs: int, scale: float) -> torch.Te
 
 
 class _SinOfProduct(torch.autograd.Function):
-    """sin(p * z) for a per-pixel period p (z's shape with size 1 along the feature dimension), with a leaner backward.
+    """sin(p * z) for a per-pixel period p (shape z.shape[:-1] + (1,)), with a leaner backward.
 
     Autograd's version allocates four activation-sized temporaries (cos, two products, one more for
     p's gradient); this one allocates one and reduces p's gradient with a dot product. On the CPU,
@@ -82,27 +82,23 @@ class _SinOfProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, p, dim):
+    def forward(ctx, z, p):
         u = z * p
         ctx.save_for_backward(z, u, p)
-        ctx.dim = dim
         return torch.sin(u)
 
     @staticmethod
     def backward(ctx, grad):
         z, u, p = ctx.saved_tensors
         gu = torch.cos(u).mul_(grad)
-        gp = torch.linalg.vecdot(gu, z, dim=ctx.dim).unsqueeze(ctx.dim) if ctx.needs_input_grad[1] else None
-        return gu.mul_(p) if ctx.needs_input_grad[0] else None, gp, None
+        gp = torch.linalg.vecdot(gu, z).unsqueeze(-1) if ctx.needs_input_grad[1] else None
+        return gu.mul_(p) if ctx.needs_input_grad[0] else None, gp
 
 
-def sin_of_product(z: torch.Tensor, p, dim: int = -1) -> torch.Tensor:
-    """sin(p * z): the genesis activation (p the period: a constant, or per pixel with size 1 along `dim`, the
-    features' dimension: pixel-major activations (..., pixels, features) by default)."""
-    if isinstance(p, torch.Tensor) and torch.is_grad_enabled():
-        d = dim % z.dim()
-        if p.shape == z.shape[:d] + (1,) + z.shape[d + 1:]:
-            return _SinOfProduct.apply(z, p, d)
+def sin_of_product(z: torch.Tensor, p) -> torch.Tensor:
+    """sin(p * z): the genesis activation (p the period, a per-pixel tensor or a constant)."""
+    if isinstance(p, torch.Tensor) and p.shape == z.shape[:-1] + (1,) and torch.is_grad_enabled():
+        return _SinOfProduct.apply(z, p)
     return torch.sin(p * z)
 
 
