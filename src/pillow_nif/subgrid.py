@@ -148,7 +148,7 @@ def _sine_gradients(layers, axes, period, rows, cols, saved, grad) -> tuple[list
     what _sines saved and `grad`, the gradient of the network's output."""
     w, _ = layers[-1]
     h = saved[-1]
-    out = [torch.mm(grad, h.T), grad.sum(1)]
+    pairs = [(torch.mm(grad, h.T), grad.sum(1))]  # output layer first
     dperiod = None
     for i in range(len(layers) - 2, -1, -1):
         h, u, z = saved[3 * i : 3 * i + 3]
@@ -159,14 +159,13 @@ def _sine_gradients(layers, axes, period, rows, cols, saved, grad) -> tuple[list
         grad = dz.mul_(period)  # the gradient of u: z = period * u
         w, _ = layers[i]
         if i:
-            out += [torch.mm(grad, h.T), grad.sum(1)]
+            pairs.append((torch.mm(grad, h.T), grad.sum(1)))
         else:  # the first layer: a row term and a column term
             ey, ex = axes[0][rows], axes[1][cols]
             g = grad.view(grad.shape[0], len(ey), len(ex))
             gy, gx = g.sum(2), g.sum(1)
-            out += [torch.addmm(gy @ ey, gx, ex), gy.sum(1)]
-    pairs = [out[j : j + 2] for j in range(0, len(out), 2)][::-1]  # output layer first -> bitstream order
-    return [t for p in pairs for t in p], dperiod
+            pairs.append((torch.addmm(gy @ ey, gx, ex), gy.sum(1)))
+    return [t for p in reversed(pairs) for t in p], dperiod
 
 
 class _Subgrid(torch.autograd.Function):
