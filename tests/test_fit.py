@@ -169,18 +169,16 @@ def test_plain_networks_train_at_their_own_rate_and_warm_up():
 
 def test_fitting_stages_hold_the_peak_rate_before_decaying_and_tuning_decays_at_once(monkeypatch):
     """The rates the optimiser is given (NOTES.md #78): warm-up, peak held to cfg.lr_hold, cosine to the floor."""
-    import torch
-
-    from pillow_nif import fit
+    from pillow_nif import fit, optim
 
     seen = []
-    step = torch.optim.AdamW.step
+    step = optim.AdamW.step
 
     def record(self, *args, **kwargs):
         seen.append(self.param_groups[0]["lr"])
         return step(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    monkeypatch.setattr(optim.AdamW, "step", record)
     cfg = FitConfig()
     f = fit.Fitter(np.zeros((16, 16, 3)), choose_architecture(16, 16, 3, 600, cfg), "cpu", fit.EFFORTS[1], cfg, 0)
     f.run_stage(200, 1e-3, lambda n: None)

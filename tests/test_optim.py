@@ -6,7 +6,7 @@ import torch
 
 from pillow_nif import fit
 from pillow_nif.fit import FitConfig, choose_architecture
-from pillow_nif.optim import Chain, Muon, orthogonalise, orthogonalise_all
+from pillow_nif.optim import AdamW, Chain, Muon, orthogonalise, orthogonalise_all
 
 
 @pytest.mark.parametrize("shape", [(18, 70), (70, 32), (3, 25, 99), (2, 1, 16)])
@@ -54,6 +54,44 @@ def test_muon_follows_torch_muon_and_gives_each_stacked_matrix_its_own_update():
                    lambda ps: torch.optim.Muon(ps, adjust_lr_fn="match_rms_adamw", **kw))[0]
         moved = (ref - w0[i]).norm()
         assert moved > 0 and (alone - ref).norm() < 0.05 * moved
+
+
+def test_muon_steps_matrices_of_several_shapes_as_if_each_were_alone():
+    """Muon keeps one zero-padded stack for its matrices across steps: the padding must stay out of every update."""
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(28, 61), (15, 28), (15, 15), (3, 15), (40, 9)]
+    w0 = [torch.randn(*s, generator=gen) * 0.1 for s in shapes]
+    grads = [[torch.randn(*s, generator=gen) * 10 ** -k for s in shapes] for k in range(1, 5)]
+    muon = lambda ps: Muon(ps, lr=3e-3, weight_decay=1.0)  # noqa: E731
+    together = _run([torch.nn.Parameter(w.clone()) for w in w0], grads, muon)
+    for i, w in enumerate(w0):
+        alone = _run([torch.nn.Parameter(w.clone())], [[g[i]] for g in grads], muon)
+        torch.testing.assert_close(together[i], alone[0], rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_steps_exactly_as_torchs_fused_adamw():
+    """optim.AdamW skips torch's per-step bookkeeping: the same arithmetic, also as the rate changes (each step of a
+    stage has its own) and when a parameter has no gradient for a step."""
+    gen = torch.Generator().manual_seed(4)
+    w0 = [torch.randn(*s, generator=gen) for s in [(20, 9), (20,), (3, 20), (3,)]]
+    grads = [[torch.randn(w.shape, generator=gen) * 10 ** -k for w in w0] for k in range(1, 7)]
+    grads[3][1] = None
+
+    def run(cls, **kw):
+        ps = [torch.nn.Parameter(w.clone()) for w in w0]
+        opt = cls([{"params": ps[:2], "weight_decay": 1.0}, {"params": ps[2:], "weight_decay": 1e-4}], lr=1e-3, **kw)
+        for i, g in enumerate(grads):
+            for p, gp in zip(ps, g):
+                p.grad = None if gp is None else gp.clone()
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * (i + 1)
+            opt.step()
+        return [p.detach() for p in ps]
+
+    for ours, torchs in zip(run(AdamW), run(torch.optim.AdamW, fused=True)):
+        torch.testing.assert_close(ours, torchs, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="amsgrad"):
+        AdamW([torch.nn.Parameter(torch.zeros(3))], amsgrad=True)
 
 
 def test_muon_refuses_vectors():

@@ -368,8 +368,9 @@ class Fitter:
         0.3 bpp better (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation cost 2.6 dB instead
         of 0.8; benchmarks/NOTES.md #84). Quantisation-aware tuning: AdamW at `decay`; its few tiny steps only nudge
         weights across rounding boundaries."""
-        # fused: one kernel for all parameters instead of several per tensor (5 % of a CPU step)
-        adamw = lambda groups: self.torch.optim.AdamW(groups, lr=lr, weight_decay=decay, fused=True)  # noqa: E731
+        from .optim import AdamW, Chain, Muon
+
+        adamw = lambda groups: AdamW(groups, lr=lr, weight_decay=decay)  # noqa: E731  (torch's fused AdamW, leaner)
         if tuning:
             return adamw(list(self.model.parameters()))
         tensors = self.model.named_tensors()  # every parameter, by name
@@ -390,8 +391,6 @@ class Fitter:
         rest = adamw([{"params": ps, "weight_decay": d} for d, ps in groups.items()])
         if not muon:
             return rest
-        from .optim import Chain, Muon
-
         return Chain(Muon([t for n, t in tensors if n in muon], lr=lr, weight_decay=self.cfg.muon_decay), rest)
 
     def image_losses(self, loss):
