@@ -57,15 +57,20 @@ def test_muon_follows_torch_muon_and_gives_each_stacked_matrix_its_own_update():
 
 
 def test_muon_steps_matrices_of_several_shapes_as_if_each_were_alone():
-    """Muon keeps one zero-padded stack for its matrices across steps: the padding must stay out of every update."""
+    """Muon keeps one zero-padded stack for all its matrices across steps, whatever their groups: the padding and
+    the other matrices must stay out of every update, and each group keeps its own decay."""
     gen = torch.Generator().manual_seed(2)
     shapes = [(28, 61), (15, 28), (15, 15), (3, 15), (40, 9)]
+    decays = [0.25, 1.0, 1.0, 1.0, 0.0]
     w0 = [torch.randn(*s, generator=gen) * 0.1 for s in shapes]
     grads = [[torch.randn(*s, generator=gen) * 10 ** -k for s in shapes] for k in range(1, 5)]
-    muon = lambda ps: Muon(ps, lr=3e-3, weight_decay=1.0)  # noqa: E731
-    together = _run([torch.nn.Parameter(w.clone()) for w in w0], grads, muon)
+    groups = lambda ps: [{"params": ps[:1], "weight_decay": 0.25}, {"params": ps[1:4]},  # noqa: E731
+                         {"params": ps[4:], "weight_decay": 0.0}]
+    together = _run([torch.nn.Parameter(w.clone()) for w in w0], grads, lambda ps: Muon(groups(ps), lr=3e-3,
+                                                                                          weight_decay=1.0))
     for i, w in enumerate(w0):
-        alone = _run([torch.nn.Parameter(w.clone())], [[g[i]] for g in grads], muon)
+        alone = _run([torch.nn.Parameter(w.clone())], [[g[i]] for g in grads],
+                     lambda ps: Muon(ps, lr=3e-3, weight_decay=decays[i]))
         torch.testing.assert_close(together[i], alone[0], rtol=1e-5, atol=1e-7)
 
 
@@ -110,7 +115,7 @@ def _decays(opt):
     return {id(p): g["weight_decay"] for o in opt.optimizers for g in o.param_groups for p in g["params"]}
 
 
-def test_fitting_trains_the_matrices_after_the_input_layer_with_muon_and_tuning_uses_adamw():
+def test_fitting_trains_the_genesis_matrices_with_muon_and_tuning_uses_adamw():
     from pillow_nif.batch import BatchFitter
 
     cfg = FitConfig()
@@ -119,25 +124,27 @@ def test_fitting_trains_the_matrices_after_the_input_layer_with_muon_and_tuning_
     for f in (fit.Fitter(target, arch, "cpu", fit.EFFORTS[5], cfg, 0),
               BatchFitter([target, target], arch, "cpu", fit.EFFORTS[5], cfg, 0)):
         named = f.model.named_tensors()
-        expected = {id(t) for n, t in named
-                    if n.startswith("genesis.") and n.endswith(".weight") and n != "genesis.0.weight"}
+        expected = {id(t) for n, t in named if n.startswith("genesis.") and n.endswith(".weight")}
         opt = f.optimizer(1e-3, 1e-4, tuning=False)
         assert isinstance(opt, Chain)
         muon, adamw = _groups(opt)
-        # Every weight matrix decays strongly (smaller weights quantise with smaller phase errors): Muon's at
-        # muon_decay, the input layer's and the modulation's at their own rates; the biases as asked
+        # Every weight matrix decays strongly (smaller weights quantise with smaller phase errors): the hidden
+        # ones at muon_decay, the input layer's and the modulation's at their own rates; the biases as asked
         decays = _decays(opt)
         assert len(decays) == len(named)
         own = {"genesis.0.weight": cfg.input_decay, "modulation.0.weight": cfg.modulation_decay,
                "modulation.1.weight": cfg.modulation_decay, "modulation.2.weight": cfg.modulation_decay}
         for n, t in named:
             assert decays[id(t)] == own.get(n, 1e-4 if n.endswith(".bias") else cfg.muon_decay), n
-        assert muon == expected and len(expected) == len(arch.widths) == 4
+        assert muon == expected and len(expected) == len(arch.widths) + 1 == 5
         assert adamw == {id(t) for _, t in named} - expected
         assert isinstance(f.optimizer(1e-3, 0.0, tuning=True), torch.optim.AdamW)
-    # short stages (effort 3: 2 x 400 steps) lost with the input and modulation decays: those decay as asked
-    short = fit.Fitter(target, arch, "cpu", fit.EFFORTS[3], cfg, 0).optimizer(1e-3, 1e-4, tuning=False)
+    # short stages (effort 3: 2 x 400 steps) lost with the input and modulation decays: those decay as asked, and
+    # the input layer stays on AdamW (Muon there was measured with its decay only)
+    f = fit.Fitter(target, arch, "cpu", fit.EFFORTS[3], cfg, 0)
+    short = f.optimizer(1e-3, 1e-4, tuning=False)
     assert [g["weight_decay"] for o in short.optimizers for g in o.param_groups] == [cfg.muon_decay, 1e-4]
+    assert id(f.model.genesis[0].weight) in _groups(short)[1]
     adamw_only = fit.Fitter(target, arch, "cpu", fit.EFFORTS[5], FitConfig(muon=False), 0).optimizer(1e-3, 0.0, False)
     assert isinstance(adamw_only, torch.optim.AdamW)
     # without Muon the hidden matrices train with AdamW at the decay asked for; the input layer keeps its own

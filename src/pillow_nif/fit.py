@@ -110,7 +110,8 @@ class FitConfig:
     omega: float = 45.0  # sine factor of genesis and modulation layers: 45 beat 30 by 0.2-0.4 dB, 60 lost
     mod_sigma: float = 10.0
     # The fitting stages of modulated networks train the genesis hidden and output matrices with Muon (optim.py), the
-    # rest with AdamW: +0.15 / +0.10 dB at 0.6 / 1.0 bpp on 8 crops (benchmarks/NOTES.md #84). False: AdamW for all.
+    # rest with AdamW: +0.15 / +0.10 dB at 0.6 / 1.0 bpp on 8 crops (benchmarks/NOTES.md #84); where the input
+    # layer's decay applies (long stages), the input layer too (#112). False: AdamW for all.
     muon: bool = True
     # Decoupled weight decay of the Muon matrices (p <- p (1 - lr decay) a step). Muon's updates have a fixed size
     # whatever the gradient, so without decay the weights keep growing, and a larger weight turns the same relative
@@ -118,8 +119,8 @@ class FitConfig:
     # worse but cut the quantisation cost by 0.19 / 0.27 dB: +0.07 / +0.20 dB in the files (0.1: +0.03 / +0.11;
     # 0.3: +0.07 / +0.13; 3.0 starves the fit: -0.44 / +0.00; benchmarks/NOTES.md #85).
     muon_decay: float = 1.0
-    # Decoupled decays of the weight matrices AdamW trains: the genesis input layer's (plain and modulated networks)
-    # and the modulation network's. On 8 crops, against 1e-4: the input layer alone at 1.0, +0.09 dB at 0.3 bpp and
+    # Decoupled decays of the genesis input layer (AdamW; Muon in modulated networks' long stages) and of the
+    # modulation network's weights (AdamW). On 8 crops, against 1e-4: the input layer alone at 1.0, +0.09 dB at 0.3 bpp and
     # +0.19 / +0.09 at 0.6 / 1.0 (0.1: +0.12 / +0.07; 3.0: +0.06 / -0.20); with the modulation at 1.0 too, +0.42 /
     # +0.26, at 3.0 +0.46 / +0.26, fitting better as well (benchmarks/NOTES.md #87). The period and the genesis
     # weights share one scale; decayed, the fit keeps a larger period (29 instead of 16 on one crop) and smaller
@@ -360,13 +361,14 @@ class Fitter:
 
     def optimizer(self, lr: float, decay: float, tuning: bool):
         """Fitting stages: the weight matrices decay strongly, since smaller weights quantise with smaller phase
-        errors. In modulated networks Muon trains the genesis matrices after the input layer (cfg.muon) at
-        cfg.muon_decay; AdamW trains the rest: the input layer's weight at cfg.input_decay, the modulation's at
-        cfg.modulation_decay (from cfg.matrix_decay_iters steps a stage; shorter stages at `decay`; scaled down
-        where a step samples less than cfg.decay_fraction of the image), the biases at `decay`. Plain (small)
-        networks train with AdamW alone, the input layer at cfg.input_decay: Muon fitted the plain networks of
-        0.3 bpp better (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation cost 2.6 dB instead
-        of 0.8; benchmarks/NOTES.md #84). Quantisation-aware tuning: AdamW at `decay`; its few tiny steps only nudge
+        errors. In modulated networks Muon trains the genesis matrices (cfg.muon): the hidden and output ones at
+        cfg.muon_decay, the input layer at cfg.input_decay. AdamW trains the rest: the modulation's weights at
+        cfg.modulation_decay, the biases at `decay`. The input layer's and the modulation's decays apply from
+        cfg.matrix_decay_iters steps a stage, scaled down where a step samples less than cfg.decay_fraction of the
+        image; shorter stages keep the input layer on AdamW and both at `decay`. Plain (small) networks train with
+        AdamW alone, the input layer at cfg.input_decay: Muon fitted the plain networks of 0.3 bpp better
+        (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation cost 2.6 dB instead of 0.8;
+        benchmarks/NOTES.md #84). Quantisation-aware tuning: AdamW at `decay`; its few tiny steps only nudge
         weights across rounding boundaries."""
         from .optim import AdamW, Chain, Muon
 
@@ -375,23 +377,30 @@ class Fitter:
             return adamw(list(self.model.parameters()))
         tensors = self.model.named_tensors()  # every parameter, by name
         modulated = bool(self.model.arch.mod_widths)
-        muon = set()
-        if modulated and self.cfg.muon:
-            muon = {f"genesis.{i}.weight" for i in range(1, len(self.model.arch.widths) + 1)}
+        long = not modulated or self.effort.iters >= self.cfg.matrix_decay_iters
         own = {}  # the tensors with a decay of their own
-        if not modulated or self.effort.iters >= self.cfg.matrix_decay_iters:
+        if long:
             scale = min(1.0, 1 / (self.stride**2 * self.cfg.decay_fraction))  # the share of the image a step samples
             own = {n: scale * self.cfg.modulation_decay for n, _ in tensors
                    if n.startswith("modulation.") and n.endswith(".weight")}
             own["genesis.0.weight"] = scale * self.cfg.input_decay
-        groups: dict[float, list] = {}  # decay -> its tensors, in the model's order
-        for n, t in tensors:
-            if n not in muon:
-                groups.setdefault(own.get(n, decay), []).append(t)
-        rest = adamw([{"params": ps, "weight_decay": d} for d, ps in groups.items()])
+        muon = {}  # the tensors Muon trains -> their decay
+        if modulated and self.cfg.muon:
+            muon = {f"genesis.{i}.weight": self.cfg.muon_decay for i in range(1, len(self.model.arch.widths) + 1)}
+            if long:  # the input layer too: +0.13 / +0.17 dB at 0.6 / 1.0 bpp on 8 crops (NOTES.md #112)
+                muon["genesis.0.weight"] = own["genesis.0.weight"]
+
+        def by_decay(names: dict) -> list[dict]:
+            groups: dict[float, list] = {}  # decay -> its tensors, in the model's order
+            for n, t in tensors:
+                if n in names:
+                    groups.setdefault(names[n], []).append(t)
+            return [{"params": ps, "weight_decay": d} for d, ps in groups.items()]
+
+        rest = adamw(by_decay({n: own.get(n, decay) for n, _ in tensors if n not in muon}))
         if not muon:
             return rest
-        return Chain(Muon([t for n, t in tensors if n in muon], lr=lr, weight_decay=self.cfg.muon_decay), rest)
+        return Chain(Muon(by_decay(muon), lr=lr), rest)
 
     def image_losses(self, loss):
         """The step's loss per image (one here; BatchFitter has one per image of the stack)."""

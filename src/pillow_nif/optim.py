@@ -1,16 +1,16 @@
-"""The optimisers of the fitting stages: Muon on the genesis hidden and output matrices, AdamW on the rest.
+"""The optimisers of the fitting stages: Muon on the genesis network's weight matrices, AdamW on the rest.
 
 Muon (K. Jordan et al. 2024; "Muon is Scalable for LLM Training", Liu et al. 2025) replaces each weight
 matrix's momentum by its nearest semi-orthogonal matrix (a few Newton-Schulz iterations), so that every
 direction of the layer's update moves at the same rate instead of the few that dominate the gradient.
 The sine layers' units are strongly correlated, and Adam's per-weight scaling does not see that.
 Measured against AdamW everywhere (benchmarks/NOTES.md #84): +0.15 / +0.10 dB at 0.6 / 1.0 bpp on all 24
-Kodak 256x256 crops (torch's own Muon: +0.17 on 8 of them). The input layer stays on AdamW: a preconditioned
-input layer grows heavy-tailed weights that quantise badly (SOAP there lost 0.42 dB in the coded file while
-fitting 0.32 dB better, #76).
+Kodak 256x256 crops (torch's own Muon: +0.17 on 8 of them). The input layer first stayed on AdamW (a
+preconditioned input layer had grown heavy-tailed weights that quantise badly: SOAP there lost 0.42 dB, #76).
 The fit gives the Muon matrices a strong decoupled weight decay (FitConfig.muon_decay): fixed-size updates
 grow the weights, and smaller weights quantise with smaller phase errors (+0.07 / +0.19 dB more on the 24
-crops, #85).
+crops, #85). With its own decay (FitConfig.input_decay) the input layer gained on Muon too: +0.13 / +0.17 dB
+at 0.6 / 1.0 bpp on 8 crops, every crop up (#112).
 
 torch ships torch.optim.Muon, and this follows its update exactly (EMA momentum with a Nesterov blend, the
 quintic Newton-Schulz iteration and its coefficients, the update scaled to AdamW's RMS, decoupled weight
@@ -99,24 +99,32 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            mu, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
+        """One update of every group's matrices, orthogonalised together in one stack (a group sets the momentum,
+        rate and decay of its own)."""
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        params = [p for _, ps in groups for p in ps]
+        if not params:
+            return
+        key = tuple(map(id, params))
+        if key not in self._stacks:
+            self._stacks[key] = _PaddedStack(params)
+        blends = []  # Nesterov: one momentum step ahead
+        for g, ps in groups:
+            if ps:
+                grads = [p.grad for p in ps]
+                bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in ps]
+                torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
+                blends += torch._foreach_lerp(grads, bufs, g["momentum"])
+        updates = iter(self._stacks[key].orthogonalise(blends))
+        for g, ps in groups:
+            if not ps:
                 continue
-            key = tuple(map(id, params))
-            if key not in self._stacks:
-                self._stacks[key] = _PaddedStack(params)
-            grads = [p.grad for p in params]
-            bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
-            torch._foreach_lerp_(bufs, grads, 1 - mu)
-            # Nesterov: one momentum step ahead
-            updates = self._stacks[key].orthogonalise(torch._foreach_lerp(grads, bufs, mu))
+            lr, decay = g["lr"], g["weight_decay"]
             if decay:
-                torch._foreach_mul_(params, 1 - lr * decay)
+                torch._foreach_mul_(ps, 1 - lr * decay)
             # An orthogonal (m, n) update has RMS 1/sqrt(max(m, n)); 0.2 sqrt(max) brings it to AdamW's ~0.2.
-            torch._foreach_add_(params, torch._foreach_mul(updates, [-lr * 0.2 * math.sqrt(max(p.shape[-2:]))
-                                                                      for p in params]))
+            torch._foreach_add_(ps, torch._foreach_mul([next(updates) for _ in ps],
+                                                       [-lr * 0.2 * math.sqrt(max(p.shape[-2:])) for p in ps]))
 
 
 class AdamW(torch.optim.AdamW):
