@@ -120,11 +120,11 @@ class FitConfig:
     # 0.3: +0.07 / +0.13; 3.0 starves the fit: -0.44 / +0.00; benchmarks/NOTES.md #85).
     muon_decay: float = 1.0
     # Decoupled decays of the genesis input layer (AdamW; Muon in modulated networks' long stages) and of the
-    # modulation network's weights (AdamW). On 8 crops, against 1e-4: the input layer alone at 1.0, +0.09 dB at 0.3 bpp and
-    # +0.19 / +0.09 at 0.6 / 1.0 (0.1: +0.12 / +0.07; 3.0: +0.06 / -0.20); with the modulation at 1.0 too, +0.42 /
-    # +0.26, at 3.0 +0.46 / +0.26, fitting better as well (benchmarks/NOTES.md #87). The period and the genesis
-    # weights share one scale; decayed, the fit keeps a larger period (29 instead of 16 on one crop) and smaller
-    # genesis weights.
+    # modulation network's weights (AdamW). On 8 crops, against 1e-4 (input layer on AdamW): the input layer alone
+    # at 1.0, +0.09 dB at 0.3 bpp and +0.19 / +0.09 at 0.6 / 1.0 (0.1: +0.12 / +0.07; 3.0: +0.06 / -0.20); with the
+    # modulation at 1.0 too, +0.42 / +0.26, at 3.0 +0.46 / +0.26, fitting better as well (benchmarks/NOTES.md #87).
+    # The period and the genesis weights share one scale; decayed, the fit keeps a larger period (29 instead of 16
+    # on one crop) and smaller genesis weights. On Muon (#112) the input layer's 1.0 beat 3.0 by 0.11 dB (#115).
     input_decay: float = 1.0
     modulation_decay: float = 3.0
     # In modulated networks these two need long stages: at effort 3 (2 x 400 steps) they cost 0.29 / 0.91 dB at

@@ -58,7 +58,7 @@ class _PaddedStack:
     Zero rows and columns stay zero through the Newton-Schulz iteration and leave the rest as it would be on its
     own (the Gram matrix is block diagonal), so padding to the largest shape gives each matrix its own update, in
     15 batched matmuls instead of 15 per tensor (on the CPU those small calls were the optimiser's time). Muon
-    keeps one per parameter group: the stack and its layout are built once, not at every step.
+    keeps one for all its matrices: the stack and its layout are built once, not at every step.
     """
 
     def __init__(self, like: list[torch.Tensor]):
