@@ -62,21 +62,21 @@ class _PaddedStack:
     """
 
     def __init__(self, like: list[torch.Tensor]):
-        self.layout = []  # per tensor: (first index in the stack, its shape, transposed: stored as its .mT)
+        self.layout = []  # per tensor: its first index in the stack, matrix count, stored (wide) shape, transposed
         k = m = n = 0
         for g in like:
             tall = g.shape[-2] > g.shape[-1]  # stored wide: the Gram matrix is then the small one
-            rows, cols = (g.shape[-1], g.shape[-2]) if tall else g.shape[-2:]
-            self.layout.append((k, g.shape, tall))
-            k, m, n = k + g[..., 0, 0].numel(), max(m, rows), max(n, cols)
+            wide = (*g.shape[:-2], g.shape[-1], g.shape[-2]) if tall else tuple(g.shape)
+            count = g.shape[:-2].numel()
+            self.layout.append((k, count, wide, tall))
+            k, m, n = k + count, max(m, wide[-2]), max(n, wide[-1])
         self.stack = like[0].new_zeros(k, m, n)
 
     def slots(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Views of each tensor's place in `x` (the stack or an iterate of it), in the tensor's own shape."""
         out = []
-        for first, shape, tall in self.layout:
-            rows, cols = (shape[-1], shape[-2]) if tall else shape[-2:]
-            v = x[first : first + shape[:-2].numel(), :rows, :cols].view(*shape[:-2], rows, cols)
+        for first, count, wide, tall in self.layout:
+            v = x[first : first + count, : wide[-2], : wide[-1]].view(wide)
             out.append(v.mT if tall else v)
         return out
 
