@@ -140,6 +140,29 @@ def test_measured_step_allocation_beats_rms_steps_at_the_same_budget():
     assert err[1] < err[0]
 
 
+def test_a_tensor_of_few_values_far_from_zero_is_not_rounded_coarsely():
+    """A few values cost a few bits at any step, so the allocation must be free to round them finely: the period's
+    offset (one scalar) at the coarsest ladder's finest step alone cost 8 % of one fit's MSE (NOTES.md #117).
+    Here the output bias carries a large offset (the target shifted to match), which steps proportional to its
+    rms would round to ~3 % of the MSE."""
+    import torch
+
+    from pillow_nif import fit
+
+    f, plan = _fitted(bpp=2.0)
+    name = f"genesis.{len(f.model.arch.widths)}.bias"
+    with torch.no_grad():
+        dict(f.model.named_tensors())[name].add_(40.3)
+    f.target += 40.3
+    factor = fit._estimate_factor(plan.header, fit._tensors(f.model), plan.budget, plan.metadata)
+    steps = fit.allocate_steps(f.model, f.target, plan.header, plan.budget, plan.metadata, factor)
+    names = [n for n, _ in f.model.named_tensors()]
+    step = steps[names.index(name)]
+    weights = dict(f.model.named_tensors())
+    weights[name] = torch.round(weights[name].detach() / step) * step
+    assert f.mse(weights) < 1.01 * f.mse()
+
+
 def test_rate_control_spends_the_budget_with_the_real_coder():
     """The estimate's slack (0.5 % + 8 bytes, 9-13 bytes here) is spent: the file fits and leaves less than
     the 32-bit word and two bytes that the stream's granularity can cost."""
