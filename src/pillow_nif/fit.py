@@ -658,19 +658,13 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
         if not np.any(a):
             dist[i] = bits[i] = 0.0
             continue
-
-        def measure(j):
-            steps[i, j], qmax, sym = _quantise_tensor(a, factor * _rms(a) * mults[j])
-            bits[i, j] = entropy.choose_model(sym, qmax)[2]
-            weights[name] = torch.from_numpy(sym * steps[i, j]).to(t.dtype).to(t.device)
-            dist[i, j] = image_mse(model, target, weights, stride) - base
-
-        for j in range(first_large, k):
-            measure(j)
-        first = first_large
-        while a.size <= SMALL_TENSOR and first > 0 and dist[i, first] > 1e-3 * base:
+        first = k  # from the coarsest step down: to 1/32, then on while a small tensor's rounding still costs
+        while first > first_large or (first > 0 and a.size <= SMALL_TENSOR and dist[i, first] > 1e-3 * base):
             first -= 1
-            measure(first)
+            steps[i, first], qmax, sym = _quantise_tensor(a, factor * _rms(a) * mults[first])
+            bits[i, first] = entropy.choose_model(sym, qmax)[2]
+            weights[name] = torch.from_numpy(sym * steps[i, first]).to(t.dtype).to(t.device)
+            dist[i, first] = image_mse(model, target, weights, stride) - base
         weights[name] = t
         # Coarser never helps: make distortion non-decreasing in the step (measurement noise).
         dist[i, first:] = np.maximum.accumulate(np.maximum(dist[i, first:], 0.0))
