@@ -151,14 +151,13 @@ def test_a_tensor_of_few_values_far_from_zero_is_not_rounded_coarsely():
 
     f, plan = _fitted(bpp=2.0)
     name = f"genesis.{len(f.model.arch.widths)}.bias"
+    weights = dict(f.model.named_tensors())
     with torch.no_grad():
-        dict(f.model.named_tensors())[name].add_(40.3)
+        weights[name].add_(40.3)
     f.target += 40.3
     factor = fit._estimate_factor(plan.header, fit._tensors(f.model), plan.budget, plan.metadata)
     steps = fit.allocate_steps(f.model, f.target, plan.header, plan.budget, plan.metadata, factor)
-    names = [n for n, _ in f.model.named_tensors()]
-    step = steps[names.index(name)]
-    weights = dict(f.model.named_tensors())
+    step = steps[list(weights).index(name)]
     weights[name] = torch.round(weights[name].detach() / step) * step
     assert f.mse(weights) < 1.01 * f.mse()
 

@@ -649,7 +649,7 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
     # offset (one scalar, scaled into every sine) at 1/32 alone cost 8 % of one fit's MSE (kodim02 crop, 0.6 bpp;
     # NOTES.md #117). Steps not measured are never picked.
     mults = 2.0 ** (np.arange(-24, 7) / 2)
-    first_large = 14  # 1/32: where the ladder of tensors over SMALL_TENSOR values starts
+    first_large = list(mults).index(1 / 32)  # where the ladder of tensors over SMALL_TENSOR values starts
     n, k = len(named), len(mults)
     dist, bits, steps = np.full((n, k), np.inf), np.full((n, k), np.inf), np.ones((n, k))
     weights = dict(named)
