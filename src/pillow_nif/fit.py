@@ -658,10 +658,11 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
         if not np.any(a):
             dist[i] = bits[i] = 0.0
             continue
+        uniform = factor * _rms(a)  # this tensor's step in the uniform allocation
         first = k  # from the coarsest step down: to 1/32, then on while a small tensor's rounding still costs
         while first > first_large or (first > 0 and a.size <= SMALL_TENSOR and dist[i, first] > 1e-3 * base):
             first -= 1
-            steps[i, first], qmax, sym = _quantise_tensor(a, factor * _rms(a) * mults[first])
+            steps[i, first], qmax, sym = _quantise_tensor(a, uniform * mults[first])
             bits[i, first] = entropy.choose_model(sym, qmax)[2]
             weights[name] = torch.from_numpy(sym * steps[i, first]).to(t.dtype).to(t.device)
             dist[i, first] = image_mse(model, target, weights, stride) - base
