@@ -110,9 +110,9 @@ def built_file(arch: bs.Architecture, mode="RGB", colour=0, size=(12, 9), seed=0
     for i, (_, shape) in enumerate(shapes):
         q = 0 if i == 1 else qmax  # one all-zero tensor (qmax 0: nothing in the stream)
         model = bs.MODEL_LAPLACE if i % 2 else bs.MODEL_UNIFORM
-        codings.append(bs.TensorCoding(0.05, q, model, 30000 if model == bs.MODEL_LAPLACE else 0))
+        codings.append(bs.TensorCoding(2**-4, q, model, 30000 if model == bs.MODEL_LAPLACE else 0))
         syms.append(rng.integers(-q, q + 1, size=int(np.prod(shape))))
-    stream = entropy.encode(syms, codings)
+    stream = entropy.encode(syms, codings, arch.sine_layers())
     header = bs.Header(size[0], size[1], mode, colour, arch)
     return bs.dumps(bs.NifFile(header, codings, stream, metadata or {}))
 

@@ -9,9 +9,9 @@ from pillow_nif.bitstream import Architecture, FormatError, Header, NifFile, Ten
 ARCH = Architecture(3, (12, 6), 4, 1.4, 30.0, (8,), 2, 30.0, 10.0)
 
 
-def make_file(arch=ARCH, metadata=None, stream=b"\x01\x00\x00\x00" * 64, step=2**-7) -> bytes:
+def make_file(arch=ARCH, metadata=None, stream=b"\x01\x00\x00\x00" * 64, step=2**-7, version=bs.VERSION) -> bytes:
     codings = [TensorCoding(step, 7, bs.MODEL_LAPLACE, 40000) for _ in arch.tensor_shapes()]
-    return bs.dumps(NifFile(Header(97, 61, "RGB", bs.COLOUR_YCBCR, arch), codings, stream, metadata or {}))
+    return bs.dumps(NifFile(Header(97, 61, "RGB", bs.COLOUR_YCBCR, arch), codings, stream, metadata or {}, version))
 
 
 def chunk(kind: bytes, payload: bytes) -> bytes:
@@ -25,18 +25,20 @@ def test_round_trip_keeps_every_field():
     assert f.codings[0] == TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, 40000)
     assert f.metadata == {"icc_profile": b"icc", "exif": b"II*\x00", "xmp": b"<x/>"}
     assert bs.read_header(data) == f.header
-    assert f.version == 2
+    assert f.version == 3
 
 
 def test_codings_version_2_cannot_hold_are_written_as_version_1_exactly():
-    v2 = make_file()
-    v1 = make_file(step=0.01)  # not a bfloat16
-    assert v1[7] == 1 and v2[7] == 2
+    v2 = make_file(version=2)
+    v1 = make_file(step=0.01, version=2)  # not a bfloat16
+    assert v1[7] == 1 and v2[7] == 2 and make_file()[7] == 3 and make_file()[8:] == v2[8:]
+    with pytest.raises(ValueError, match="version 3 needs"):  # a version-3 stream cannot go into version 1
+        make_file(step=0.01)
     assert len(v1) - len(v2) == 3 * len(ARCH.tensor_shapes())  # 9-byte records against 6-byte ones
     f = bs.loads(v1)
     assert f.version == 1 and f.codings[0] == TensorCoding(0.01, 7, bs.MODEL_LAPLACE, 40000)
     uniform = TensorCoding(0.5, 3, bs.MODEL_UNIFORM, 0)
-    f = NifFile(Header(9, 9, "L", 0, Architecture(1, (4,), 1, 1.4, 30.0)), [uniform] * 4, b"\x01\x00\x00\x00")
+    f = NifFile(Header(9, 9, "L", 0, Architecture(1, (4,), 1, 1.4, 30.0)), [uniform] * 4, b"\x01\x00\x00\x00", version=2)
     assert bs.loads(bs.dumps(f)).codings == [uniform] * 4 and bs.dumps(f)[7] == 2
 
 
@@ -61,8 +63,8 @@ def test_signature_and_version():
     assert data.startswith(bs.MAGIC + bytes([bs.VERSION]))
     with pytest.raises(FormatError, match="not a NIF"):
         bs.loads(b"\x89PNG\r\n\x1a\n" + data[8:])
-    with pytest.raises(FormatError, match="unsupported NIF version 3"):
-        bs.loads(bs.MAGIC + b"\x03" + data[8:])
+    with pytest.raises(FormatError, match="unsupported NIF version 4"):
+        bs.loads(bs.MAGIC + b"\x04" + data[8:])
 
 
 def test_bad_crc_is_named():

@@ -25,10 +25,10 @@ def built_file(arch, mode, colour, size, seed=1, qmax=7) -> bytes:
     codings, syms = [], []
     for i, (_, shape) in enumerate(arch.tensor_shapes()):
         model = bs.MODEL_LAPLACE if i % 2 else bs.MODEL_UNIFORM
-        codings.append(bs.TensorCoding(0.04, qmax, model, 40000 if model == bs.MODEL_LAPLACE else 0))
+        codings.append(bs.TensorCoding(2**-5, qmax, model, 40000 if model == bs.MODEL_LAPLACE else 0))
         syms.append(rng.integers(-qmax, qmax + 1, size=int(np.prod(shape))))
     header = bs.Header(size[0], size[1], mode, colour, arch)
-    return bs.dumps(bs.NifFile(header, codings, entropy.encode(syms, codings)))
+    return bs.dumps(bs.NifFile(header, codings, entropy.encode(syms, codings, arch.sine_layers())))
 
 
 @pytest.fixture(scope="module")

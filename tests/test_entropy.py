@@ -1,10 +1,11 @@
 import hashlib
+import math
 
 import numpy as np
 import pytest
 
 from pillow_nif import entropy
-from pillow_nif.bitstream import MODEL_LAPLACE, MODEL_UNIFORM, FormatError, TensorCoding
+from pillow_nif.bitstream import MODEL_LAPLACE, MODEL_UNIFORM, Architecture, FormatError, TensorCoding
 
 
 def test_laplace_table_is_integer_exact_and_stable():
@@ -52,3 +53,58 @@ def test_garbage_stream_is_a_format_error_or_decodes():
             assert np.all(np.abs(out[0]) <= 7)
         except FormatError:
             pass
+
+
+def _network_symbols(arch, seed):
+    """Random symbols for every tensor of `arch`, with the cases an arrangement must survive: two neurons
+    with the same key, one the negation of another, an all-zero neuron."""
+    rng = np.random.default_rng(seed)
+    syms = [np.clip(np.round(rng.laplace(0, 3, shape)), -20, 20).astype(np.int64) for _, shape in arch.tensor_shapes()]
+    for w, b, _ in arch.sine_layers():
+        if syms[b].size >= 4:
+            syms[w][1], syms[b][1] = syms[w][0], syms[b][0]
+            syms[w][2], syms[b][2] = -syms[w][0], -syms[b][0]
+            syms[w][3], syms[b][3] = 0, 0
+    return syms
+
+
+ARCH = Architecture(3, (24, 12, 6), 3, 1.4, 30.0, (8, 4), 2, 30.0, 10.0)
+
+
+@pytest.mark.parametrize("arch", [ARCH, Architecture(1, (5,), 2, 1.4, 30.0), Architecture(3, (1, 2), 1, 1.4, 30.0, (1,), 1, 30.0, 1.0)])
+def test_arrangement_round_trips_to_the_canonical_network_and_carries_its_bits(arch):
+    syms = _network_symbols(arch, 0)
+    codings = [TensorCoding(0.1, 20, MODEL_LAPLACE, 50000)] * len(syms)
+    plain = entropy.encode(syms, codings)
+    arranged = entropy.encode(syms, codings, arch.sine_layers())
+    out = entropy.decode(arranged, codings, [s.size for s in syms], arch.sine_layers())
+    canon = entropy.canonical(syms, arch.sine_layers())
+    assert all(np.array_equal(a.ravel(), b) for a, b in zip(canon, out))
+    # The arrangement's bits come off the file, to the 32-bit word.
+    saved = 8 * (len(plain) - len(arranged))
+    assert abs(saved - entropy.arrangement_bits(syms, arch.sine_layers())) <= 64
+    # Three neurons with one key (up to sign) carry no order among them, the all-zero one no sign: each of
+    # the 5 layers claims log2(3!) + 1 bits less than its n! orders and 2^n signs.
+    if arch is ARCH:
+        full = sum(math.lgamma(n + 1) / math.log(2) + n for n in (*arch.widths, *arch.mod_widths))
+        assert entropy.arrangement_bits(syms, arch.sine_layers()) == pytest.approx(full - 5 * (math.log2(6) + 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_canonical_form_is_the_same_network(seed):
+    import torch
+
+    from pillow_nif.model import NIF, pixel_grid
+
+    syms = _network_symbols(ARCH, seed)
+    canon = entropy.canonical(syms, ARCH.sine_layers())
+    assert any(not np.array_equal(a, b) for a, b in zip(syms, canon))  # it did rearrange
+    coords = pixel_grid(13, 11, dtype=torch.float64)
+    outputs = []
+    for tensors in (syms, canon):
+        net = NIF(ARCH).double()
+        with torch.no_grad():
+            for (_, p), t in zip(net.named_tensors(), tensors):
+                p.copy_(torch.from_numpy(t.reshape(p.shape) * 0.02))
+            outputs.append(net.forward_points(coords))
+    assert torch.allclose(outputs[0], outputs[1], rtol=0, atol=1e-9)

@@ -52,10 +52,10 @@ def built_file(arch, mode="RGB", colour=0, size=(12, 9), seed=0, metadata=None, 
     for i, (_, shape) in enumerate(arch.tensor_shapes()):
         q = 0 if i == 1 else qmax  # one all-zero tensor: it takes nothing from the stream
         model = bs.MODEL_LAPLACE if i % 2 else bs.MODEL_UNIFORM
-        codings.append(bs.TensorCoding(0.05, q, model, 30000 if model == bs.MODEL_LAPLACE else 0))
+        codings.append(bs.TensorCoding(2**-4, q, model, 30000 if model == bs.MODEL_LAPLACE else 0))
         syms.append(rng.integers(-q, q + 1, size=int(np.prod(shape))))
     header = bs.Header(size[0], size[1], mode, colour, arch)
-    return bs.dumps(bs.NifFile(header, codings, entropy.encode(syms, codings), metadata or {}))
+    return bs.dumps(bs.NifFile(header, codings, entropy.encode(syms, codings, arch.sine_layers()), metadata or {}))
 
 
 MOD_ARCH = bs.Architecture(3, (6, 4), 2, 1.4, 30.0, (3,), 1, 20.0, 2.0)
@@ -266,7 +266,7 @@ def headers(draw):
     return out
 
 
-RECORD_SIZE = {1: 9, 2: 6}
+RECORD_SIZE = {1: 9, 2: 6, 3: 6}
 
 
 @st.composite
@@ -485,7 +485,7 @@ def test_regression_nan_network_output_decodes_to_zero(hostile, arch):
     """Was: NaN outputs went through an undefined float->int cast; now they are 0 (as the Triton clamp)."""
     data = built_file(arch, "RGB", 0, size=(5, 5))
     f = bs.loads(data)
-    codings = [bs.TensorCoding(9e29, 5, bs.MODEL_UNIFORM, 0)] * len(arch.tensor_shapes())  # and huge weights
+    codings = [bs.TensorCoding(bs.bf16_ceil(9e29), 5, bs.MODEL_UNIFORM, 0)] * len(arch.tensor_shapes())  # and huge weights
     huge = bs.dumps(bs.NifFile(f.header, codings, f.stream))
     for d in (data, huge):
         a = check(d)["decode"][1]

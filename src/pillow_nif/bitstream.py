@@ -1,4 +1,4 @@
-"""The .nif container, versions 1 and 2, in pure Python (no torch): see docs/FORMAT.md.
+"""The .nif container, versions 1 to 3, in pure Python (no torch): see docs/FORMAT.md.
 
 A file is ``MAGIC`` (7 bytes) + a version byte + chunks. Each chunk is
 ``type (4 ASCII) | length (u32 BE) | payload | CRC32 (u32 BE, over type and payload)``,
@@ -17,10 +17,11 @@ import zlib
 
 MAGIC = b"\x8bNIF\r\n\x1a"
 # Version 2 differs from 1 only in the WGTS records: 6 bytes (bfloat16 step, qmax, param) instead of 9.
-# At 0.3 bpp on 256x256 that is 1.3 % of the file. dumps() writes 2 whenever the codings fit it, as the
-# encoder's always do; readers accept both.
-VERSION = 2
-VERSIONS = (1, 2)
+# At 0.3 bpp on 256x256 that is 1.3 % of the file. Version 3 has version 2's records and codes the order and
+# signs of each sine layer's neurons as data (bits-back, see entropy.py): 1.1-2 % of the file. The encoder
+# writes 3; readers accept all three.
+VERSION = 3
+VERSIONS = (1, 2, 3)
 SIGNATURE = MAGIC + bytes([VERSION])
 
 # Modes: code -> (Pillow mode, channels, bits per sample).
@@ -108,6 +109,15 @@ class Architecture:
                 shapes += [(f"modulation.{i}.weight", (dims[i + 1], dims[i])), (f"modulation.{i}.bias", (dims[i + 1],))]
         return shapes
 
+    def sine_layers(self) -> list[tuple[int, int, int]]:
+        """(weight, bias, next weight) tensor indices of each sine layer, in bitstream order. Its neurons can be
+        permuted, or negated (sin is odd), with the next layer's columns, without changing the network."""
+        out, base = [], 0
+        for widths in (self.widths, self.mod_widths):
+            out += [(base + 2 * i, base + 2 * i + 1, base + 2 * i + 2) for i in range(len(widths))]
+            base += 2 * (len(widths) + 1)
+        return out
+
     def num_params(self) -> int:
         total = 0
         for _, shape in self.tensor_shapes():
@@ -169,7 +179,9 @@ class NifFile:
     codings: list[TensorCoding]
     stream: bytes  # the constriction ANS words, little-endian u32
     metadata: dict[str, bytes] = dataclasses.field(default_factory=dict)
-    version: int = VERSION  # what loads() read; dumps() picks its own
+    # 3: the stream arranges the sine layers' neurons (entropy.encode with the architecture); dumps() writes 3.
+    # 1 or 2: it does not; dumps() writes 2, or 1 for codings a version-2 record cannot hold. loads() sets it.
+    version: int = VERSION
 
 
 def _f32_bits(v: float) -> int:
@@ -223,10 +235,12 @@ def dumps(f: NifFile) -> bytes:
         raise ValueError("one coding per tensor is needed")
     if len(f.stream) % 4:
         raise ValueError("the entropy-coded stream is a whole number of 32-bit words")
+    if f.version == 3 and not all(_compact(c) for c in f.codings):
+        raise ValueError("version 3 needs codings a 6-byte record holds (bfloat16 steps)")
     if all(_compact(c) for c in f.codings):
-        version = 2
+        version = 3 if f.version == 3 else 2
         records = [_CODING2.pack(_f32_bits(c.step) >> 16, c.qmax, c.param) for c in f.codings]
-    else:  # steps or parameters that version 2 cannot hold (hand-made codings)
+    else:  # steps or parameters that version 2 cannot hold (hand-made codings of a version 1-2 stream)
         version = 1
         records = [_CODING.pack(c.step, c.qmax, c.model, c.param) for c in f.codings]
     weights = b"".join(records) + f.stream
@@ -282,7 +296,7 @@ def parse_header(payload: bytes) -> Header:
 
 
 def _record(r: _Reader, version: int) -> tuple[float, int, int, int]:
-    if version == 1:
+    if version == 1:  # versions 2 and 3 share the 6-byte record
         return r.unpack(_CODING)
     step, qmax, param = r.unpack(_CODING2)
     return _bits_f32(step << 16), qmax, MODEL_LAPLACE if param else MODEL_UNIFORM, param

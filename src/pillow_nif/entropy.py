@@ -4,9 +4,21 @@ All tensors of a file share one ANS stream. Each tensor has its own i.i.d. model
 over [-qmax, qmax] or a two-sided geometric ("discrete Laplace") distribution p(k) ~ r^|k| with
 r = param / 65536. The geometric table is built with integer arithmetic only, so the encoder and
 any decoder, on any CPU, hand constriction bit-identical inputs and get the same coding tables.
+
+Version 3 also codes data in the *arrangement* of each sine layer's neurons (bits-back coding; Townsend
+et al. 2019, Severo et al. 2021 for multisets). A layer's n neurons (a row of its weight and its bias, with
+the next layer's column) can be put in any of n! orders and each negated (sin is odd) without changing
+the network, so a fixed i.i.d. code wastes log2(n!) + n bits a layer: 1.1-2 % of a file. The encoder stores
+every layer in a canonical form (each neuron's key (bias, row) made to start positive, keys sorted; the
+next layer's columns follow), then, for each layer, *decodes* an arrangement from the ANS stack (which
+neuron goes first, ..., then the signs) and stores the layer's rows in it. The decoder reads the rows,
+sees the arrangement, puts the layer back in canonical form (which is what the next layer's columns
+expect) and *encodes* the arrangement back, restoring the stack for the tensors before it.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -64,28 +76,147 @@ def choose_model(sym: np.ndarray, qmax: int) -> tuple[int, int, float]:
     return best
 
 
-def encode(tensors: list[np.ndarray], codings: list[TensorCoding]) -> bytes:
-    """Entropy code integer symbol arrays (each within its coding's [-qmax, qmax])."""
+# ---- the arrangement of a sine layer's neurons (version 3) ----------------------------------------------------
+
+
+def _keys(weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each neuron's key [bias, row...] negated where needed to start (first non-zero) positive; the signs
+    (-1 where negated; +1 for an all-zero key, which has no sign to code)."""
+    keys = np.concatenate([bias.reshape(-1, 1), weight.reshape(bias.size, -1)], axis=1).astype(np.int64)
+    nz = keys != 0
+    first = keys[np.arange(len(keys)), nz.argmax(axis=1)]
+    signs = np.where(first < 0, -1, 1)
+    return keys * signs[:, None], signs
+
+
+def _classes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct keys (sorted: the canonical order) and each neuron's class among them."""
+    distinct, cls = np.unique(keys, axis=0, return_inverse=True)
+    return distinct, cls.reshape(-1)
+
+
+def canonical(tensors: list[np.ndarray], layers) -> list[np.ndarray]:
+    """The same network with every sine layer's neurons made positive and sorted by key (new arrays).
+
+    `layers` are (weight, bias, next weight) tensor indices (Architecture.sine_layers); weights are (out, in)."""
+    out = [np.asarray(t, dtype=np.int64).copy() for t in tensors]
+    for w, b, nxt in layers:  # in order: a layer's keys hold its columns, which the layer before arranged
+        n = out[b].size
+        keys, signs = _keys(out[w], out[b])
+        order = np.argsort(_classes(keys)[1], kind="stable")
+        out[w] = keys[order, 1:].reshape(out[w].shape)
+        out[b] = keys[order, 0].reshape(out[b].shape)
+        nw = out[nxt].reshape(-1, n) * signs[None, :]
+        out[nxt] = nw[:, order].reshape(out[nxt].shape)
+    return out
+
+
+def arrangement_bits(tensors: list[np.ndarray], layers) -> float:
+    """Bits the arrangements carry: log2 of the distinct orders (n! over ties) plus a sign a non-zero neuron."""
+    bits = 0.0
+    for w, b, _ in layers:
+        keys, _ = _keys(tensors[w], tensors[b])
+        _, cls = _classes(keys)
+        counts = np.bincount(cls)
+        bits += (math.lgamma(len(cls) + 1) - sum(math.lgamma(m + 1) for m in counts)) / math.log(2)
+        bits += int(np.count_nonzero(np.any(keys != 0, axis=1)))
+    return bits
+
+
+def _choice_model(counts: np.ndarray):
+    """The model of which class comes next: proportional to the neurons left in each (those with any);
+    None when one class is left (nothing to code)."""
+    import constriction
+
+    left = counts[counts > 0]
+    if len(left) == 1:
+        return None
+    if np.all(left == 1):
+        return constriction.stream.model.Uniform(len(left))
+    return constriction.stream.model.Categorical(left.astype(np.float64), perfect=False)
+
+
+def _pop_arrangement(coder, keys: np.ndarray) -> np.ndarray:
+    """The canonical layer's rows `keys` in an arrangement decoded from `coder`'s stack (the encoder)."""
+    import constriction
+
+    distinct, cls = _classes(keys)
+    counts = np.bincount(cls, minlength=len(distinct))
+    order = np.empty(len(keys), dtype=np.int64)
+    for p in range(len(keys)):  # which class comes p-th, among the classes with neurons left
+        model = _choice_model(counts)
+        c = np.flatnonzero(counts)[int(coder.decode(model)) if model else 0]
+        counts[c] -= 1
+        order[p] = c
+    rows = distinct[order]
+    signed = np.flatnonzero(np.any(rows != 0, axis=1))
+    if signed.size:
+        flips = coder.decode(constriction.stream.model.Uniform(2), signed.size)
+        rows[signed] *= 1 - 2 * flips.astype(np.int64)[:, None]
+    return rows
+
+
+def _push_arrangement(coder, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_pop_arrangement's inverse (the decoder): encode the stored rows' arrangement back onto the stack;
+    returns the layer in canonical form."""
+    import constriction
+
+    keys, signs = _keys(weight, bias)
+    signed = np.flatnonzero(np.any(keys != 0, axis=1))
+    if signed.size:  # popped last, so pushed first
+        coder.encode_reverse((signs[signed] < 0).astype(np.int32), constriction.stream.model.Uniform(2))
+    distinct, cls = _classes(keys)
+    counts = np.bincount(cls, minlength=len(distinct))
+    choices = []
+    for c in cls:  # each position's model, as the encoder had it
+        choices.append((int(np.count_nonzero(counts[:c])), _choice_model(counts)))
+        counts[c] -= 1
+    for k, model in reversed(choices):
+        if model:
+            coder.encode_reverse(np.array([k], dtype=np.int32), model)
+    rows = distinct[np.sort(cls)]
+    return rows[:, 1:].reshape(weight.shape), rows[:, 0].reshape(bias.shape)
+
+
+def encode(tensors: list[np.ndarray], codings: list[TensorCoding], layers=()) -> bytes:
+    """Entropy code integer symbol arrays (each within its coding's [-qmax, qmax]).
+
+    With `layers` (Architecture.sine_layers(): version 3) the network is stored in canonical form with
+    each layer's rows in an arrangement that carries stack bits; decode() with the same layers returns
+    the canonical form (the same network)."""
     import constriction
 
     coder = constriction.stream.stack.AnsCoder()
-    # ANS is a stack: encode in reverse so that the decoder reads tensors in bitstream order.
-    for sym, c in reversed(list(zip(tensors, codings))):
+    tensors = canonical(tensors, layers) if layers else list(tensors)
+    weight_of = {b: w for w, b, _ in layers}
+    # ANS is a stack: encode in reverse so that the decoder reads tensors in bitstream order. A layer's
+    # arrangement is taken after the tensors behind it are on the stack, before its bias and weight.
+    for i in reversed(range(len(tensors))):
+        if i in weight_of:
+            w = weight_of[i]
+            rows = _pop_arrangement(coder, np.concatenate([tensors[i].reshape(-1, 1), tensors[w].reshape(tensors[i].size, -1)], 1))
+            tensors[w], tensors[i] = rows[:, 1:].reshape(tensors[w].shape), rows[:, 0].reshape(tensors[i].shape)
+        sym, c = tensors[i], codings[i]
         if sym.size and c.qmax:  # qmax 0: every symbol is 0, nothing to code
             coder.encode_reverse((sym.ravel() + c.qmax).astype(np.int32), _model(c))
     return coder.get_compressed().astype("<u4").tobytes()
 
 
-def decode(stream: bytes, codings: list[TensorCoding], sizes: list[int]) -> list[np.ndarray]:
+def decode(stream: bytes, codings: list[TensorCoding], sizes: list[int], layers=()) -> list[np.ndarray]:
+    """Symbol arrays (flat) of the tensors; with `layers`, version 3's canonical form (see encode)."""
     import constriction
 
     words = np.frombuffer(stream, dtype="<u4").astype(np.uint32)
+    weight_of = {b: w for w, b, _ in layers}
     try:
         coder = constriction.stream.stack.AnsCoder(words)
         out = []
-        for c, n in zip(codings, sizes):
+        for i, (c, n) in enumerate(zip(codings, sizes)):
             sym = coder.decode(_model(c), n) if n and c.qmax else np.zeros(n, dtype=np.int32) + c.qmax
             out.append(sym.astype(np.int64) - c.qmax)
+            if i in weight_of and n:
+                w = weight_of[i]
+                out[w], out[i] = _push_arrangement(coder, out[w], out[i])
     except (ValueError, RuntimeError, AssertionError) as e:  # constriction reports bad data this way
         raise FormatError(f"corrupt weight stream: {e}") from e
     return out

@@ -575,7 +575,7 @@ def _codings_for(
 
 
 def _file(header: Header, codings, syms, metadata) -> bytes:
-    stream = entropy.encode(syms, codings)
+    stream = entropy.encode(syms, codings, header.arch.sine_layers())  # version 3
     return bitstream.dumps(NifFile(header, codings, stream, metadata))
 
 
@@ -588,10 +588,12 @@ def _overhead_bytes(header: Header, metadata: dict) -> int:
 def _estimate_factor(header: Header, tensors, budget_bytes: int, metadata: dict, scales=None, lo_factor: float = 1e-4):
     """Smallest step factor whose *estimated* file fits (bisection on log(factor); no coding)."""
     overhead = _overhead_bytes(header, metadata)
+    layers = header.arch.sine_layers()
     lo, hi = math.log(lo_factor), math.log(64.0)
     for _ in range(30):
         mid = (lo + hi) / 2
-        _, _, bits = _codings_for(tensors, math.exp(mid), scales)
+        _, syms, bits = _codings_for(tensors, math.exp(mid), scales)
+        bits -= entropy.arrangement_bits(syms, layers)  # the bits the neurons' arrangement carries
         # ANS costs a little over the estimate: leave a word of slack plus 0.5 %.
         if overhead + bits * 1.005 / 8 + 8 <= budget_bytes:
             hi = mid
@@ -669,7 +671,9 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
         weights[name] = t
         # Coarser never helps: make distortion non-decreasing in the step (measurement noise).
         dist[i, first:] = np.maximum.accumulate(np.maximum(dist[i, first:], 0.0))
-    target_bits = (budget_bytes - _overhead_bytes(header, metadata) - 8) * 8 / 1.005
+    # Plus the bits the neurons' arrangement carries (all of them unless neurons tie, which is rare).
+    free = sum(math.lgamma(n + 1) / math.log(2) + n for n in (*header.arch.widths, *header.arch.mod_widths))
+    target_bits = (budget_bytes - _overhead_bytes(header, metadata) - 8) * 8 / 1.005 + free
 
     def pick(lam):
         j = np.argmin(dist + lam * bits, axis=1)
