@@ -225,12 +225,21 @@ def mutate_header_field(rng: random.Random, p: bytes) -> bytes:
     return bytes(p)
 
 
-def mutate_weights(rng: random.Random, p: bytes, n_tensors: int) -> bytes:
+def mutate_weights(rng: random.Random, p: bytes, n_tensors: int, version: int = 1) -> bytes:
     p = bytearray(p)
-    rec = 9 * n_tensors
+    size = 9 if version == 1 else 6  # versions 2 and 3: step (bfloat16) qmax param, u16 each
+    rec = size * n_tensors
     which = rng.randrange(6)
+    if which <= 2 and n_tensors and rec <= len(p) and size == 6:
+        k = size * rng.randrange(n_tensors)
+        field = rng.randrange(3)
+        if field == 0 and rng.random() < 0.5:  # a step from the interesting floats, as its bfloat16
+            p[k : k + 2] = struct.pack(">f", rng.choice(INTERESTING_F32))[:2]
+        else:
+            p[k + 2 * field : k + 2 * field + 2] = struct.pack(">H", rng.choice(INTERESTING_U16))
+        return bytes(p)
     if which <= 2 and n_tensors and rec <= len(p):
-        k = 9 * rng.randrange(n_tensors)
+        k = size * rng.randrange(n_tensors)
         field = rng.randrange(4)
         if field == 0:
             p[k : k + 4] = struct.pack(">f", rng.choice(INTERESTING_F32))
@@ -336,7 +345,7 @@ def mutate(rng: random.Random, seeds: list[bytes]) -> tuple[str, bytes]:
                 n_tensors = len(bs.parse_header(chunks[0][1]).arch.tensor_shapes())
             except bs.FormatError:
                 n_tensors = 0
-            p = mutate_weights(rng, p, n_tensors)
+            p = mutate_weights(rng, p, n_tensors, sig[7] if len(sig) > 7 else 1)
         else:
             p = mutate_bytes(rng, p)
         chunks[i] = (k, p)

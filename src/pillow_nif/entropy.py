@@ -79,10 +79,20 @@ def choose_model(sym: np.ndarray, qmax: int) -> tuple[int, int, float]:
 # ---- the arrangement of a sine layer's neurons (version 3) ----------------------------------------------------
 
 
+def _rows(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """A layer as one row per neuron: [bias, weight row...]."""
+    return np.concatenate([bias.reshape(-1, 1), weight.reshape(bias.size, -1)], axis=1).astype(np.int64)
+
+
+def _layer(rows: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_rows' inverse, in the shapes of `weight` and `bias`."""
+    return rows[:, 1:].reshape(weight.shape), rows[:, 0].reshape(bias.shape)
+
+
 def _keys(weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each neuron's key [bias, row...] negated where needed to start (first non-zero) positive; the signs
+    """Each neuron's key (its row) negated where needed to start (first non-zero) positive; the signs
     (-1 where negated; +1 for an all-zero key, which has no sign to code)."""
-    keys = np.concatenate([bias.reshape(-1, 1), weight.reshape(bias.size, -1)], axis=1).astype(np.int64)
+    keys = _rows(weight, bias)
     nz = keys != 0
     first = keys[np.arange(len(keys)), nz.argmax(axis=1)]
     signs = np.where(first < 0, -1, 1)
@@ -104,8 +114,7 @@ def canonical(tensors: list[np.ndarray], layers) -> list[np.ndarray]:
         n = out[b].size
         keys, signs = _keys(out[w], out[b])
         order = np.argsort(_classes(keys)[1], kind="stable")
-        out[w] = keys[order, 1:].reshape(out[w].shape)
-        out[b] = keys[order, 0].reshape(out[b].shape)
+        out[w], out[b] = _layer(keys[order], out[w], out[b])
         nw = out[nxt].reshape(-1, n) * signs[None, :]
         out[nxt] = nw[:, order].reshape(out[nxt].shape)
     return out
@@ -136,24 +145,37 @@ def _choice_model(counts: np.ndarray):
     return constriction.stream.model.Categorical(left.astype(np.float64), perfect=False)
 
 
-def _pop_arrangement(coder, keys: np.ndarray) -> np.ndarray:
-    """The canonical layer's rows `keys` in an arrangement decoded from `coder`'s stack (the encoder)."""
+def _lehmer_models(n: int):
+    """The models of n distinct neurons' order, positions 0 … n-2 (the last has one choice): Uniform(n - p)."""
     import constriction
 
+    return constriction.stream.model.Uniform(), (n - np.arange(n - 1)).astype(np.int32)
+
+
+def _pop_arrangement(coder, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The layer (in canonical form) in an arrangement decoded from `coder`'s stack (the encoder)."""
+    import constriction
+
+    keys = _rows(weight, bias)
     distinct, cls = _classes(keys)
-    counts = np.bincount(cls, minlength=len(distinct))
-    order = np.empty(len(keys), dtype=np.int64)
-    for p in range(len(keys)):  # which class comes p-th, among the classes with neurons left
-        model = _choice_model(counts)
-        c = np.flatnonzero(counts)[int(coder.decode(model)) if model else 0]
-        counts[c] -= 1
-        order[p] = c
+    n = len(keys)
+    if len(distinct) == n:  # no ties (the usual case): the models do not depend on the choices, so one call
+        left = list(range(n))
+        order = [left.pop(k) for k in (coder.decode(*_lehmer_models(n)) if n > 1 else ())] + left
+    else:
+        counts = np.bincount(cls, minlength=len(distinct))
+        order = []
+        for _ in range(n):  # which class comes next, among the classes with neurons left
+            model = _choice_model(counts)
+            c = np.flatnonzero(counts)[int(coder.decode(model)) if model else 0]
+            counts[c] -= 1
+            order.append(c)
     rows = distinct[order]
     signed = np.flatnonzero(np.any(rows != 0, axis=1))
     if signed.size:
         flips = coder.decode(constriction.stream.model.Uniform(2), signed.size)
         rows[signed] *= 1 - 2 * flips.astype(np.int64)[:, None]
-    return rows
+    return _layer(rows, weight, bias)
 
 
 def _push_arrangement(coder, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,16 +188,20 @@ def _push_arrangement(coder, weight: np.ndarray, bias: np.ndarray) -> tuple[np.n
     if signed.size:  # popped last, so pushed first
         coder.encode_reverse((signs[signed] < 0).astype(np.int32), constriction.stream.model.Uniform(2))
     distinct, cls = _classes(keys)
-    counts = np.bincount(cls, minlength=len(distinct))
-    choices = []
-    for c in cls:  # each position's model, as the encoder had it
-        choices.append((int(np.count_nonzero(counts[:c])), _choice_model(counts)))
-        counts[c] -= 1
-    for k, model in reversed(choices):
-        if model:
-            coder.encode_reverse(np.array([k], dtype=np.int32), model)
-    rows = distinct[np.sort(cls)]
-    return rows[:, 1:].reshape(weight.shape), rows[:, 0].reshape(bias.shape)
+    n = len(cls)
+    if len(distinct) == n and n > 1:  # no ties: position p's choice is its class's rank among those left
+        earlier_below = np.tril(cls[None, :] < cls[:, None], -1).sum(axis=1)
+        coder.encode_reverse((cls - earlier_below)[:-1].astype(np.int32), *_lehmer_models(n))
+    elif len(distinct) < n:
+        counts = np.bincount(cls, minlength=len(distinct))
+        choices = []
+        for c in cls:  # each position's model, as the encoder had it
+            choices.append((int(np.count_nonzero(counts[:c])), _choice_model(counts)))
+            counts[c] -= 1
+        for k, model in reversed(choices):
+            if model:
+                coder.encode_reverse(np.array([k], dtype=np.int32), model)
+    return _layer(distinct[np.sort(cls)], weight, bias)
 
 
 def encode(tensors: list[np.ndarray], codings: list[TensorCoding], layers=()) -> bytes:
@@ -194,8 +220,7 @@ def encode(tensors: list[np.ndarray], codings: list[TensorCoding], layers=()) ->
     for i in reversed(range(len(tensors))):
         if i in weight_of:
             w = weight_of[i]
-            rows = _pop_arrangement(coder, np.concatenate([tensors[i].reshape(-1, 1), tensors[w].reshape(tensors[i].size, -1)], 1))
-            tensors[w], tensors[i] = rows[:, 1:].reshape(tensors[w].shape), rows[:, 0].reshape(tensors[i].shape)
+            tensors[w], tensors[i] = _pop_arrangement(coder, tensors[w], tensors[i])
         sym, c = tensors[i], codings[i]
         if sym.size and c.qmax:  # qmax 0: every symbol is 0, nothing to code
             coder.encode_reverse((sym.ravel() + c.qmax).astype(np.int32), _model(c))
