@@ -100,9 +100,15 @@ def _keys(weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def _classes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct keys (sorted: the canonical order) and each neuron's class among them."""
-    distinct, cls = np.unique(keys, axis=0, return_inverse=True)
-    return distinct, cls.reshape(-1)
+    """The distinct keys (sorted: the canonical order) and each neuron's class among them (np.unique(axis=0)'s
+    result, a few times faster: a lexicographic sort, first column first)."""
+    order = np.lexsort(keys.T[::-1])
+    ranked = keys[order]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = np.any(ranked[1:] != ranked[:-1], axis=1)
+    cls = np.empty(len(keys), dtype=np.int64)
+    cls[order] = np.cumsum(first) - 1
+    return ranked[first], cls
 
 
 def canonical(tensors: list[np.ndarray], layers) -> list[np.ndarray]:
