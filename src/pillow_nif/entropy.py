@@ -138,6 +138,12 @@ def arrangement_bits(tensors: list[np.ndarray], layers) -> float:
     return bits
 
 
+def untied_arrangement_bits(widths) -> float:
+    """arrangement_bits of layers of these widths when no neurons tie and none is all zero (the usual case):
+    what the rate control can count on before the weights are quantised."""
+    return sum(math.lgamma(n + 1) / math.log(2) + n for n in widths)
+
+
 def _choice_model(counts: np.ndarray):
     """The model of which class comes next: proportional to the neurons left in each (those with any);
     None when one class is left (nothing to code)."""

@@ -672,7 +672,7 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
         # Coarser never helps: make distortion non-decreasing in the step (measurement noise).
         dist[i, first:] = np.maximum.accumulate(np.maximum(dist[i, first:], 0.0))
     # Plus the bits the neurons' arrangement carries (all of them unless neurons tie, which is rare).
-    free = sum(math.lgamma(n + 1) / math.log(2) + n for n in (*header.arch.widths, *header.arch.mod_widths))
+    free = entropy.untied_arrangement_bits((*header.arch.widths, *header.arch.mod_widths))
     target_bits = (budget_bytes - _overhead_bytes(header, metadata) - 8) * 8 / 1.005 + free
 
     def pick(lam):
