@@ -270,3 +270,77 @@ def test_a_blown_up_stage_goes_back_to_its_best_weights(jolt):
 
     clean, jolted = stage(None), stage(300)
     assert math.isfinite(jolted) and jolted < 1.5 * clean
+
+
+def test_a_creeping_image_goes_back_and_slows_down_alone():
+    # kodim19 at 768x512, 1.0 bpp, effort 3 crept from a loss of 7e-3 to 4e-2 at the peak of its rate, never
+    # 4 times its best window, and came out flat at 14.6 dB (benchmarks/NOTES.md #129). A window twice the best
+    # takes the image back to its best weights and halves its updates; the other image of a stack goes on.
+    import torch
+
+    from pillow_nif import fit
+
+    p = torch.zeros(2, 3, requires_grad=True)  # two images' stacked weights, one row each
+    opt = torch.optim.SGD([p], lr=1.0)
+    guard = fit.CollapseGuard([p], opt, window=2)
+
+    def window(at: float, losses):
+        with torch.no_grad():
+            p.fill_(at)
+        for _ in range(2):
+            guard.step(torch.tensor(losses))
+
+    window(0.0, [1.0, 1.0])
+    window(1.0, [0.5, 0.5])  # better: saved
+    window(2.0, [1.5, 0.6])  # image 0 at 3x its best window, image 1 only a little worse
+    assert guard.restores == 1
+    assert p[0].tolist() == [1.0] * 3 and p[1].tolist() == [2.0] * 3
+    assert guard.pace.tolist() == [0.5, 1.0]
+    p.grad = torch.ones_like(p)
+    with guard.paced():
+        opt.step()
+    assert p[0].tolist() == [0.5] * 3 and p[1].tolist() == [1.0] * 3  # image 0 moves half as far
+
+
+def test_a_fit_the_guard_never_stops_is_untouched_by_it():
+    # The pace costs nothing and changes nothing until an image is restored: the same weights as a plain loop.
+    import torch
+
+    from pillow_nif import fit
+
+    p = torch.ones(3, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1)
+    guard = fit.CollapseGuard([p], opt, window=2)
+    for i in range(10):
+        p.grad = torch.full_like(p, 1.0)
+        guard.step(torch.tensor([1.0 / (i + 1)]))
+        with guard.paced():
+            opt.step()
+    assert guard.pace is None and guard.restores == 0
+    torch.testing.assert_close(p.detach(), torch.full((3,), 0.0), rtol=0, atol=1e-6)
+
+
+def test_a_stage_that_samples_little_of_the_image_warms_its_rate_up_slowly():
+    # kodim02 at 768x512, 1.0 bpp, effort 3 (1/64 of the image a step, its rate warmed up in 40 of 400 steps) left
+    # the basin at the peak and came out at 20.6 dB; warmed up over half the stage, 31.8 (benchmarks/NOTES.md
+    # #129). A 256x256 crop (1/16 a step) keeps the short warm-up, which fitted the crops better.
+    from pillow_nif import fit
+
+    cfg = FitConfig()
+
+    def rates(h: int, w: int) -> list[float]:
+        f = fit.Fitter(np.zeros((h, w, 3)), choose_architecture(w, h, 3, 2000, cfg), "cpu", fit.EFFORTS[1], cfg, 0)
+        seen, make = [], f.optimizer
+
+        def optimizer(*args, **kwargs):
+            opt = make(*args, **kwargs)
+            step = opt.step
+            opt.step = lambda: (seen.append(opt.param_groups[0]["lr"]), step())
+            return opt
+
+        f.optimizer = optimizer
+        f.run_stage(20, 1.0, lambda n: None)
+        return seen
+
+    assert rates(256, 512)[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # 1/36 a step: half the stage
+    assert rates(256, 256)[:6] == pytest.approx([(i + 1) / 6 for i in range(6)])  # plain_warmup: 30 %

@@ -10,6 +10,7 @@ the *whole file* just under ``bpp * width * height`` bits.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -84,6 +85,13 @@ class FitConfig:
     # while the same change on the modulated networks of 0.6/1.0 bpp was -0.02 dB (benchmarks/NOTES.md #53).
     plain_lr: float = 2e-3
     plain_warmup: float = 0.3
+    # Where a step samples less than `decay_fraction` of the image, a fitting stage warms its rate up over at least
+    # this many steps, or half the stage if shorter. Effort 3's 400-step stages warmed up in 40, and the large
+    # networks of full-size images left the basin at the peak: at 768x512 (1/64 of the image a step), 1.0 bpp,
+    # kodim02 came out at 20.6 dB and kodim19 at 14.6; over 200 steps, 31.8 and 28.4 dB. On 256x256 crops (1/16 a
+    # step) the same 200 steps cost 0.06-0.15 dB at effort 3, so they keep the short warm-up (NOTES.md #129).
+    # Stages of 4000 steps (effort 5 up) warm up over 400 steps either way.
+    min_warmup_steps: int = 400
     weight_decay: float = 1e-4
     # Gradient-norm clipping. Without it a large network could leave the basin for good while the learning
     # rate warms up: kodim02 (768x512, 0.6 bpp, 57k parameters, effort 7) stalled at 25 dB (network units)
@@ -344,9 +352,12 @@ class Fitter:
         decay = self.cfg.weight_decay if weights_fn is None else 0.0
         opt = self.optimizer(lr, decay, tuning=weights_fn is not None)
         hold = self.cfg.lr_hold if weights_fn is None else 0.0
+        warmup = self.warmup
+        if weights_fn is None and self.stride**2 * self.cfg.decay_fraction > 1:  # not the tuning's tiny rate
+            warmup = max(warmup, min(self.cfg.min_warmup_steps / iters, 0.5))
         guard = CollapseGuard(params, opt)
         for it in range(iters):
-            f = lr_factor(it, iters, self.warmup, hold, self.cfg.lr_floor)
+            f = lr_factor(it, iters, warmup, hold, self.cfg.lr_floor)
             for g in opt.param_groups:
                 g["lr"] = lr * f
             rows, cols = self.sample()
@@ -356,7 +367,8 @@ class Fitter:
             loss.backward()
             self.clip_gradients()
             guard.step(self.image_losses(loss))  # before the update: these weights are the ones just measured
-            opt.step()
+            with guard.paced():
+                opt.step()
             tick(1)
 
     def optimizer(self, lr: float, decay: float, tuning: bool):
@@ -463,23 +475,29 @@ def lr_factor(it: int, iters: int, warmup: float, hold: float, floor: float) -> 
 
 
 class CollapseGuard:
-    """Keeps each image's best weights of a stage and goes back to them if its loss blows up.
+    """Keeps each image's best weights of a stage and goes back to them, at half the pace, if its loss blows up
+    or drifts up.
 
     A sine network trained at a high rate now and then leaves the basin for good: kodim03's 256x256 crop at
     1.0 bpp with 2 x 3000 steps went from a loss of 3.5e-4 to 3e-2 within 250 steps, at the peak of the
     first stage's rate, and ended at the flat image (14.7 dB instead of 35.7; benchmarks/NOTES.md #68).
+    A large network whose rate warms up fast can also creep out of it: kodim19 at 768x512, 1.0 bpp, effort 3
+    (290-wide, a 40-step warm-up) went from 7e-3 at the peak of the rate to 4e-2 in 150 steps, never 4 times its
+    best window, and ended at the flat image (14.6 dB; NOTES.md #129).
     Every `window` steps, before the update, the mean loss is compared with the best window's: lower (and
-    the last step's loss, that of the weights at hand, not `blowup` times higher), and the weights and the
-    optimiser's moments are saved; `blowup` times higher (or not finite), and they are restored and the
-    step's gradient dropped. Tensors whose first dimension is the image (BatchFitter's stacks) are saved
-    and restored per image.
+    the last step's loss, that of the weights at hand, not `spike` times higher), and the weights and the
+    optimiser's moments are saved; `rise` times higher (or not finite), and they are restored, the step's
+    gradient dropped, and the image's updates are halved from then on (`paced`: a lower rate for the rest
+    of the stage, since the one it had just failed). Tensors whose first dimension is the image (BatchFitter's
+    stacks) are saved, restored and paced per image.
     """
 
-    def __init__(self, params, opt, window: int = 50, blowup: float = 4.0):
-        self.params, self.opt, self.window, self.blowup = params, opt, window, blowup
+    def __init__(self, params, opt, window: int = 50, rise: float = 2.0, spike: float = 4.0):
+        self.params, self.opt, self.window, self.rise, self.spike = params, opt, window, rise, spike
         self.total, self.count = None, 0
         self.best = self.saved = None
         self.restores = 0
+        self.pace = None  # each image's share of its updates; None while every image keeps all of them
 
     def tensors(self):
         """Parameters and the optimiser's per-element state (its step counters are shared: left alone)."""
@@ -496,17 +514,41 @@ class CollapseGuard:
         mean, self.total, self.count = self.total / self.window, None, 0
         if self.best is None:  # the first window: everything finite is better than nothing
             self.best, self.saved = torch.full_like(mean, math.inf), [t.detach().clone() for t in self.tensors()]
-        collapsed = ~(mean <= self.blowup * self.best)  # NaN counts as a collapse
-        better = (mean < self.best) & (losses <= self.blowup * self.best)
+        collapsed = ~(mean <= self.rise * self.best)  # NaN counts as a collapse
+        better = (mean < self.best) & (losses <= self.spike * self.best)
         self.restores += int(collapsed.sum())
         with torch.no_grad():
             for t, s in zip(self.tensors(), self.saved):
-                rows = lambda m: m.reshape(-1, *([1] * (t.dim() - 1)))  # noqa: E731
-                s.copy_(torch.where(rows(better), t, s))
-                t.copy_(torch.where(rows(collapsed), s, t))
+                s.copy_(torch.where(_rows(better, t), t, s))
+                t.copy_(torch.where(_rows(collapsed, t), s, t))
                 if t.grad is not None:
-                    t.grad.copy_(torch.where(rows(collapsed), 0.0, t.grad))
+                    t.grad.copy_(torch.where(_rows(collapsed, t), 0.0, t.grad))
         self.best = torch.where(better, mean, self.best)
+        if collapsed.any():
+            pace = torch.ones_like(mean) if self.pace is None else self.pace
+            self.pace = torch.where(collapsed, pace / 2, pace)
+
+    @contextlib.contextmanager
+    def paced(self):
+        """Around the optimiser's step: scales each image's update by its pace (the step at a rate times the
+        pace: AdamW's and Muon's updates and decays are all proportional to the rate). Costs nothing until an
+        image has been restored, so a fit that never is trains exactly as it would without the guard."""
+        if self.pace is None:
+            yield
+            return
+        import torch
+
+        with torch.no_grad():
+            before = [p.detach().clone() for p in self.params]
+        yield
+        with torch.no_grad():
+            for p, b in zip(self.params, before):
+                p.lerp_(b, 1 - _rows(self.pace, p))
+
+
+def _rows(m, t):
+    """Per-image values `m` shaped to broadcast over `t`, whose first dimension is the image."""
+    return m.reshape(-1, *([1] * (t.dim() - 1)))
 
 
 def pixel_axes(h: int, w: int, rows, cols, device):
