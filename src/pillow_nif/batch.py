@@ -304,7 +304,7 @@ class BatchFitter(fit.Fitter):
         sq = sum(g.reshape(self.count, -1).square().sum(1) for g in grads)
         scale = (self.cfg.grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         for g in grads:
-            g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+            g.mul_(fit.per_image(scale, g))
 
     def restart(self, progress: float):
         """fit.Fitter.restart on each image from the same generator state: the noise one-at-a-time
@@ -360,7 +360,7 @@ class BatchFitter(fit.Fitter):
         keep = torch.from_numpy(better).to(self.device)
         with torch.no_grad():
             for t, b in zip(tensors, best[1]):
-                k = keep.reshape(-1, *([1] * (t.dim() - 1)))
+                k = fit.per_image(keep, t)
                 b.copy_(torch.where(k, t, b))
                 if go_back:
                     t.copy_(b)

@@ -304,6 +304,11 @@ class Fitter:
         self.stride = max(1, math.ceil(math.sqrt(self.h * self.w / batch)))
         self.subgrid = None  # built on first use: BatchFitter evaluates its stacked networks its own way
 
+    def sampled_share(self) -> float:
+        """The share of the image a step samples, relative to cfg.decay_fraction (under 1: sparser than a
+        256x256 crop's steps of 4k pixels, where the decays and the warm-up were tuned)."""
+        return 1 / (self.stride**2 * self.cfg.decay_fraction)
+
     def axes(self, rows, cols):
         return pixel_axes(self.h, self.w, rows, cols, self.device)
 
@@ -353,7 +358,7 @@ class Fitter:
         opt = self.optimizer(lr, decay, tuning=weights_fn is not None)
         hold = self.cfg.lr_hold if weights_fn is None else 0.0
         warmup = self.warmup
-        if weights_fn is None and self.stride**2 * self.cfg.decay_fraction > 1:  # not the tuning's tiny rate
+        if weights_fn is None and self.sampled_share() < 1:  # not the tuning's tiny rate
             warmup = max(warmup, min(self.cfg.min_warmup_steps / iters, 0.5))
         guard = CollapseGuard(params, opt)
         for it in range(iters):
@@ -392,7 +397,7 @@ class Fitter:
         long = not modulated or self.effort.iters >= self.cfg.matrix_decay_iters
         own = {}  # the tensors with a decay of their own
         if long:
-            scale = min(1.0, 1 / (self.stride**2 * self.cfg.decay_fraction))  # the share of the image a step samples
+            scale = min(1.0, self.sampled_share())
             own = {n: scale * self.cfg.modulation_decay for n, _ in tensors
                    if n.startswith("modulation.") and n.endswith(".weight")}
             own["genesis.0.weight"] = scale * self.cfg.input_decay
@@ -519,10 +524,10 @@ class CollapseGuard:
         self.restores += int(collapsed.sum())
         with torch.no_grad():
             for t, s in zip(self.tensors(), self.saved):
-                s.copy_(torch.where(_rows(better, t), t, s))
-                t.copy_(torch.where(_rows(collapsed, t), s, t))
+                s.copy_(torch.where(per_image(better, t), t, s))
+                t.copy_(torch.where(per_image(collapsed, t), s, t))
                 if t.grad is not None:
-                    t.grad.copy_(torch.where(_rows(collapsed, t), 0.0, t.grad))
+                    t.grad.copy_(torch.where(per_image(collapsed, t), 0.0, t.grad))
         self.best = torch.where(better, mean, self.best)
         if collapsed.any():
             pace = torch.ones_like(mean) if self.pace is None else self.pace
@@ -543,11 +548,11 @@ class CollapseGuard:
         yield
         with torch.no_grad():
             for p, b in zip(self.params, before):
-                p.lerp_(b, 1 - _rows(self.pace, p))
+                p.lerp_(b, 1 - per_image(self.pace, p))
 
 
-def _rows(m, t):
-    """Per-image values `m` shaped to broadcast over `t`, whose first dimension is the image."""
+def per_image(m, t):
+    """Per-image values `m` shaped to broadcast over `t`, whose first dimension is the image (one image: any shape)."""
     return m.reshape(-1, *([1] * (t.dim() - 1)))
 
 
