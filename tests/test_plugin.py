@@ -40,6 +40,19 @@ def test_header_only_open_imports_no_torch(small_nif):
     assert out.stdout.strip() == "(97, 61) RGB True []"
 
 
+def test_save_and_load_do_not_import_torchs_compiler(tmp_path):
+    """torch.optim's optimisers import torch._dynamo when built: seconds once per process, which a one-off encode
+    (and most of a GPU encode) would pay. The fit's optimisers are written without torch.optim (optim.py)."""
+    code = (
+        "import sys, pillow_nif; from PIL import Image; "
+        "Image.new('RGB', (24, 16), (200, 40, 90)).save(sys.argv[1], bpp=4.0, effort=1); "
+        "Image.open(sys.argv[1]).load(); print([m for m in ('torch', 'torch._dynamo') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.nif")], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "['torch']"
+
+
 def test_open_from_bytes_and_file_object(small_nif):
     data = small_nif.read_bytes()
     ref = np.asarray(Image.open(small_nif))

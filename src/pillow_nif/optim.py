@@ -85,7 +85,33 @@ class _PaddedStack:
         return self.slots(_newton_schulz(self.stack, steps, eps))
 
 
-class Muon(torch.optim.Optimizer):
+class _Optimiser:
+    """What the fit uses of torch.optim.Optimizer (param_groups, state, zero_grad), without torch.optim: its
+    constructor imports torch._dynamo, which took 2.6-3.5 s once per process on this project's CPU, a third of
+    an effort-1 encode of the 256x256 example, and would be most of a GPU encode's few seconds."""
+
+    def __init__(self, params, defaults: dict):
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
+        if not any(g["params"] for g in self.param_groups):
+            raise ValueError("the optimiser got no parameters")
+        self.state: dict = {}  # parameter -> its per-parameter state, created at its first step
+
+    def zero_grad(self, set_to_none: bool = True):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    def _with_grads(self):
+        """(group, its parameters that have a gradient) for every group, in order."""
+        return [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+
+
+class Muon(_Optimiser):
     """Muon for (..., m, n) stacks of weight matrices, with torch.optim.Muon's "match_rms_adamw" scaling:
     the learning rate and weight decay tuned for AdamW carry over."""
 
@@ -101,7 +127,7 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         """One update of every group's matrices, orthogonalised together in one stack (a group sets the momentum,
         rate and decay of its own)."""
-        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        groups = self._with_grads()
         params = [p for _, ps in groups for p in ps]
         if not params:
             return
@@ -112,7 +138,10 @@ class Muon(torch.optim.Optimizer):
         for g, ps in groups:
             if ps:
                 grads = [p.grad for p in ps]
-                bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in ps]
+                for p in ps:
+                    if p not in self.state:
+                        self.state[p] = {"momentum": torch.zeros_like(p)}
+                bufs = [self.state[p]["momentum"] for p in ps]
                 torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
                 blends += torch._foreach_lerp(grads, bufs, g["momentum"])
         updates = iter(self._stacks[key].orthogonalise(blends))
@@ -127,36 +156,40 @@ class Muon(torch.optim.Optimizer):
                                                        [-lr * 0.2 * math.sqrt(max(p.shape[-2:])) for p in ps]))
 
 
-class AdamW(torch.optim.AdamW):
-    """torch's fused AdamW, with the Python bookkeeping of its step done once.
+class AdamW(_Optimiser):
+    """torch.optim.AdamW(fused=True)'s arithmetic: its state (the moments and a float32 step count per
+    parameter), created at a parameter's first step, and its fused kernel, called as torch.optim.adam._fused_adamw
+    calls it, so the updates are bitwise the same (tests/test_optim.py). Without torch.optim's per-step
+    bookkeeping (it regroups the tensors and reads their state at every call) a step of the 0.5 bpp example's
+    three groups took 0.14 instead of 0.34 ms on the CPU (benchmarks/NOTES.md #110)."""
 
-    torch.optim.AdamW.step regroups the tensors and reads their state at every call. After the first step
-    (torch's own, which creates the state) this calls the same kernel the same way (torch.optim.adam._fused_adam)
-    with the lists kept, so the results are identical. On the 0.5 bpp example (three groups) a step took 0.14
-    instead of 0.34 ms on the CPU; with Muon's stack kept, the fitting loop ran at 0.97x / 0.99x / 0.95x the
-    time at 0.5 / 1.0 / 0.3 bpp (benchmarks/NOTES.md #110).
-    """
-
-    def __init__(self, params, **kw):
-        super().__init__(params, fused=True, **kw)
-        if any(g["amsgrad"] for g in self.param_groups):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False):
+        if amsgrad:
             raise ValueError("amsgrad is not supported")
-        self._lists = None
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _state(self, p):
+        s = self.state.get(p)
+        if s is None:
+            if not p.is_floating_point():
+                raise ValueError(f"AdamW trains floating-point tensors, got {p.dtype}")
+            s = self.state[p] = dict(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        return s
 
     @torch.no_grad()
     def step(self):
-        params = [p for g in self.param_groups for p in g["params"]]
-        if self._lists is None or any(p.grad is None for p in params):
-            super().step()
-            if all(p in self.state for p in params):
-                self._lists = [(g["params"], *([self.state[p][k] for p in g["params"]]
-                                               for k in ("exp_avg", "exp_avg_sq", "step"))) for g in self.param_groups]
-            return
-        for g, (ps, avgs, sqs, counts) in zip(self.param_groups, self._lists):
+        for g, ps in self._with_grads():
+            if not ps:
+                continue
+            states = [self._state(p) for p in ps]
+            counts = [s["step"] for s in states]
             torch._foreach_add_(counts, 1)
-            torch._fused_adamw_(ps, [p.grad for p in ps], avgs, sqs, [], counts, lr=g["lr"], beta1=g["betas"][0],
-                                beta2=g["betas"][1], weight_decay=g["weight_decay"], eps=g["eps"],
-                                amsgrad=False, maximize=g["maximize"])
+            torch._fused_adamw_(ps, [p.grad for p in ps], [s["exp_avg"] for s in states],
+                                [s["exp_avg_sq"] for s in states], [], counts, lr=g["lr"], beta1=g["betas"][0],
+                                beta2=g["betas"][1], weight_decay=g["weight_decay"], eps=g["eps"], amsgrad=False,
+                                maximize=False)
 
 
 class Chain:
