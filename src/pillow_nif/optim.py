@@ -110,6 +110,13 @@ class _Optimiser:
         """(group, its parameters that have a gradient) for every group, in order."""
         return [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
 
+    def _state(self, p) -> dict:
+        """p's state, made by the optimiser's _fresh(p) at p's first step."""
+        s = self.state.get(p)
+        if s is None:
+            s = self.state[p] = self._fresh(p)
+        return s
+
 
 class Muon(_Optimiser):
     """Muon for (..., m, n) stacks of weight matrices, with torch.optim.Muon's "match_rms_adamw" scaling:
@@ -122,6 +129,9 @@ class Muon(_Optimiser):
                 if p.dim() < 2:
                     raise ValueError(f"Muon trains matrices, got a parameter of shape {tuple(p.shape)}")
         self._stacks: dict[tuple, _PaddedStack] = {}  # per set of parameters stepped together
+
+    def _fresh(self, p) -> dict:
+        return {"momentum": torch.zeros_like(p)}
 
     @torch.no_grad()
     def step(self):
@@ -138,10 +148,7 @@ class Muon(_Optimiser):
         for g, ps in groups:
             if ps:
                 grads = [p.grad for p in ps]
-                for p in ps:
-                    if p not in self.state:
-                        self.state[p] = {"momentum": torch.zeros_like(p)}
-                bufs = [self.state[p]["momentum"] for p in ps]
+                bufs = [self._state(p)["momentum"] for p in ps]
                 torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
                 blends += torch._foreach_lerp(grads, bufs, g["momentum"])
         updates = iter(self._stacks[key].orthogonalise(blends))
@@ -169,14 +176,11 @@ class AdamW(_Optimiser):
             raise ValueError("amsgrad is not supported")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    def _state(self, p):
-        s = self.state.get(p)
-        if s is None:
-            if not p.is_floating_point():
-                raise ValueError(f"AdamW trains floating-point tensors, got {p.dtype}")
-            s = self.state[p] = dict(step=torch.zeros((), dtype=torch.float32, device=p.device),
-                                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-        return s
+    def _fresh(self, p) -> dict:
+        if not p.is_floating_point():
+            raise ValueError(f"AdamW trains floating-point tensors, got {p.dtype}")
+        return dict(step=torch.zeros((), dtype=torch.float32, device=p.device), exp_avg=torch.zeros_like(p),
+                    exp_avg_sq=torch.zeros_like(p))
 
     @torch.no_grad()
     def step(self):
