@@ -367,8 +367,7 @@ class Fitter:
                 g["lr"] = lr * f
             rows, cols = self.sample()
             loss = self.loss(rows, cols, weights_fn() if weights_fn else None)
-            for p in params:  # the optimisers' zero_grad, without their per-call overhead
-                p.grad = None
+            opt.zero_grad()
             loss.backward()
             self.clip_gradients()
             guard.step(self.image_losses(loss))  # before the update: these weights are the ones just measured

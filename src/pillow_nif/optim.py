@@ -88,7 +88,7 @@ class _PaddedStack:
 class _Optimiser:
     """What the fit uses of torch.optim.Optimizer (param_groups, state, zero_grad), without torch.optim: its
     constructor imports torch._dynamo, which took 2.6-3.5 s once per process on this project's CPU, a third of
-    an effort-1 encode of the 256x256 example, and would be most of a GPU encode's few seconds."""
+    an effort-1 encode of the 256x256 example (benchmarks/NOTES.md #130); a GPU encode's target is 5 s."""
 
     def __init__(self, params, defaults: dict):
         params = list(params)
@@ -98,13 +98,11 @@ class _Optimiser:
             raise ValueError("the optimiser got no parameters")
         self.state: dict = {}  # parameter -> its per-parameter state, created at its first step
 
-    def zero_grad(self, set_to_none: bool = True):
+    def zero_grad(self):
+        """Drops the gradients (torch's set_to_none=True, the cheaper choice)."""
         for g in self.param_groups:
             for p in g["params"]:
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+                p.grad = None
 
     def _with_grads(self):
         """(group, its parameters that have a gradient) for every group, in order."""
@@ -168,7 +166,8 @@ class AdamW(_Optimiser):
     parameter), created at a parameter's first step, and its fused kernel, called as torch.optim.adam._fused_adamw
     calls it, so the updates are bitwise the same (tests/test_optim.py). Without torch.optim's per-step
     bookkeeping (it regroups the tensors and reads their state at every call) a step of the 0.5 bpp example's
-    three groups took 0.14 instead of 0.34 ms on the CPU (benchmarks/NOTES.md #110)."""
+    three groups took 0.14 instead of 0.34 ms on the CPU (benchmarks/NOTES.md #110), and 96-121 instead of
+    119-158 us once torch.optim was gone altogether (#130)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False):
@@ -209,9 +208,9 @@ class Chain:
         # optimiser's defaultdict, which creates an empty entry there instead of finding the second's.
         return {p: s for o in self.optimizers for p, s in o.state.items()}
 
-    def zero_grad(self, set_to_none: bool = True):
+    def zero_grad(self):
         for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
+            o.zero_grad()
 
     def step(self):
         for o in self.optimizers:
