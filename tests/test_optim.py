@@ -6,7 +6,7 @@ import torch
 
 from pillow_nif import fit
 from pillow_nif.fit import FitConfig, choose_architecture
-from pillow_nif.optim import AdamW, Chain, Muon, orthogonalise, orthogonalise_all
+from pillow_nif.optim import AdamW, Chain, Muon, _Stacks, orthogonalise, orthogonalise_all
 
 
 @pytest.mark.parametrize("shape", [(18, 70), (70, 32), (3, 25, 99), (2, 1, 16)])
@@ -27,6 +27,21 @@ def test_orthogonalising_several_shapes_at_once_gives_each_its_own_update():
     gen = torch.Generator().manual_seed(3)
     gs = [torch.randn(*s, generator=gen) for s in [(28, 61), (15, 28), (15, 15), (3, 15), (40, 9), (2, 7, 5)]]
     for g, o in zip(gs, orthogonalise_all(gs)):
+        assert o.shape == g.shape
+        torch.testing.assert_close(o, orthogonalise(g), rtol=1e-4, atol=1e-5)
+
+
+def test_stacks_are_split_where_padding_would_cost_more_than_the_calls_it_saves():
+    """The genesis matrices of a 768x512 image at 1.0 bpp padded to the largest took 2.5x the time of a split
+    (NOTES.md #132); a 256x256 crop's small ones stay in one stack, in their given order (the same bits as before)."""
+    gen = torch.Generator().manual_seed(4)
+    full = [torch.randn(*s, generator=gen) for s in [(290, 58), (130, 290), (72, 130), (72, 72), (3, 72)]]
+    crop = [torch.randn(*s, generator=gen) for s in [(62, 46), (28, 62), (15, 28), (15, 15), (3, 15)]]
+    split = _Stacks(full)
+    assert [1] in split.groups and len(split.groups) >= 3  # the largest alone
+    assert sorted(i for g in split.groups for i in g) == list(range(5))
+    assert _Stacks(crop).groups == [[0, 1, 2, 3, 4]]
+    for g, o in zip(full, split.orthogonalise(full)):
         assert o.shape == g.shape
         torch.testing.assert_close(o, orthogonalise(g), rtol=1e-4, atol=1e-5)
 

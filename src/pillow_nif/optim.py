@@ -48,8 +48,8 @@ def orthogonalise(g: torch.Tensor, steps: int = _NS_STEPS, eps: float = 1e-7) ->
 
 
 def orthogonalise_all(gs: list[torch.Tensor], steps: int = _NS_STEPS, eps: float = 1e-7) -> list[torch.Tensor]:
-    """orthogonalise() of several stacks of matrices of any shapes, as one zero-padded stack (_PaddedStack)."""
-    return _PaddedStack(gs).orthogonalise(gs, steps, eps)
+    """orthogonalise() of several stacks of matrices of any shapes, in zero-padded stacks (_Stacks)."""
+    return _Stacks(gs).orthogonalise(gs, steps, eps)
 
 
 class _PaddedStack:
@@ -58,7 +58,8 @@ class _PaddedStack:
     Zero rows and columns stay zero through the Newton-Schulz iteration and leave the rest as it would be on its
     own (the Gram matrix is block diagonal), so padding to the largest shape gives each matrix its own update, in
     15 batched matmuls instead of 15 per tensor (on the CPU those small calls were the optimiser's time). Muon
-    keeps one for all its matrices: the stack and its layout are built once, not at every step.
+    keeps its stacks (_Stacks: one, unless padding would cost more than the calls it saves) across steps: the
+    stacks and their layout are built once, not at every step.
     """
 
     def __init__(self, like: list[torch.Tensor]):
@@ -83,6 +84,54 @@ class _PaddedStack:
     def orthogonalise(self, gs: list[torch.Tensor], steps: int = _NS_STEPS, eps: float = 1e-7) -> list[torch.Tensor]:
         torch._foreach_copy_(self.slots(self.stack), gs)  # the padding is never written: it stays zero
         return self.slots(_newton_schulz(self.stack, steps, eps))
+
+
+# What a Newton-Schulz run costs beyond its arithmetic, in float operations per iteration. A run is ~16 calls;
+# five tiny matrices run one by one took 1.1-1.4 ms on two threads (~0.25 ms a run, ~2.5 MFLOP an iteration at the
+# ~50 GFLOP/s these products reach on this project's CPU). 4 MFLOP keeps the small networks of 256x256 crops in
+# one stack, where a split measured even on two threads (0.75 / 0.89 ms, 1.04 / 1.04) and their files stay the
+# same bits (benchmarks/NOTES.md #132).
+_CALL_FLOPS = 4e6
+
+
+def _ns_flops(count: int, m: int, n: int) -> float:
+    """Float operations of one Newton-Schulz iteration on `count` wide (m, n) matrices: X X^T, G G, (.) X."""
+    return count * (4 * m * m * n + 2 * m**3)
+
+
+def _partition(shapes: list[tuple[int, int, int]]) -> list[list[int]]:
+    """Indices of (count, m, n) wide shapes grouped into stacks of least estimated cost (calls + padded flops).
+
+    One stack for all pays for every matrix at the largest's size: at 768x512, 1.0 bpp, the genesis matrices
+    (290 x 58 ... 3 x 72) padded to 130 x 290 took 5.6 ms an update on two threads (9.7 on one) against 2.3 (4.1)
+    in the three stacks chosen here; at 0.6 bpp 3.1 (4.7) against 1.7 (2.0). Matrices sorted by size, a stack is
+    a run of that order, and the runs are chosen by dynamic programming."""
+    order = sorted(range(len(shapes)), key=lambda i: shapes[i][1] * shapes[i][2], reverse=True)
+
+    def cost(run):
+        sub = [shapes[i] for i in run]
+        return _CALL_FLOPS + _ns_flops(sum(c for c, _, _ in sub), max(m for _, m, _ in sub), max(n for *_, n in sub))
+
+    best = [(0.0, [])]  # best[i]: the cheapest grouping of order[:i]
+    for i in range(1, len(order) + 1):
+        best.append(min((best[j][0] + cost(order[j:i]), best[j][1] + [order[j:i]]) for j in range(i)))
+    return [sorted(run) for run in best[-1][1]]  # each stack in the given order: one stack is the same as before
+
+
+class _Stacks:
+    """Matrices of several shapes in as many _PaddedStacks as _partition finds cheapest; built once."""
+
+    def __init__(self, like: list[torch.Tensor]):
+        shapes = [(g.shape[:-2].numel(), min(g.shape[-2:]), max(g.shape[-2:])) for g in like]
+        self.groups = _partition(shapes)
+        self.stacks = [_PaddedStack([like[i] for i in group]) for group in self.groups]
+
+    def orthogonalise(self, gs: list[torch.Tensor], steps: int = _NS_STEPS, eps: float = 1e-7) -> list[torch.Tensor]:
+        out = [None] * len(gs)
+        for group, stack in zip(self.groups, self.stacks):
+            for i, u in zip(group, stack.orthogonalise([gs[i] for i in group], steps, eps)):
+                out[i] = u
+        return out
 
 
 class _Optimiser:
@@ -126,14 +175,14 @@ class Muon(_Optimiser):
             for p in group["params"]:
                 if p.dim() < 2:
                     raise ValueError(f"Muon trains matrices, got a parameter of shape {tuple(p.shape)}")
-        self._stacks: dict[tuple, _PaddedStack] = {}  # per set of parameters stepped together
+        self._stacks: dict[tuple, _Stacks] = {}  # per set of parameters stepped together
 
     def _fresh(self, p) -> dict:
         return {"momentum": torch.zeros_like(p)}
 
     @torch.no_grad()
     def step(self):
-        """One update of every group's matrices, orthogonalised together in one stack (a group sets the momentum,
+        """One update of every group's matrices, orthogonalised together in _Stacks (a group sets the momentum,
         rate and decay of its own)."""
         groups = self._with_grads()
         params = [p for _, ps in groups for p in ps]
@@ -141,7 +190,7 @@ class Muon(_Optimiser):
             return
         key = tuple(map(id, params))
         if key not in self._stacks:
-            self._stacks[key] = _PaddedStack(params)
+            self._stacks[key] = _Stacks(params)
         blends = []  # Nesterov: one momentum step ahead
         for g, ps in groups:
             if ps:
