@@ -32,7 +32,7 @@ def test_orthogonalising_several_shapes_at_once_gives_each_its_own_update():
 
 
 def test_stacks_are_split_where_padding_would_cost_more_than_the_calls_it_saves():
-    """The genesis matrices of a 768x512 image at 1.0 bpp padded to the largest took 2.5x the time of a split
+    """The genesis matrices of a 768x512 image at 1.0 bpp padded to the largest took 2.4x the time of a split
     (NOTES.md #132); a 256x256 crop's small ones stay in one stack, in their given order (the same bits as before)."""
     gen = torch.Generator().manual_seed(4)
     full = [torch.randn(*s, generator=gen) for s in [(290, 58), (130, 290), (72, 130), (72, 72), (3, 72)]]
