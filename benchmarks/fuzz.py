@@ -118,7 +118,7 @@ def built_file(arch: bs.Architecture, mode="RGB", colour=0, size=(12, 9), seed=0
 
 
 def golden_seeds() -> list[bytes]:
-    """The checked-in v1 vectors (tests/data/v*.nif), when present."""
+    """The checked-in golden vectors of every version (tests/data/v*.nif), when present."""
     return [p.read_bytes() for p in sorted((ROOT / "tests" / "data").glob("v*.nif"))]
 
 
@@ -193,10 +193,11 @@ def mutate_bytes(rng: random.Random, b: bytes, n: int | None = None) -> bytes:
     return bytes(b)
 
 
-# Field offsets of NHDR: width 0, height 4, mode 8, colour 9, pe_freqs 10, pe_scale 11, omega 15, n 19, widths 20...
-def mutate_header_field(rng: random.Random, p: bytes) -> bytes:
+# Field offsets of NHDR (versions 1-3): width 0, height 4, mode 8, colour 9, pe_freqs 10, pe_scale 11, omega 15,
+# n 19, widths 20... Version 4's header is varints and bytes (~16 of them): byte-level mutation covers its fields.
+def mutate_header_field(rng: random.Random, p: bytes, version: int = 1) -> bytes:
     p = bytearray(p)
-    if len(p) < 20:
+    if len(p) < 20 or version >= 4:
         return mutate_bytes(rng, bytes(p))
     which = rng.randrange(8)
     if which == 0:
@@ -225,11 +226,36 @@ def mutate_header_field(rng: random.Random, p: bytes) -> bytes:
     return bytes(p)
 
 
+def record_ends(p: bytes, n_tensors: int, version: int) -> list[int]:
+    """Where each coding record ends (version 4's take 4 or 5 bytes: qmax's first byte says which)."""
+    if version < 4:
+        size = 9 if version == 1 else 6
+        return [size * (i + 1) for i in range(n_tensors)]
+    ends, pos = [], 0
+    for _ in range(n_tensors):
+        pos += 5 if pos + 3 < len(p) and p[pos + 3] & 0x80 else 4
+        ends.append(pos)
+    return ends
+
+
 def mutate_weights(rng: random.Random, p: bytes, n_tensors: int, version: int = 1) -> bytes:
     p = bytearray(p)
     size = 9 if version == 1 else 6  # versions 2 and 3: step (bfloat16) qmax param, u16 each
-    rec = size * n_tensors
+    ends = record_ends(p, n_tensors, version)
+    rec = ends[-1] if ends else 0
     which = rng.randrange(6)
+    if which <= 2 and n_tensors and rec <= len(p) and version >= 4:  # step (bfloat16), decay index, qmax
+        i = rng.randrange(n_tensors)
+        k = ([0] + ends)[i]
+        field = rng.randrange(3)
+        if field == 0:
+            p[k : k + 2] = struct.pack(">f", rng.choice(INTERESTING_F32))[:2]
+        elif field == 1:
+            p[k + 2] = rng.choice(INTERESTING_U8)
+        else:  # qmax: one byte, or two with the top bit set (possibly non-minimal)
+            q = rng.choice(INTERESTING_U16)
+            p[k + 3 : ends[i]] = bytes([q & 0xFF]) if rng.random() < 0.5 else struct.pack(">H", q | 0x8000)
+        return bytes(p)
     if which <= 2 and n_tensors and rec <= len(p) and size == 6:
         k = size * rng.randrange(n_tensors)
         field = rng.randrange(3)
@@ -299,8 +325,8 @@ def synth_header(rng: random.Random) -> bytes:
 def synth_file(rng: random.Random) -> bytes:
     header = synth_header(rng)
     try:
-        n_tensors = len(bs.parse_header(header).arch.tensor_shapes())
-        params = bs.parse_header(header).arch.num_params()
+        n_tensors = len(bs.parse_header(header, 1).arch.tensor_shapes())
+        params = bs.parse_header(header, 1).arch.num_params()
     except bs.FormatError:
         n_tensors, params = rng.randrange(1, 40), rng.randrange(1, 10000)
     def record():
@@ -339,10 +365,10 @@ def mutate(rng: random.Random, seeds: list[bytes]) -> tuple[str, bytes]:
         i = rng.randrange(len(chunks))
         k, p = chunks[i]
         if k == b"NHDR":
-            p = mutate_header_field(rng, p) if rng.random() < 0.7 else mutate_bytes(rng, p)
+            p = mutate_header_field(rng, p, sig[7] if len(sig) > 7 else 1) if rng.random() < 0.7 else mutate_bytes(rng, p)
         elif k == b"WGTS":
             try:
-                n_tensors = len(bs.parse_header(chunks[0][1]).arch.tensor_shapes())
+                n_tensors = len(bs.parse_header(chunks[0][1], sig[7] if len(sig) > 7 else 1).arch.tensor_shapes())
             except bs.FormatError:
                 n_tensors = 0
             p = mutate_weights(rng, p, n_tensors, sig[7] if len(sig) > 7 else 1)

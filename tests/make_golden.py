@@ -16,10 +16,10 @@ PHOTO = pathlib.Path(__file__).resolve().parents[1] / "examples" / "kodim23-crop
 
 # Files of earlier versions stay in tests/data as they were written: readers must keep decoding them.
 CASES = {  # name: (mode, size, bpp)
-    "v3-rgb-48x32": ("RGB", (48, 32), 4.0),
-    "v3-l-33x21": ("L", (33, 21), 6.0),
-    "v3-rgba-20x28": ("RGBA", (20, 28), 8.0),
-    "v3-i16-24x16": ("I;16", (24, 16), 12.0),
+    "v4-rgb-48x32": ("RGB", (48, 32), 4.0),
+    "v4-l-33x21": ("L", (33, 21), 6.0),
+    "v4-rgba-20x28": ("RGBA", (20, 28), 8.0),
+    "v4-i16-24x16": ("I;16", (24, 16), 12.0),
 }
 
 

@@ -1,17 +1,20 @@
 import struct
 import zlib
 
+import numpy as np
 import pytest
 
 from pillow_nif import bitstream as bs
 from pillow_nif.bitstream import Architecture, FormatError, Header, NifFile, TensorCoding
 
 ARCH = Architecture(3, (12, 6), 4, 1.4, 30.0, (8,), 2, 30.0, 10.0)
+PARAM = bs.LAPLACE_PARAMS[40]  # a decay version 4's table holds
 
 
-def make_file(arch=ARCH, metadata=None, stream=b"\x01\x00\x00\x00" * 64, step=2**-7, version=bs.VERSION) -> bytes:
-    codings = [TensorCoding(step, 7, bs.MODEL_LAPLACE, 40000) for _ in arch.tensor_shapes()]
-    return bs.dumps(NifFile(Header(97, 61, "RGB", bs.COLOUR_YCBCR, arch), codings, stream, metadata or {}, version))
+def make_file(arch=ARCH, metadata=None, stream=b"\x01\x00\x00\x00" * 64, step=2**-7, version=bs.VERSION,
+              param=PARAM, width=97) -> bytes:
+    codings = [TensorCoding(step, 7, bs.MODEL_LAPLACE, param) for _ in arch.tensor_shapes()]
+    return bs.dumps(NifFile(Header(width, 61, "RGB", bs.COLOUR_YCBCR, arch), codings, stream, metadata or {}, version))
 
 
 def chunk(kind: bytes, payload: bytes) -> bytes:
@@ -22,17 +25,17 @@ def test_round_trip_keeps_every_field():
     data = make_file(metadata={"icc_profile": b"icc", "exif": b"II*\x00", "xmp": b"<x/>"})
     f = bs.loads(data)
     assert f.header == Header(97, 61, "RGB", bs.COLOUR_YCBCR, ARCH)
-    assert f.codings[0] == TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, 40000)
+    assert f.codings[0] == TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM)
     assert f.metadata == {"icc_profile": b"icc", "exif": b"II*\x00", "xmp": b"<x/>"}
     assert bs.read_header(data) == f.header
-    assert f.version == 3
+    assert f.version == 4
 
 
 def test_codings_version_2_cannot_hold_are_written_as_version_1_exactly():
-    v2 = make_file(version=2)
-    v1 = make_file(step=0.01, version=2)  # not a bfloat16
-    assert v1[7] == 1 and v2[7] == 2 and make_file()[7] == 3 and make_file()[8:] == v2[8:]
-    with pytest.raises(ValueError, match="version 3 needs"):  # a version-3 stream cannot go into version 1
+    v2 = make_file(version=2, param=40000)
+    v1 = make_file(step=0.01, version=2, param=40000)  # not a bfloat16
+    assert v1[7] == 1 and v2[7] == 2 and make_file(version=3, param=40000)[8:] == v2[8:]
+    with pytest.raises(ValueError, match="versions 3 and 4 need"):  # their stream cannot go into version 1
         make_file(step=0.01)
     assert len(v1) - len(v2) == 3 * len(ARCH.tensor_shapes())  # 9-byte records against 6-byte ones
     f = bs.loads(v1)
@@ -63,8 +66,8 @@ def test_signature_and_version():
     assert data.startswith(bs.MAGIC + bytes([bs.VERSION]))
     with pytest.raises(FormatError, match="not a NIF"):
         bs.loads(b"\x89PNG\r\n\x1a\n" + data[8:])
-    with pytest.raises(FormatError, match="unsupported NIF version 4"):
-        bs.loads(bs.MAGIC + b"\x04" + data[8:])
+    with pytest.raises(FormatError, match="unsupported NIF version 5"):
+        bs.loads(bs.MAGIC + b"\x05" + data[8:])
 
 
 def test_bad_crc_is_named():
@@ -113,7 +116,9 @@ def test_hostile_sizes_are_refused_before_allocation():
 
 
 def test_zero_image_size_is_refused():
-    data = bytearray(make_file())
+    with pytest.raises(FormatError, match="image size"):
+        bs.loads(make_file(width=0))
+    data = bytearray(make_file(version=3))
     payload_at = 8 + 8
     data[payload_at : payload_at + 4] = b"\x00\x00\x00\x00"  # width 0 (CRC then fixed below)
     length = struct.unpack(">I", data[12:16])[0]
@@ -129,3 +134,74 @@ def test_tensor_shapes_follow_architecture():
     assert shapes["genesis.2.weight"] == (3, 6)
     assert shapes["modulation.1.weight"] == (1, 8)
     assert ARCH.num_params() == sum(int.__mul__(*s) if len(s) == 2 else s[0] for s in shapes.values())
+
+
+def _payload(data: bytes, kind: bytes) -> bytes:
+    start = data.index(kind)
+    (length,) = struct.unpack(">I", data[start + 4 : start + 8])
+    return data[start + 8 : start + 8 + length]
+
+
+def _with_payload(data: bytes, kind: bytes, payload: bytes) -> bytes:
+    start = data.index(kind)
+    (length,) = struct.unpack(">I", data[start + 4 : start + 8])
+    return data[:start] + chunk(kind, payload) + data[start + 12 + length :]
+
+
+def test_version_4_header_leaves_out_the_encoders_hyperparameters_and_keeps_any_others():
+    default = Architecture(3, (70, 32, 18, 18), 11, *bs.DEFAULT_PE, (16, 8), 4, *bs.DEFAULT_MOD)
+    plain = Architecture(3, (47, 23, 12), 10, *bs.DEFAULT_PE)
+    odd = Architecture(3, (300, 4), 0, 1.25, 30.0, (1,), 0, 20.0, 2.0)
+    sizes = {}
+    for arch in (default, plain, odd, ARCH):
+        data = make_file(arch=arch, width=(1 << 20))
+        assert data[7] == 4 and bs.loads(data).header.arch == arch and bs.read_header(data).arch == arch
+        v3 = make_file(arch=arch, width=(1 << 20), version=3)
+        assert bs.loads(v3).header == bs.loads(data).header and bs.loads(v3).stream == bs.loads(data).stream
+        sizes[arch] = len(_payload(data, b"NHDR")), len(_payload(v3, b"NHDR"))
+    # width 3 + height 1 + mode, frequencies, flags; then the widths' count and LEB128 values
+    assert sizes[default] == (3 + 1 + 3 + 1 + 4 + 1 + 2 + 1, 42)
+    assert sizes[plain] == (3 + 1 + 3 + 1 + 3 + 1, 27)
+    assert sizes[odd][0] == 3 + 1 + 3 + 8 + 1 + 3 + 1 + 1 + 1 + 8  # both pairs of floats stored
+
+
+def test_version_4_records_take_4_or_5_bytes_and_name_the_decay_by_index():
+    arch = Architecture(1, (3,), 0, 1.0, 30.0)  # two tensors of 2-3 values: (3 x 2) and (1 x 3) weights
+    stream = b"\x01\x00\x00\x00" * 4
+    for qmax, size in ((0, 4), (127, 4), (128, 5), (bs.MAX_QMAX, 5)):
+        for model, param in ((bs.MODEL_UNIFORM, 0), (bs.MODEL_LAPLACE, bs.LAPLACE_PARAMS[1]),
+                             (bs.MODEL_LAPLACE, bs.LAPLACE_PARAMS[255])):
+            c = TensorCoding(2**-5, qmax, model, param)
+            data = bs.dumps(NifFile(Header(3, 2, "L", 0, arch), [c] * 4, stream))
+            assert data[7] == 4 and len(_payload(data, b"WGTS")) == 4 * size + len(stream)
+            assert bs.loads(data).codings == [c] * 4
+    # 1 - r = 2^(-p/16) on the 1/65536 grid, increasing, in integers only
+    p = np.arange(1, 256)
+    assert np.all(np.abs(65536 - np.array(bs.LAPLACE_PARAMS[1:]) - 65536 * 2.0 ** (-p / 16)) <= 1)
+    assert list(bs.LAPLACE_PARAMS) == sorted(bs.LAPLACE_PARAMS) and bs.LAPLACE_PARAMS[:2] == (0, 2779)
+    off = make_file(param=40000)  # a decay off the table: the same stream as version 3
+    assert off[7] == 3 and bs.loads(off).codings[0].param == 40000
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: b"\x80\x00" + h[3:], "non-minimal integer"),  # the width as 0x80 0x00: zero, padded
+    (lambda h: b"\xff\xff\xff\x7f" + h[3:], "integer too long"),
+    (lambda h: h[:6] + b"\x04" + h[7:], "unknown header flags"),
+    (lambda h: h + b"\x00", "trailing"),
+    (lambda h: h[:-1], "truncated"),
+])
+def test_version_4_header_fields_are_checked(edit, message):
+    data = make_file(arch=Architecture(3, (12, 6), 4, *bs.DEFAULT_PE), width=1 << 20)
+    with pytest.raises(FormatError, match=message):
+        bs.loads(_with_payload(data, b"NHDR", edit(_payload(data, b"NHDR"))))
+    plain = _payload(data, b"NHDR")
+    with pytest.raises(FormatError, match="without a modulation network"):
+        bs.loads(_with_payload(data, b"NHDR", plain[:6] + b"\x02" + plain[7:]))
+
+
+def test_version_4_qmax_must_be_minimal():
+    data = make_file()
+    w = _payload(data, b"WGTS")
+    assert w[3] == 7  # the first record: step, decay index, qmax 7
+    with pytest.raises(FormatError, match="non-minimal qmax"):
+        bs.loads(_with_payload(data, b"WGTS", w[:3] + b"\x80\x07" + w[4:]))

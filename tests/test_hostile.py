@@ -45,14 +45,15 @@ FUZZ = settings(max_examples=200, deadline=None,
 # ---- seed files --------------------------------------------------------------------------------------------
 
 
-def built_file(arch, mode="RGB", colour=0, size=(12, 9), seed=0, metadata=None, qmax=5) -> bytes:
-    """A valid file built through bitstream.dumps: random symbols, entropy coded with the real coder."""
+def built_file(arch, mode="RGB", colour=0, size=(12, 9), seed=0, metadata=None, qmax=5, param=30000) -> bytes:
+    """A valid file built through bitstream.dumps: random symbols, entropy coded with the real coder. A decay
+    off version 4's table (30000) makes it a version-3 file."""
     rng = np.random.default_rng(seed)
     codings, syms = [], []
     for i, (_, shape) in enumerate(arch.tensor_shapes()):
         q = 0 if i == 1 else qmax  # one all-zero tensor: it takes nothing from the stream
         model = bs.MODEL_LAPLACE if i % 2 else bs.MODEL_UNIFORM
-        codings.append(bs.TensorCoding(2**-4, q, model, 30000 if model == bs.MODEL_LAPLACE else 0))
+        codings.append(bs.TensorCoding(2**-4, q, model, param if model == bs.MODEL_LAPLACE else 0))
         syms.append(rng.integers(-q, q + 1, size=int(np.prod(shape))))
     header = bs.Header(size[0], size[1], mode, colour, arch)
     return bs.dumps(bs.NifFile(header, codings, entropy.encode(syms, codings, arch.sine_layers()), metadata or {}))
@@ -63,15 +64,18 @@ MOD_ARCH = bs.Architecture(3, (6, 4), 2, 1.4, 30.0, (3,), 1, 20.0, 2.0)
 
 @pytest.fixture(scope="session")
 def nif_seeds() -> list[bytes]:
-    """Tiny real files (the encoder, three modes) and hand-built ones (modulation, metadata, I;16, LA)."""
+    """Tiny real files (the encoder, three modes) and hand-built ones (modulation, metadata, I;16, LA).
+    Versions 4 (the encoder's, the modulated one with metadata, LA with 2-byte qmax) and 3 (RGBA, I;16)."""
     return [
         pillow_nif.encode(photo(24, 16), bpp=4, effort=1, exif=b"II*\x00\x08\x00\x00\x00\x00\x00"),
         pillow_nif.encode(photo(24, 16, "L"), bpp=4, effort=1),
         pillow_nif.encode(photo(16, 16, "RGBA"), bpp=4, effort=1),
-        built_file(MOD_ARCH, "RGB", 1, metadata={"icc_profile": b"icc!", "exif": b"MM\x00*", "xmp": b"<x/>"}),
+        built_file(MOD_ARCH, "RGB", 1, metadata={"icc_profile": b"icc!", "exif": b"MM\x00*", "xmp": b"<x/>"},
+                   param=bs.LAPLACE_PARAMS[60]),
         built_file(bs.Architecture(4, (5,), 0, 1.0, 10.0, (2, 2), 0, 5.0, 1.0), "RGBA", 1, size=(7, 5), seed=1),
         built_file(bs.Architecture(1, (3, 3, 3), 1, 2.0, 30.0), "I;16", 0, size=(5, 11), seed=2),
-        built_file(bs.Architecture(2, (4,), 3, 1.2, 30.0, (2,), 2, 30.0, 1.0), "LA", 0, size=(9, 9), seed=3, qmax=300),
+        built_file(bs.Architecture(2, (4,), 3, 1.2, 30.0, (2,), 2, 30.0, 1.0), "LA", 0, size=(9, 9), seed=3, qmax=300,
+                   param=bs.LAPLACE_PARAMS[200]),
     ]
 
 
@@ -247,8 +251,8 @@ def mostly(valid, wild):
 
 
 @st.composite
-def headers(draw):
-    """NHDR payloads: each field mostly in range, else drawn from around and beyond its limits."""
+def headers(draw, version=1):
+    """NHDR payloads of `version`: each field mostly in range, else drawn from around and beyond its limits."""
 
     def field(valid, wild):
         return draw(mostly(valid, wild))
@@ -256,6 +260,20 @@ def headers(draw):
     widths = draw(st.lists(mostly(st.integers(1, 12), SMALL_WIDTH), min_size=field(st.just(1), st.just(0)),
                            max_size=field(st.just(4), st.just(10))))
     mod_widths = draw(st.lists(mostly(st.integers(1, 6), SMALL_WIDTH), max_size=field(st.just(3), st.just(10))))
+    if version >= 4:  # LEB128 sizes and widths (a wild one may take 4-5 bytes), mode | colour << 4, flags
+        out = bs._varint(field(st.integers(1, 40), U32)) + bs._varint(field(st.integers(1, 40), U32))
+        mode = (field(st.integers(1, 5), U8) | field(st.integers(0, 1), U8) << 4) & 0xFF
+        flags = field(st.integers(0, 3), U8)
+        out += bytes([mode, field(st.integers(0, 4), U8), flags])
+        if flags & 1:
+            out += struct.pack(">ff", field(st.sampled_from([1.4, 2.0, 0.5]), F32), field(st.just(30.0), F32))
+        for ws in (widths, mod_widths):
+            out += bytes([field(st.just(len(ws)), U8)]) + b"".join(bs._varint(w) for w in ws)
+        if mod_widths or field(st.just(False), st.just(True)):
+            out += bytes([field(st.integers(0, 3), U8)])
+            if flags & 2:
+                out += struct.pack(">ff", field(st.just(30.0), F32), field(st.just(1.0), F32))
+        return out
     out = struct.pack(">II", field(st.integers(1, 40), U32), field(st.integers(1, 40), U32))
     out += bytes([field(st.integers(1, 5), U8), field(st.integers(0, 1), U8), field(st.integers(0, 4), U8)])
     out += struct.pack(">ff", field(st.sampled_from([1.4, 2.0, 0.5]), F32), field(st.sampled_from([30.0, 1.0]), F32))
@@ -266,7 +284,15 @@ def headers(draw):
     return out
 
 
-RECORD_SIZE = {1: 9, 2: 6, 3: 6}
+def record_ends(weights: bytes, n: int, version: int) -> list[int]:
+    """Where each of the n coding records ends: 9 or 6 bytes, or version 4's 4 or 5 (qmax's top bit)."""
+    if version < 4:
+        return [(9 if version == 1 else 6) * (i + 1) for i in range(n)]
+    ends, pos = [], 0
+    for _ in range(n):
+        pos += 5 if weights[pos + 3] & 0x80 else 4
+        ends.append(pos)
+    return ends
 
 
 @st.composite
@@ -274,7 +300,16 @@ def records(draw, n, version=1):
     """n coding records, each valid or drawn from anywhere in its fields' ranges."""
     out = b""
     for _ in range(n):
-        if draw(mostly(st.just(True), st.just(False))):
+        if version >= 4:
+            if draw(mostly(st.just(True), st.just(False))):
+                step = draw(st.sampled_from([0.05, 1.0, -0.5, 0.0, 1e-30, 9e29]))
+                qmax = draw(st.sampled_from([7, 0, 1, 127, 128, 300, 32767]))
+                out += struct.pack(">HB", bs._f32_bits(step) >> 16, draw(st.sampled_from([0, 1, 60, 255])))
+                out += bytes([qmax]) if qmax < 128 else struct.pack(">H", 0x8000 | qmax)
+            else:  # any step and index; qmax's one byte, or two (possibly non-minimal)
+                out += struct.pack(">HB", draw(U16), draw(U8))
+                out += draw(st.one_of(U8.map(lambda q: bytes([q & 0x7F])), U16.map(lambda q: struct.pack(">H", q | 0x8000))))
+        elif draw(mostly(st.just(True), st.just(False))):
             model = draw(st.integers(0, 1))
             step = draw(st.sampled_from([0.05, 1.0, -0.5, 0.0, 1e-30, 9e29]))
             qmax = draw(st.sampled_from([7, 0, 1, 300, 32767]))
@@ -291,14 +326,15 @@ def records(draw, n, version=1):
 
 
 @FUZZ
-@given(header=headers(), seed=st.integers(0, N_SEEDS - 1), data=st.data())
-def test_synthesized_headers_and_weights(hostile, header, seed, data):
+@given(seed=st.integers(0, N_SEEDS - 1), data=st.data())
+def test_synthesized_headers_and_weights(hostile, seed, data):
     """A drawn header; then either a seed's weights chunk or weights made to match the header's network."""
+    version = data.draw(st.sampled_from(bs.VERSIONS))
+    header = data.draw(headers(version))
     try:
-        arch = bs.parse_header(header).arch
+        arch = bs.parse_header(header, version).arch
     except bs.FormatError:
         arch = None
-    version = data.draw(st.sampled_from(bs.VERSIONS))
     signature = bs.MAGIC + bytes([version])
     if arch is None or data.draw(st.booleans()):
         weights, signature = split_chunks(hostile[seed])[1][1], hostile[seed][:8]
@@ -318,16 +354,14 @@ def test_synthesized_headers_and_weights(hostile, header, seed, data):
 def test_coding_records(hostile, seed, data):
     """The seed's network and stream under other quantisation steps, ranges, models and parameters."""
     chunks = split_chunks(hostile[seed])
-    arch = bs.parse_header(chunks[0][1]).arch
-    n = len(arch.tensor_shapes())
-    weights = chunks[1][1]
     version = hostile[seed][7]
-    size = RECORD_SIZE[version]
-    recs = bytearray(weights[: size * n])
+    n = len(bs.parse_header(chunks[0][1], version).arch.tensor_shapes())
+    weights = chunks[1][1]
+    ends = record_ends(weights, n, version)
+    recs = [weights[a:b] for a, b in zip([0, *ends], ends)]
     for _ in range(data.draw(st.integers(1, 3))):
-        k = size * data.draw(st.integers(0, n - 1))
-        recs[k : k + size] = data.draw(records(1, version))
-    check(with_payload(hostile[seed], b"WGTS", bytes(recs) + weights[size * n :]))
+        recs[data.draw(st.integers(0, n - 1))] = data.draw(records(1, version))
+    check(with_payload(hostile[seed], b"WGTS", b"".join(recs) + weights[ends[-1] :]))
 
 
 @FUZZ
@@ -389,7 +423,13 @@ def test_every_truncation_raises_even_with_load_truncated_images(hostile, monkey
        height=st.one_of(st.integers(1, 128), st.integers(1, 1 << 20)))
 def test_mutated_size_is_stopped_by_the_pixel_limit(hostile, seed, width, height):
     chunks = split_chunks(hostile[seed])
-    header = struct.pack(">II", width, height) + chunks[0][1][8:]
+    header = chunks[0][1]
+    if hostile[seed][7] >= 4:  # LEB128 width and height
+        r = bs._Reader(header, "header")
+        r.varint(3), r.varint(3)
+        header = bs._varint(width) + bs._varint(height) + header[r.pos :]
+    else:
+        header = struct.pack(">II", width, height) + header[8:]
     data = join([(b"NHDR", header)] + chunks[1:], hostile[seed][:8])
     res = check(data)
     assert res["info"][0] == "ok"  # info() renders nothing: it reports any size

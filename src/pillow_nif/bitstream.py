@@ -1,4 +1,4 @@
-"""The .nif container, versions 1 to 3, in pure Python (no torch): see docs/FORMAT.md.
+"""The .nif container, versions 1 to 4, in pure Python (no torch): see docs/FORMAT.md.
 
 A file is ``MAGIC`` (7 bytes) + a version byte + chunks. Each chunk is
 ``type (4 ASCII) | length (u32 BE) | payload | CRC32 (u32 BE, over type and payload)``,
@@ -18,10 +18,12 @@ import zlib
 MAGIC = b"\x8bNIF\r\n\x1a"
 # Version 2 differs from 1 only in the WGTS records: 6 bytes (bfloat16 step, qmax, param) instead of 9.
 # At 0.3 bpp on 256x256 that is 1.3 % of the file. Version 3 has version 2's records and codes the order and
-# signs of each sine layer's neurons as data (bits-back, see entropy.py): 1.1-2 % of the file. The encoder
-# writes 3; readers accept all three.
-VERSION = 3
-VERSIONS = (1, 2, 3)
+# signs of each sine layer's neurons as data (bits-back, see entropy.py): 1.1-2 % of the file. Version 4 has
+# version 3's stream in a compact header and 4-5-byte records (the entropy model's decay as an index into a
+# fixed table): the container took 4.4 / 3.5 / 2.1 % of a 256x256 file at 0.3 / 0.6 / 1.0 bpp, version 4
+# about half that. The encoder writes 4; readers accept all four.
+VERSION = 4
+VERSIONS = (1, 2, 3, 4)
 SIGNATURE = MAGIC + bytes([VERSION])
 
 # Modes: code -> (Pillow mode, channels, bits per sample).
@@ -43,6 +45,16 @@ COLOURS = (COLOUR_IDENTITY, COLOUR_YCBCR)
 MODEL_UNIFORM = 0
 MODEL_LAPLACE = 1
 ENTROPY_MODELS = (MODEL_UNIFORM, MODEL_LAPLACE)
+
+# Version 4's decays: index p = 1..255 stands for param = 65536 - (_ROOTS[p % 16] >> (p // 16)), i.e.
+# 1 - r = 2^(-p/16) rounded to the 1/65536 grid, in integers only. The encoder's search grid was coarser
+# (0.1 octave); one index byte replaces a two-byte param. Near r = 1 neighbours coincide (65534, 65535).
+_ROOTS = (65536, 62757, 60097, 57549, 55109, 52773, 50535, 48393, 46341, 44376, 42495, 40693, 38968, 37316, 35734, 34219)
+LAPLACE_PARAMS = (0,) + tuple(65536 - (_ROOTS[p % 16] >> (p // 16)) for p in range(1, 256))  # [0]: uniform
+_LAPLACE_INDEX = {param: p for p, param in reversed(list(enumerate(LAPLACE_PARAMS)))}  # param -> first index
+# Version 4 header: hyperparameters left out when they are the encoder's (as JPEG XL's all_default flags).
+DEFAULT_PE = (1.4, 45.0)  # pe_scale, omega
+DEFAULT_MOD = (45.0, 10.0)  # mod_omega, mod_sigma
 
 # Sanity limits: far above anything the encoder writes, far below what could exhaust memory.
 MAX_DIM = 1 << 20
@@ -202,6 +214,11 @@ def _compact(c: TensorCoding) -> bool:
     return bf16_ceil(c.step) == c.step and (c.param == 0) == (c.model == MODEL_UNIFORM)
 
 
+def _compact4(c: TensorCoding) -> bool:
+    """Whether a coding fits a version-4 record (a decay from LAPLACE_PARAMS)."""
+    return _compact(c) and c.param in _LAPLACE_INDEX and c.qmax <= MAX_QMAX
+
+
 def _f32(v: float) -> float:
     return struct.unpack("<f", struct.pack("<f", float(v)))[0]
 
@@ -210,6 +227,7 @@ _HDR = struct.Struct(">IIBBBff")  # width height mode colour pe_freqs pe_scale o
 _MOD = struct.Struct(">Bff")  # mod_freqs mod_omega mod_sigma
 _CODING = struct.Struct(">fHBH")  # version 1: step qmax model param
 _CODING2 = struct.Struct(">HHH")  # version 2: step (bfloat16) qmax param (0: uniform, else Laplace)
+_F32X2 = struct.Struct(">ff")
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
@@ -220,7 +238,36 @@ def _widths(ws: tuple[int, ...]) -> bytes:
     return bytes([len(ws)]) + b"".join(struct.pack(">H", w) for w in ws)
 
 
-def pack_header(h: Header) -> bytes:
+def _varint(v: int) -> bytes:
+    """LEB128: 7 bits a byte, least significant first, the high bit set on all but the last byte."""
+    out = bytearray()
+    while v >= 0x80:
+        out.append(0x80 | (v & 0x7F))
+        v >>= 7
+    return bytes(out + bytes([v]))
+
+
+def _qmax4(q: int) -> bytes:
+    return bytes([q]) if q < 0x80 else struct.pack(">H", 0x8000 | q)
+
+
+def _pack_header4(h: Header) -> bytes:
+    a = h.arch
+    pe, mod = (a.pe_scale, a.omega), (a.mod_omega, a.mod_sigma)
+    flags = int(pe != tuple(map(_f32, DEFAULT_PE))) | int(bool(a.mod_widths) and mod != tuple(map(_f32, DEFAULT_MOD))) << 1
+    out = _varint(h.width) + _varint(h.height) + bytes([MODE_CODES[h.mode] | h.colour << 4, a.pe_freqs, flags])
+    if flags & 1:
+        out += _F32X2.pack(*pe)
+    for ws in (a.widths, a.mod_widths):
+        out += bytes([len(ws)]) + b"".join(_varint(w) for w in ws)
+    if a.mod_widths:
+        out += bytes([a.mod_freqs]) + (_F32X2.pack(*mod) if flags & 2 else b"")
+    return out
+
+
+def pack_header(h: Header, version: int = VERSION) -> bytes:
+    if version >= 4:
+        return _pack_header4(h)
     a = h.arch
     out = _HDR.pack(h.width, h.height, MODE_CODES[h.mode], h.colour, a.pe_freqs, a.pe_scale, a.omega)
     out += _widths(a.widths) + _widths(a.mod_widths)
@@ -235,16 +282,19 @@ def dumps(f: NifFile) -> bytes:
         raise ValueError("one coding per tensor is needed")
     if len(f.stream) % 4:
         raise ValueError("the entropy-coded stream is a whole number of 32-bit words")
-    if f.version == 3 and not all(_compact(c) for c in f.codings):
-        raise ValueError("version 3 needs codings a 6-byte record holds (bfloat16 steps)")
-    if all(_compact(c) for c in f.codings):
-        version = 3 if f.version == 3 else 2
+    if f.version >= 3 and not all(_compact(c) for c in f.codings):
+        raise ValueError("versions 3 and 4 need codings a 6-byte record holds (bfloat16 steps)")
+    if f.version == 4 and all(_compact4(c) for c in f.codings):
+        version = 4
+        records = [struct.pack(">HB", _f32_bits(c.step) >> 16, _LAPLACE_INDEX[c.param]) + _qmax4(c.qmax) for c in f.codings]
+    elif all(_compact(c) for c in f.codings):  # version 4's stream with decays off its table is version 3's
+        version = 3 if f.version >= 3 else 2
         records = [_CODING2.pack(_f32_bits(c.step) >> 16, c.qmax, c.param) for c in f.codings]
     else:  # steps or parameters that version 2 cannot hold (hand-made codings of a version 1-2 stream)
         version = 1
         records = [_CODING.pack(c.step, c.qmax, c.model, c.param) for c in f.codings]
     weights = b"".join(records) + f.stream
-    out = [MAGIC + bytes([version]), _chunk(CHUNK_HEADER, pack_header(h)), _chunk(CHUNK_WEIGHTS, weights)]
+    out = [MAGIC + bytes([version]), _chunk(CHUNK_HEADER, pack_header(h, version)), _chunk(CHUNK_WEIGHTS, weights)]
     for kind, key in METADATA_CHUNKS.items():
         value = f.metadata.get(key)
         if value:
@@ -266,19 +316,51 @@ class _Reader:
     def unpack(self, st: struct.Struct):
         return st.unpack(self.take(st.size))
 
-    def widths(self) -> tuple[int, ...]:
+    def widths(self, compact: bool = False) -> tuple[int, ...]:
         (n,) = self.take(1)
         if n > MAX_LAYERS:
             raise FormatError("too many layers")
+        if compact:  # version 4: LEB128
+            return tuple(self.varint(3) for _ in range(n))
         return struct.unpack(f">{n}H", self.take(2 * n))
 
+    def varint(self, max_bytes: int) -> int:
+        v = 0
+        for i in range(max_bytes):
+            (b,) = self.take(1)
+            v |= (b & 0x7F) << (7 * i)
+            if b < 0x80:
+                if b == 0 and i:  # one encoding per value: no trailing zero group
+                    raise FormatError(f"non-minimal integer in {self.what}")
+                return v
+        raise FormatError(f"integer too long in {self.what}")
 
-def parse_header(payload: bytes) -> Header:
+
+def _parse_header4(r: _Reader):
+    width, height = r.varint(3), r.varint(3)
+    mode, pe_freqs, flags = r.take(3)
+    if flags > 3:
+        raise FormatError(f"unknown header flags {flags:#x}")
+    pe_scale, omega = r.unpack(_F32X2) if flags & 1 else DEFAULT_PE
+    widths, mod_widths = r.widths(compact=True), r.widths(compact=True)
+    mod = (0, 30.0, 1.0)
+    if mod_widths:
+        (mod_freqs,) = r.take(1)
+        mod = (mod_freqs, *(r.unpack(_F32X2) if flags & 2 else DEFAULT_MOD))
+    elif flags & 2:
+        raise FormatError("modulation hyperparameters without a modulation network")
+    return width, height, mode & 0xF, mode >> 4, pe_freqs, pe_scale, omega, widths, mod_widths, mod
+
+
+def parse_header(payload: bytes, version: int = VERSION) -> Header:
     r = _Reader(payload, "header chunk")
-    width, height, mode, colour, pe_freqs, pe_scale, omega = r.unpack(_HDR)
-    widths = r.widths()
-    mod_widths = r.widths()
-    mod = r.unpack(_MOD) if mod_widths else (0, 30.0, 1.0)
+    if version >= 4:
+        width, height, mode, colour, pe_freqs, pe_scale, omega, widths, mod_widths, mod = _parse_header4(r)
+    else:
+        width, height, mode, colour, pe_freqs, pe_scale, omega = r.unpack(_HDR)
+        widths = r.widths()
+        mod_widths = r.widths()
+        mod = r.unpack(_MOD) if mod_widths else (0, 30.0, 1.0)
     if r.pos != len(payload):
         raise FormatError("header chunk has trailing bytes")
     if mode not in MODES:
@@ -298,6 +380,13 @@ def parse_header(payload: bytes) -> Header:
 def _record(r: _Reader, version: int) -> tuple[float, int, int, int]:
     if version == 1:  # versions 2 and 3 share the 6-byte record
         return r.unpack(_CODING)
+    if version >= 4:  # step (bfloat16), decay index, qmax in one byte below 128, else two with the top bit set
+        hi, lo, p, qmax = r.take(4)
+        if qmax & 0x80:
+            qmax = (qmax & 0x7F) << 8 | r.take(1)[0]
+            if qmax < 0x80:
+                raise FormatError("non-minimal qmax in weights chunk")
+        return _bits_f32((hi << 8 | lo) << 16), qmax, MODEL_LAPLACE if p else MODEL_UNIFORM, LAPLACE_PARAMS[p]
     step, qmax, param = r.unpack(_CODING2)
     return _bits_f32(step << 16), qmax, MODEL_LAPLACE if param else MODEL_UNIFORM, param
 
@@ -358,7 +447,7 @@ def read_header(data: bytes) -> Header:
     check_signature(data)
     for kind, payload in iter_chunks(data[: len(SIGNATURE) + 12 + _header_length(data)]):
         if kind == CHUNK_HEADER:
-            return parse_header(payload)
+            return parse_header(payload, data[len(MAGIC)])
     raise FormatError("missing header chunk")
 
 
@@ -394,7 +483,7 @@ def loads(data: bytes) -> NifFile:
         if header is None:
             if kind != CHUNK_HEADER:
                 raise FormatError("the first chunk must be the header")
-            header = parse_header(payload)
+            header = parse_header(payload, data[len(MAGIC)])
         elif kind == CHUNK_HEADER:
             raise FormatError("duplicate header chunk")
         elif kind == CHUNK_WEIGHTS:

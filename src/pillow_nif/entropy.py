@@ -22,11 +22,11 @@ import math
 
 import numpy as np
 
-from .bitstream import MODEL_LAPLACE, MODEL_UNIFORM, FormatError, TensorCoding
+from .bitstream import LAPLACE_PARAMS, MODEL_LAPLACE, MODEL_UNIFORM, FormatError, TensorCoding
 
 _ONE = 1 << 40  # table scale: f(k) = floor(2^40 r^|k|), exact in float64
-# Candidate decays, dense near 1 where wide distributions need the resolution.
-_PARAM_GRID = np.unique(np.clip(np.round(65536 * (1 - 2.0 ** -np.linspace(0.05, 15.9, 160))), 1, 65535)).astype(int)
+# Candidate decays: the ones a version-4 record can name (1 - r in steps of 1/16 octave).
+_PARAM_GRID = np.unique(LAPLACE_PARAMS[1:])
 
 
 def laplace_frequencies(qmax: int, param: int) -> np.ndarray:

@@ -625,23 +625,24 @@ def _file(header: Header, codings, syms, metadata) -> bytes:
     return bitstream.dumps(NifFile(header, codings, stream, metadata))
 
 
-def _overhead_bytes(header: Header, metadata: dict) -> int:
-    n = len(header.arch.tensor_shapes())
-    empty = [TensorCoding(1.0, 0, 0, 0)] * n
-    return len(bitstream.dumps(NifFile(header, empty, b"", metadata)))
+def _overhead_bytes(header: Header, metadata: dict, codings=None) -> int:
+    """The file's bytes but the stream: exact with `codings` (a record holds qmax in 1 or 2 bytes), else
+    with 1-byte qmax."""
+    if codings is None:
+        codings = [TensorCoding(1.0, 0, 0, 0)] * len(header.arch.tensor_shapes())
+    return len(bitstream.dumps(NifFile(header, codings, b"", metadata)))
 
 
 def _estimate_factor(header: Header, tensors, budget_bytes: int, metadata: dict, scales=None, lo_factor: float = 1e-4):
     """Smallest step factor whose *estimated* file fits (bisection on log(factor); no coding)."""
-    overhead = _overhead_bytes(header, metadata)
     layers = header.arch.sine_layers()
     lo, hi = math.log(lo_factor), math.log(64.0)
     for _ in range(30):
         mid = (lo + hi) / 2
-        _, syms, bits = _codings_for(tensors, math.exp(mid), scales)
+        codings, syms, bits = _codings_for(tensors, math.exp(mid), scales)
         bits -= entropy.arrangement_bits(syms, layers)  # the bits the neurons' arrangement carries
         # ANS costs a little over the estimate: leave a word of slack plus 0.5 %.
-        if overhead + bits * 1.005 / 8 + 8 <= budget_bytes:
+        if _overhead_bytes(header, metadata, codings) + bits * 1.005 / 8 + 8 <= budget_bytes:
             hi = mid
         else:
             lo = mid
