@@ -146,3 +146,25 @@ def test_a_blown_up_image_goes_back_alone(jolt):
     for (_, a), (_, b) in zip(clean.model.named_tensors(), jolted.model.named_tensors()):
         assert torch.equal(a[0], b[0])
     assert np.isfinite(jolted.mse()[1]) and jolted.mse()[1] < 1.5 * clean.mse()[1]
+
+
+def test_an_image_whose_tuned_weights_overflow_is_tuned_again_alone(images, batch, monkeypatch):
+    """As encode_image (fit.tune_and_code): an image of the group whose tuned file would exceed its budget is
+    quantised for a smaller budget and tuned again, by itself; the others keep their files."""
+    from pillow_nif import fit
+
+    real, calls = fit.tuned_file, []
+
+    def overflows(model, plan, codings):  # image 0's first two tuned files
+        data = real(model, plan, codings)
+        calls.append(plan.header.width)
+        return data + bytes(plan.budget - len(data) + 1) if len(calls) <= 2 else data  # a byte over
+
+    monkeypatch.setattr(fit, "tuned_file", overflows)
+    results = encode_batch(images, bpp=BPP, effort=1, seed=3, metadata=META)
+    assert len(calls) == 5  # image 0: the group's tuned file, the same alone, then tuned again; images 1 and 2
+    assert len(results[0].data) * 8 <= BPP * 32 * 24 - 8 * (1 + 4)  # the overflow and a word to spare
+    for im, r, before in zip(images, results, batch[0]):
+        assert len(r.data) * 8 <= BPP * im.width * im.height and pillow_nif.decode(r.data).size == im.size
+        assert abs(r.psnr - before.psnr) <= 1.0
+    assert [r.data for r in results[1:]] == [r.data for r in batch[0][1:]]

@@ -156,10 +156,17 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
         data, coding = fit.quantise(model, target, fit.Plan(job.header, job.budget, job.metadata), cfg)
         codings.append(coding)
         files.append(data)
-    if eff.qat_stages:  # as fit._quantisation_aware_tuning, for the whole group at once
+    if eff.qat_stages:  # as fit.tune_and_code, the tuning for the whole group at once
+        fit_states = [fitter.model.unstack(i).state_dict() for i in range(len(group))]
         fitter.tune(codings, lambda n: bar.update(n * len(group)))
         for i, job in enumerate(group):
-            files[i] = fit.recode(fitter.model.unstack(i), fit.Plan(job.header, job.budget, job.metadata), codings[i])
+            plan, model = fit.Plan(job.header, job.budget, job.metadata), fitter.model.unstack(i)
+            data = fit.tuned_file(model, plan, codings[i])
+            if len(data) > job.budget:  # rare: this image is quantised and tuned again alone, as encode_image would
+                alone = fit.Fitter(arrays[i][1], job.header.arch, device, eff, cfg, seed)
+                alone.model.load_state_dict(model.state_dict())
+                data = fit.tune_and_code(alone, plan, codings[i], files[i], fit_states[i], tuned=True)
+            files[i] = data
     return [fit.score(data, pixels, maxval, fp, device, 0.0, job.header.arch)
             for job, data, fp, (pixels, _, maxval) in zip(group, files, fit_pixels, arrays)]
 
