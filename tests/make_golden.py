@@ -14,12 +14,11 @@ from pillow_nif.render import decode_array
 DATA = pathlib.Path(__file__).parent / "data"
 PHOTO = pathlib.Path(__file__).resolve().parents[1] / "examples" / "kodim23-crop.png"
 
-# Files of earlier versions stay in tests/data as they were written: readers must keep decoding them.
+# Files of earlier versions stay in tests/data as they were written: readers must keep decoding them. Version 5
+# differs from 4 only where the encoder grades the input layer's decay, which tiny images' few frequencies never
+# pay for (they still come out as version 4), so its vector is a larger image.
 CASES = {  # name: (mode, size, bpp)
-    "v4-rgb-48x32": ("RGB", (48, 32), 4.0),
-    "v4-l-33x21": ("L", (33, 21), 6.0),
-    "v4-rgba-20x28": ("RGBA", (20, 28), 8.0),
-    "v4-i16-24x16": ("I;16", (24, 16), 12.0),
+    "v5-rgb-96x64": ("RGB", (96, 64), 2.0),
 }
 
 

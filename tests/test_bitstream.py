@@ -12,8 +12,8 @@ PARAM = bs.LAPLACE_PARAMS[40]  # a decay version 4's table holds
 
 
 def make_file(arch=ARCH, metadata=None, stream=b"\x01\x00\x00\x00" * 64, step=2**-7, version=bs.VERSION,
-              param=PARAM, width=97) -> bytes:
-    codings = [TensorCoding(step, 7, bs.MODEL_LAPLACE, param) for _ in arch.tensor_shapes()]
+              param=PARAM, width=97, slope=0) -> bytes:
+    codings = [TensorCoding(step, 7, bs.MODEL_LAPLACE, param, slope if i == 0 else 0) for i in range(len(arch.tensor_shapes()))]
     return bs.dumps(NifFile(Header(width, 61, "RGB", bs.COLOUR_YCBCR, arch), codings, stream, metadata or {}, version))
 
 
@@ -35,7 +35,7 @@ def test_codings_version_2_cannot_hold_are_written_as_version_1_exactly():
     v2 = make_file(version=2, param=40000)
     v1 = make_file(step=0.01, version=2, param=40000)  # not a bfloat16
     assert v1[7] == 1 and v2[7] == 2 and make_file(version=3, param=40000)[8:] == v2[8:]
-    with pytest.raises(ValueError, match="versions 3 and 4 need"):  # their stream cannot go into version 1
+    with pytest.raises(ValueError, match="versions 3 to 5 need"):  # their stream cannot go into version 1
         make_file(step=0.01)
     assert len(v1) - len(v2) == 3 * len(ARCH.tensor_shapes())  # 9-byte records against 6-byte ones
     f = bs.loads(v1)
@@ -62,12 +62,12 @@ def test_version_2_step_out_of_range_is_refused():
 
 
 def test_signature_and_version():
-    data = make_file()
+    data = make_file(slope=-12)
     assert data.startswith(bs.MAGIC + bytes([bs.VERSION]))
     with pytest.raises(FormatError, match="not a NIF"):
         bs.loads(b"\x89PNG\r\n\x1a\n" + data[8:])
-    with pytest.raises(FormatError, match="unsupported NIF version 5"):
-        bs.loads(bs.MAGIC + b"\x05" + data[8:])
+    with pytest.raises(FormatError, match="unsupported NIF version 6"):
+        bs.loads(bs.MAGIC + b"\x06" + data[8:])
 
 
 def test_bad_crc_is_named():
@@ -205,3 +205,38 @@ def test_version_4_qmax_must_be_minimal():
     assert w[3] == 7  # the first record: step, decay index, qmax 7
     with pytest.raises(FormatError, match="non-minimal qmax"):
         bs.loads(_with_payload(data, b"WGTS", w[:3] + b"\x80\x07" + w[4:]))
+
+
+def test_version_5_adds_the_input_layers_decay_slope_in_one_byte_and_is_version_4_without_it():
+    for slope in (-128, -13, 1, 127):
+        data = make_file(slope=slope)
+        f = bs.loads(data)
+        assert data[7] == 5 and f.version == 5 and f.codings[0].slope == slope and f.codings[1].slope == 0
+        assert len(_payload(data, b"WGTS")) == len(_payload(make_file(), b"WGTS")) + 1
+        w = _payload(data, b"WGTS")
+        assert w[4] == slope & 0xFF  # after the first record's step, decay index and qmax
+    assert make_file()[7] == 4 and make_file() == make_file(version=4)  # no slope: version 4's bytes
+    assert bs.loads(make_file(slope=-13)).header == bs.loads(make_file()).header
+
+
+@pytest.mark.parametrize("codings, message", [
+    ([TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, 0), TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, -3)], "only the genesis"),
+    ([TensorCoding(2**-7, 7, bs.MODEL_UNIFORM, 0, -3)], "needs a Laplace model"),
+    ([TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, 40000, -3)], "needs a Laplace model from version 4's table"),
+    ([TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, -129)], "signed byte"),
+])
+def test_a_decay_slope_no_record_can_hold_is_refused(codings, message):
+    codings = codings + [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM)] * (len(ARCH.tensor_shapes()) - len(codings))
+    with pytest.raises(ValueError, match=message):
+        bs.dumps(NifFile(Header(9, 9, "RGB", 0, ARCH), codings, b"\x01\x00\x00\x00"))
+
+
+def test_version_5_slope_needs_version_5_and_a_laplace_model():
+    good = [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, -3)] + [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM)] * (len(ARCH.tensor_shapes()) - 1)
+    with pytest.raises(ValueError, match="needs version 5"):
+        bs.dumps(NifFile(Header(9, 9, "RGB", 0, ARCH), good, b"\x01\x00\x00\x00", version=4))
+    data = make_file(slope=-3)
+    w = _payload(data, b"WGTS")
+    assert w[2] == bs.LAPLACE_PARAMS.index(PARAM)
+    with pytest.raises(FormatError, match="slope without a Laplace model"):  # decay index 0: uniform
+        bs.loads(_with_payload(data, b"WGTS", w[:2] + b"\x00" + w[3:]))

@@ -108,3 +108,34 @@ def test_canonical_form_is_the_same_network(seed):
                 p.copy_(torch.from_numpy(t.reshape(p.shape) * 0.02))
             outputs.append(net.forward_points(coords))
     assert torch.allclose(outputs[0], outputs[1], rtol=0, atol=1e-9)
+
+
+def _graded_symbols(rng, rows=40, freqs=10, qmax=60):
+    """An input layer's symbols whose magnitudes shrink with frequency, as a fitted one's do."""
+    scale = np.concatenate([[12.0, 12.0], np.repeat(12.0 * 0.8 ** np.arange(1, freqs + 1), 4)])
+    return np.clip(np.round(rng.laplace(0, scale, (rows, scale.size))), -qmax, qmax).astype(np.int64)
+
+
+def test_the_input_layers_decay_slope_is_chosen_where_it_pays_and_round_trips():
+    rng = np.random.default_rng(3)
+    sym = _graded_symbols(rng)
+    model, param, bits = entropy.choose_model(sym, 60)
+    gmodel, gparam, slope, gbits = entropy.choose_graded(sym, 60)
+    assert gmodel == MODEL_LAPLACE and slope < 0 and gbits < bits - 8
+    # Magnitudes shrink 0.8x a frequency: the decay index falls by 16 log2(1 / 0.8) ~ 5 a group, 4 per unit.
+    assert -6 * 4 <= slope <= -4 * 4
+    flat = np.clip(np.round(rng.laplace(0, 5.0, sym.shape)), -60, 60).astype(np.int64)
+    assert entropy.choose_graded(flat, 60)[2] == 0  # nothing to win: no slope, no byte
+    arch = Architecture(3, (40, 12), 10, 1.4, 30.0)
+    syms = [sym] + [np.clip(np.round(rng.laplace(0, 3, s)), -20, 20).astype(np.int64) for _, s in arch.tensor_shapes()[1:]]
+    codings = [TensorCoding(0.1, 60, gmodel, gparam, slope)] + [TensorCoding(0.1, 20, MODEL_LAPLACE, 50000)] * (len(syms) - 1)
+    stream = entropy.encode(syms, codings, arch.sine_layers())
+    out = entropy.decode(stream, codings, [s.size for s in syms], arch.sine_layers(), arch.pe_dim)
+    canon = entropy.canonical(syms, arch.sine_layers())
+    assert all(np.array_equal(a.ravel(), b) for a, b in zip(canon, out))
+    # The estimate is the real size of the graded tensor's stream, and beats the ungraded one's.
+    alone = 8 * len(entropy.encode([sym], codings[:1]))
+    assert abs(alone - gbits) < 0.02 * gbits + 64
+    assert alone < 8 * len(entropy.encode([sym], [TensorCoding(0.1, 60, model, param)]))
+    with pytest.raises(ValueError, match="column count"):
+        entropy.decode(stream, codings, [s.size for s in syms], arch.sine_layers())

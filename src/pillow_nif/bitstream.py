@@ -1,4 +1,4 @@
-"""The .nif container, versions 1 to 4, in pure Python (no torch): see docs/FORMAT.md.
+"""The .nif container, versions 1 to 5, in pure Python (no torch): see docs/FORMAT.md.
 
 A file is ``MAGIC`` (7 bytes) + a version byte + chunks. Each chunk is
 ``type (4 ASCII) | length (u32 BE) | payload | CRC32 (u32 BE, over type and payload)``,
@@ -21,9 +21,11 @@ MAGIC = b"\x8bNIF\r\n\x1a"
 # signs of each sine layer's neurons as data (bits-back, see entropy.py): 1.1-2 % of the file. Version 4 has
 # version 3's stream in a compact header and 4-5-byte records (the entropy model's decay as an index into a
 # fixed table): the container took 4.4 / 3.5 / 2.1 % of a 256x256 file at 0.3 / 0.6 / 1.0 bpp, version 4
-# about half that. The encoder writes 4; readers accept all four.
-VERSION = 4
-VERSIONS = (1, 2, 3, 4)
+# about half that. Version 5 adds to the genesis input layer's record a slope of its decay across the encoding's
+# frequencies (a file's high-frequency weights are smaller): 0.5-1.6 % of a file at 0.6-1.0 bpp. The encoder
+# writes 5, or 4 when the slope is 0 (the same bytes as before); readers accept all five.
+VERSION = 5
+VERSIONS = (1, 2, 3, 4, 5)
 SIGNATURE = MAGIC + bytes([VERSION])
 
 # Modes: code -> (Pillow mode, channels, bits per sample).
@@ -180,6 +182,9 @@ class TensorCoding:
     qmax: int
     model: int
     param: int  # model parameter (Laplace decay in 1/65536)
+    # Version 5, the genesis input layer (tensor 0) only: its columns' decay index, p + floor(slope * g / 4) for
+    # the columns of encoding group g (entropy.frequency_groups), instead of p for all.
+    slope: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "step", _f32(self.step))
@@ -191,8 +196,9 @@ class NifFile:
     codings: list[TensorCoding]
     stream: bytes  # the constriction ANS words, little-endian u32
     metadata: dict[str, bytes] = dataclasses.field(default_factory=dict)
-    # 3: the stream arranges the sine layers' neurons (entropy.encode with the architecture); dumps() writes 3.
-    # 1 or 2: it does not; dumps() writes 2, or 1 for codings a version-2 record cannot hold. loads() sets it.
+    # 3 and up: the stream arranges the sine layers' neurons (entropy.encode with the architecture); dumps() writes
+    # the lowest of 3-5 that holds the codings (up to this version). 1 or 2: it does not; dumps() writes 2, or 1
+    # for codings a version-2 record cannot hold. loads() sets it.
     version: int = VERSION
 
 
@@ -217,6 +223,19 @@ def _compact(c: TensorCoding) -> bool:
 def _compact4(c: TensorCoding) -> bool:
     """Whether a coding fits a version-4 record (a decay from LAPLACE_PARAMS)."""
     return _compact(c) and c.param in _LAPLACE_INDEX and c.qmax <= MAX_QMAX
+
+
+MIN_SLOPE, MAX_SLOPE = -128, 127  # a signed byte
+
+
+def _check_slopes(codings: list[TensorCoding]) -> bool:
+    """Whether the codings have a decay slope (version 5); ValueError for slopes no record can hold."""
+    if any(c.slope for c in codings[1:]):
+        raise ValueError("only the genesis input layer's coding (the first) can have a decay slope")
+    c = codings[0]
+    if c.slope and not (c.model == MODEL_LAPLACE and _compact4(c) and MIN_SLOPE <= c.slope <= MAX_SLOPE):
+        raise ValueError("a decay slope needs a Laplace model from version 4's table and a slope in a signed byte")
+    return bool(c.slope)
 
 
 def _f32(v: float) -> float:
@@ -283,10 +302,15 @@ def dumps(f: NifFile) -> bytes:
     if len(f.stream) % 4:
         raise ValueError("the entropy-coded stream is a whole number of 32-bit words")
     if f.version >= 3 and not all(_compact(c) for c in f.codings):
-        raise ValueError("versions 3 and 4 need codings a 6-byte record holds (bfloat16 steps)")
-    if f.version == 4 and all(_compact4(c) for c in f.codings):
-        version = 4
+        raise ValueError("versions 3 to 5 need codings a 6-byte record holds (bfloat16 steps)")
+    graded = _check_slopes(f.codings)
+    if graded and f.version < 5:
+        raise ValueError("a decay slope needs version 5")
+    if f.version >= 4 and all(_compact4(c) for c in f.codings):
+        version = 5 if graded else 4  # without a slope, version 5 is version 4's bytes
         records = [struct.pack(">HB", _f32_bits(c.step) >> 16, _LAPLACE_INDEX[c.param]) + _qmax4(c.qmax) for c in f.codings]
+        if graded:
+            records[0] += struct.pack(">b", f.codings[0].slope)
     elif all(_compact(c) for c in f.codings):  # version 4's stream with decays off its table is version 3's
         version = 3 if f.version >= 3 else 2
         records = [_CODING2.pack(_f32_bits(c.step) >> 16, c.qmax, c.param) for c in f.codings]
@@ -380,7 +404,8 @@ def parse_header(payload: bytes, version: int = VERSION) -> Header:
 def _record(r: _Reader, version: int) -> tuple[float, int, int, int]:
     if version == 1:  # versions 2 and 3 share the 6-byte record
         return r.unpack(_CODING)
-    if version >= 4:  # step (bfloat16), decay index, qmax in one byte below 128, else two with the top bit set
+    if version >= 4:  # step (bfloat16), decay index, qmax in one byte below 128, else two with the top bit set;
+        # version 5's first record goes on with a slope byte (parse_weights)
         hi, lo, p, qmax = r.take(4)
         if qmax & 0x80:
             qmax = (qmax & 0x7F) << 8 | r.take(1)[0]
@@ -395,15 +420,18 @@ def parse_weights(payload: bytes, arch: Architecture, version: int = VERSION) ->
     shapes = arch.tensor_shapes()
     r = _Reader(payload, "weights chunk")
     codings = []
-    for _ in shapes:
+    for i in range(len(shapes)):
         step, qmax, model, param = _record(r, version)
+        slope = struct.unpack(">b", r.take(1))[0] if version >= 5 and i == 0 else 0
         if model not in ENTROPY_MODELS:
             raise FormatError(f"unknown entropy model {model}")
         if qmax > MAX_QMAX or not (abs(step) < 1e30):
             raise FormatError("quantisation parameters out of range")
         if model == MODEL_LAPLACE and not 1 <= param < 65536:
             raise FormatError("entropy model parameter out of range")
-        codings.append(TensorCoding(step, qmax, model, param))
+        if slope and model != MODEL_LAPLACE:
+            raise FormatError("a decay slope without a Laplace model")
+        codings.append(TensorCoding(step, qmax, model, param, slope))
     stream = payload[r.pos :]
     if len(stream) % 4:
         raise FormatError("entropy-coded stream is not a whole number of words")

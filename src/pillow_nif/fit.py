@@ -606,6 +606,16 @@ def _rms(t: np.ndarray) -> float:
     return float(np.sqrt(np.mean(t * t))) if t.size else 0.0
 
 
+def _coding(i: int, sym: np.ndarray, step: float, qmax: int) -> tuple[TensorCoding, float]:
+    """The cheapest coding of tensor i's symbols and its estimated stream bits: the genesis input layer (tensor 0,
+    a matrix) may grade its decay by frequency (version 5; the slope's record byte is not in the bits)."""
+    if i == 0:
+        model, param, slope, bits = entropy.choose_graded(sym, qmax)
+        return TensorCoding(step, qmax, model, param, slope), bits
+    model, param, bits = entropy.choose_model(sym, qmax)
+    return TensorCoding(step, qmax, model, param), bits
+
+
 def _codings_for(
     tensors: list[np.ndarray], factor: float, scales=None
 ) -> tuple[list[TensorCoding], list[np.ndarray], float]:
@@ -613,8 +623,8 @@ def _codings_for(
     codings, syms, bits = [], [], 0.0
     for i, t in enumerate(tensors):
         step, qmax, sym = _quantise_tensor(t, factor * (_rms(t) if scales is None else scales[i]))
-        model, param, b = entropy.choose_model(sym, qmax)
-        codings.append(TensorCoding(step, qmax, model, param))
+        c, b = _coding(i, sym, step, qmax)
+        codings.append(c)
         syms.append(sym)
         bits += b
     return codings, syms, bits
@@ -712,7 +722,7 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
         while first > first_large or (first > 0 and a.size <= SMALL_TENSOR and dist[i, first] > 1e-3 * base):
             first -= 1
             steps[i, first], qmax, sym = _quantise_tensor(a, uniform * mults[first])
-            bits[i, first] = entropy.choose_model(sym, qmax)[2]
+            bits[i, first] = _coding(i, sym, steps[i, first], qmax)[1]
             weights[name] = torch.from_numpy(sym * steps[i, first]).to(t.dtype).to(t.device)
             dist[i, first] = image_mse(model, target, weights, stride) - base
         weights[name] = t
@@ -790,11 +800,10 @@ def tuned_file(model, plan: Plan, codings: list[TensorCoding]) -> bytes:
     from .quant import symbols
 
     syms, new_codings = [], []
-    for (_, t), c in zip(model.named_tensors(), codings):
+    for i, ((_, t), c) in enumerate(zip(model.named_tensors(), codings)):
         sym = symbols(t, c.step, c.qmax).cpu().numpy()
-        kind, param, _ = entropy.choose_model(sym, c.qmax)
         syms.append(sym)
-        new_codings.append(TensorCoding(c.step, c.qmax, kind, param))
+        new_codings.append(_coding(i, sym, c.step, c.qmax)[0])
     return _file(plan.header, new_codings, syms, plan.metadata)
 
 
