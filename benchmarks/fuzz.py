@@ -227,13 +227,14 @@ def mutate_header_field(rng: random.Random, p: bytes, version: int = 1) -> bytes
 
 
 def record_ends(p: bytes, n_tensors: int, version: int) -> list[int]:
-    """Where each coding record ends (version 4's take 4 or 5 bytes: qmax's first byte says which)."""
+    """Where each coding record ends (version 4's take 4 or 5 bytes: qmax's first byte says which; version 5's
+    first one a byte more, the input layer's decay slope)."""
     if version < 4:
         size = 9 if version == 1 else 6
         return [size * (i + 1) for i in range(n_tensors)]
     ends, pos = [], 0
-    for _ in range(n_tensors):
-        pos += 5 if pos + 3 < len(p) and p[pos + 3] & 0x80 else 4
+    for i in range(n_tensors):
+        pos += (5 if pos + 3 < len(p) and p[pos + 3] & 0x80 else 4) + (version >= 5 and i == 0)
         ends.append(pos)
     return ends
 
@@ -247,14 +248,17 @@ def mutate_weights(rng: random.Random, p: bytes, n_tensors: int, version: int = 
     if which <= 2 and n_tensors and rec <= len(p) and version >= 4:  # step (bfloat16), decay index, qmax
         i = rng.randrange(n_tensors)
         k = ([0] + ends)[i]
-        field = rng.randrange(3)
+        sloped = version >= 5 and i == 0  # the record ends in the input layer's slope byte
+        field = rng.randrange(4 if sloped else 3)
         if field == 0:
             p[k : k + 2] = struct.pack(">f", rng.choice(INTERESTING_F32))[:2]
         elif field == 1:
             p[k + 2] = rng.choice(INTERESTING_U8)
-        else:  # qmax: one byte, or two with the top bit set (possibly non-minimal)
+        elif field == 2:  # qmax: one byte, or two with the top bit set (possibly non-minimal)
             q = rng.choice(INTERESTING_U16)
-            p[k + 3 : ends[i]] = bytes([q & 0xFF]) if rng.random() < 0.5 else struct.pack(">H", q | 0x8000)
+            p[k + 3 : ends[i] - sloped] = bytes([q & 0xFF]) if rng.random() < 0.5 else struct.pack(">H", q | 0x8000)
+        else:
+            p[ends[i] - 1] = rng.choice(INTERESTING_U8)
         return bytes(p)
     if which <= 2 and n_tensors and rec <= len(p) and size == 6:
         k = size * rng.randrange(n_tensors)

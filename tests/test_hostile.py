@@ -45,16 +45,17 @@ FUZZ = settings(max_examples=200, deadline=None,
 # ---- seed files --------------------------------------------------------------------------------------------
 
 
-def built_file(arch, mode="RGB", colour=0, size=(12, 9), seed=0, metadata=None, qmax=5, param=30000) -> bytes:
+def built_file(arch, mode="RGB", colour=0, size=(12, 9), seed=0, metadata=None, qmax=5, param=30000, slope=0) -> bytes:
     """A valid file built through bitstream.dumps: random symbols, entropy coded with the real coder. A decay
-    off version 4's table (30000) makes it a version-3 file."""
+    off version 4's table (30000) makes it a version-3 file; a slope (the input layer's, on a Laplace model)
+    version 5."""
     rng = np.random.default_rng(seed)
     codings, syms = [], []
     for i, (_, shape) in enumerate(arch.tensor_shapes()):
         q = 0 if i == 1 else qmax  # one all-zero tensor: it takes nothing from the stream
-        model = bs.MODEL_LAPLACE if i % 2 else bs.MODEL_UNIFORM
-        codings.append(bs.TensorCoding(2**-4, q, model, param if model == bs.MODEL_LAPLACE else 0))
-        syms.append(rng.integers(-q, q + 1, size=int(np.prod(shape))))
+        model = bs.MODEL_LAPLACE if i % 2 or (i == 0 and slope) else bs.MODEL_UNIFORM
+        codings.append(bs.TensorCoding(2**-4, q, model, param if model == bs.MODEL_LAPLACE else 0, slope if i == 0 else 0))
+        syms.append(rng.integers(-q, q + 1, size=shape))
     header = bs.Header(size[0], size[1], mode, colour, arch)
     return bs.dumps(bs.NifFile(header, codings, entropy.encode(syms, codings, arch.sine_layers()), metadata or {}))
 
@@ -65,7 +66,8 @@ MOD_ARCH = bs.Architecture(3, (6, 4), 2, 1.4, 30.0, (3,), 1, 20.0, 2.0)
 @pytest.fixture(scope="session")
 def nif_seeds() -> list[bytes]:
     """Tiny real files (the encoder, three modes) and hand-built ones (modulation, metadata, I;16, LA).
-    Versions 4 (the encoder's, the modulated one with metadata, LA with 2-byte qmax) and 3 (RGBA, I;16)."""
+    Versions 4 (the encoder's, the modulated one with metadata, LA with 2-byte qmax), 3 (RGBA, I;16) and 5 (a
+    graded input layer)."""
     return [
         pillow_nif.encode(photo(24, 16), bpp=4, effort=1, exif=b"II*\x00\x08\x00\x00\x00\x00\x00"),
         pillow_nif.encode(photo(24, 16, "L"), bpp=4, effort=1),
@@ -76,10 +78,12 @@ def nif_seeds() -> list[bytes]:
         built_file(bs.Architecture(1, (3, 3, 3), 1, 2.0, 30.0), "I;16", 0, size=(5, 11), seed=2),
         built_file(bs.Architecture(2, (4,), 3, 1.2, 30.0, (2,), 2, 30.0, 1.0), "LA", 0, size=(9, 9), seed=3, qmax=300,
                    param=bs.LAPLACE_PARAMS[200]),
+        built_file(bs.Architecture(3, (6, 4), 3, 1.4, 45.0), "RGB", 1, size=(10, 6), seed=4, qmax=40,
+                   param=bs.LAPLACE_PARAMS[70], slope=-9),
     ]
 
 
-N_SEEDS = 7
+N_SEEDS = 8
 
 
 # ---- the harness: four entry points, bounded cost --------------------------------------------------------
@@ -285,21 +289,23 @@ def headers(draw, version=1):
 
 
 def record_ends(weights: bytes, n: int, version: int) -> list[int]:
-    """Where each of the n coding records ends: 9 or 6 bytes, or version 4's 4 or 5 (qmax's top bit)."""
+    """Where each of the n coding records ends: 9 or 6 bytes, or version 4's 4 or 5 (qmax's top bit), version
+    5's first one a byte (the slope) longer."""
     if version < 4:
         return [(9 if version == 1 else 6) * (i + 1) for i in range(n)]
     ends, pos = [], 0
-    for _ in range(n):
-        pos += 5 if weights[pos + 3] & 0x80 else 4
+    for i in range(n):
+        pos += (5 if weights[pos + 3] & 0x80 else 4) + (version >= 5 and i == 0)
         ends.append(pos)
     return ends
 
 
 @st.composite
-def records(draw, n, version=1):
-    """n coding records, each valid or drawn from anywhere in its fields' ranges."""
+def records(draw, n, version=1, first=0):
+    """n coding records, the first being record `first` of its file, each valid or drawn from anywhere in its
+    fields' ranges."""
     out = b""
-    for _ in range(n):
+    for i in range(first, first + n):
         if version >= 4:
             if draw(mostly(st.just(True), st.just(False))):
                 step = draw(st.sampled_from([0.05, 1.0, -0.5, 0.0, 1e-30, 9e29]))
@@ -322,6 +328,8 @@ def records(draw, n, version=1):
             out += struct.pack(">fHBH", draw(F32), draw(U16), draw(U8), draw(U16))
         else:
             out += struct.pack(">HHH", draw(U16), draw(U16), draw(U16))
+        if version >= 5 and i == 0:  # the input layer's slope, a signed byte
+            out += bytes([draw(mostly(st.sampled_from([0, 0xF7, 0x80, 0x7F]), U8))])
     return out
 
 
@@ -360,7 +368,8 @@ def test_coding_records(hostile, seed, data):
     ends = record_ends(weights, n, version)
     recs = [weights[a:b] for a, b in zip([0, *ends], ends)]
     for _ in range(data.draw(st.integers(1, 3))):
-        recs[data.draw(st.integers(0, n - 1))] = data.draw(records(1, version))
+        k = data.draw(st.integers(0, n - 1))
+        recs[k] = data.draw(records(1, version, first=k))
     check(with_payload(hostile[seed], b"WGTS", b"".join(recs) + weights[ends[-1] :]))
 
 
