@@ -4,6 +4,8 @@ All tensors of a file share one ANS stream. Each tensor has its own i.i.d. model
 over [-qmax, qmax] or a two-sided geometric ("discrete Laplace") distribution p(k) ~ r^|k| with
 r = param / 65536. The geometric table is built with integer arithmetic only, so the encoder and
 any decoder, on any CPU, hand constriction bit-identical inputs and get the same coding tables.
+In version 5 the genesis input layer's decay may change across its encoding frequencies (one slope: its
+high-frequency weights are smaller), its columns coded group by group (choose_graded).
 
 Version 3 also codes data in the *arrangement* of each sine layer's neurons (bits-back coding; Townsend
 et al. 2019, Severo et al. 2021 for multisets). A layer's n neurons (a row of its weight and its bias, with
