@@ -219,20 +219,24 @@ def test_version_5_adds_the_input_layers_decay_slope_in_one_byte_and_is_version_
     assert bs.loads(make_file(slope=-13)).header == bs.loads(make_file()).header
 
 
-@pytest.mark.parametrize("codings, message", [
-    ([TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, 0), TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, -3)], "only the genesis"),
-    ([TensorCoding(2**-7, 7, bs.MODEL_UNIFORM, 0, -3)], "needs a Laplace model"),
-    ([TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, 40000, -3)], "needs a Laplace model from version 4's table"),
-    ([TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, -129)], "signed byte"),
+def _sloped(*first: TensorCoding) -> list[TensorCoding]:
+    """ARCH's codings: `first`, then plain Laplace ones."""
+    return [*first] + [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM)] * (len(ARCH.tensor_shapes()) - len(first))
+
+
+@pytest.mark.parametrize("first, message", [
+    ((TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, 0), TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, -3)), "only the genesis"),
+    ((TensorCoding(2**-7, 7, bs.MODEL_UNIFORM, 0, -3),), "needs a Laplace model"),
+    ((TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, 40000, -3),), "needs a Laplace model from version 4's table"),
+    ((TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, -129),), "signed byte"),
 ])
-def test_a_decay_slope_no_record_can_hold_is_refused(codings, message):
-    codings = codings + [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM)] * (len(ARCH.tensor_shapes()) - len(codings))
+def test_a_decay_slope_no_record_can_hold_is_refused(first, message):
     with pytest.raises(ValueError, match=message):
-        bs.dumps(NifFile(Header(9, 9, "RGB", 0, ARCH), codings, b"\x01\x00\x00\x00"))
+        bs.dumps(NifFile(Header(9, 9, "RGB", 0, ARCH), _sloped(*first), b"\x01\x00\x00\x00"))
 
 
 def test_version_5_slope_needs_version_5_and_a_laplace_model():
-    good = [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, -3)] + [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM)] * (len(ARCH.tensor_shapes()) - 1)
+    good = _sloped(TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, PARAM, -3))
     with pytest.raises(ValueError, match="needs version 5"):
         bs.dumps(NifFile(Header(9, 9, "RGB", 0, ARCH), good, b"\x01\x00\x00\x00", version=4))
     data = make_file(slope=-3)

@@ -92,8 +92,9 @@ def frequency_groups(columns: int) -> np.ndarray:
     return np.where(j < 2, 0, 1 + (j - 2) // 4)
 
 
-def graded_indices(p: int, slope: int, groups: int) -> np.ndarray:
-    """The decay index of each encoding group: p + floor(slope * g / 4), held within the table."""
+def graded_indices(p, slope, groups: int) -> np.ndarray:
+    """The decay index of each encoding group (the last axis): p + floor(slope * g / 4), held within the table.
+    p and slope may be arrays that broadcast (the encoder's search)."""
     return np.clip(p + (slope * np.arange(groups)) // 4, 1, 255)
 
 
@@ -104,8 +105,7 @@ def _graded_totals(per: np.ndarray, slopes: np.ndarray) -> np.ndarray:
     """Bits of the graded tensor for each slope (rows) and decay index p = 1 … 255 (columns); `per` is each
     group's bits under each decay."""
     groups = per.shape[0]
-    p = np.arange(1, 256)
-    idx = np.clip(p[None, :, None] + (slopes[:, None, None] * np.arange(groups)) // 4, 1, 255) - 1
+    idx = graded_indices(np.arange(1, 256)[None, :, None], slopes[:, None, None], groups) - 1
     return per[np.arange(groups), idx].sum(axis=-1)
 
 
