@@ -190,7 +190,7 @@ def test_decays_scale_down_where_a_step_samples_less_of_the_image():
 def test_plain_networks_fit_with_adamw():
     # Muon fitted the unmodulated networks of 0.3 bpp better, but their files came out worse (NOTES.md #84)
     cfg = FitConfig()
-    arch = choose_architecture(64, 64, 3, 3000, cfg)
+    arch = choose_architecture(64, 64, 3, 1500, cfg)
     assert not arch.mod_widths
     f = fit.Fitter(np.zeros((16, 16, 3)), arch, "cpu", fit.EFFORTS[1], cfg, 0)
     opt = f.optimizer(1e-3, 1e-4, tuning=False)

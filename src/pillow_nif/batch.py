@@ -83,10 +83,10 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     if metadata is not None and len(metadata) != len(images):
         raise ValueError(f"metadata has {len(metadata)} entries for {len(images)} images")
     common = dict(icc_profile=icc_profile, exif=exif, xmp=xmp)
-    # Every image is checked (mode, budget) before any fitting starts.
-    jobs = [_plan(i, _as_image(im), target_bpp, colour, metadata[i] if metadata is not None else common, cfg)
-            for i, im in enumerate(images)]
     eff = fit.EFFORTS[effort]
+    # Every image is checked (mode, budget) before any fitting starts.
+    jobs = [_plan(i, _as_image(im), target_bpp, colour, metadata[i] if metadata is not None else common, cfg, eff)
+            for i, im in enumerate(images)]
     bar = fit._progress(progress, len(jobs) * (eff.stages * eff.iters + eff.qat_stages * eff.qat_iters))
     results: list[fit.EncodeResult | None] = [None] * len(jobs)
     try:
@@ -110,8 +110,8 @@ def _as_image(image):
     return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
 
 
-def _plan(index: int, image, target_bpp: float, colour: str, meta: dict, cfg: fit.FitConfig) -> _Job:
-    p = fit.plan_encode(image, target_bpp, colour, {k: meta.get(k) for k in ("icc_profile", "exif", "xmp")}, cfg)
+def _plan(index: int, image, target_bpp: float, colour: str, meta: dict, cfg: fit.FitConfig, eff: fit.Effort) -> _Job:
+    p = fit.plan_encode(image, target_bpp, colour, {k: meta.get(k) for k in ("icc_profile", "exif", "xmp")}, cfg, eff)
     return _Job(index, image, p.header, p.budget, p.metadata)
 
 

@@ -195,30 +195,38 @@ def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tu
 # ---- architecture from the budget ------------------------------------------------------------------
 
 # Genesis widths relative to the first (wide) sine layer, by budget. Small networks: halving bottlenecks.
-# From DEEP_PARAMS parameters up, a fourth sine layer with a floor of a quarter width (as NIF25 narrows to a
-# floor): +0.23 dB over (1, .5, .25) on 4 crops at 0.6/1.0 bpp, for ~4 % more step time; (1, .5, .3, .2) gave
-# +0.15, (1, .45, .3, .3) +0.13, five layers (1, .45, .25, .18, .18) +0.13; at 0.3 bpp (3.4k parameters) four
-# layers lost 0.8 dB (benchmarks/NOTES.md #35).
+# From DEEP_PARAMS parameters up, modulation and a fourth sine layer with a floor of a quarter width (as NIF25
+# narrows to a floor): +0.23 dB over (1, .5, .25) on 4 crops at 0.6/1.0 bpp, for ~4 % more step time; (1, .5,
+# .3, .2) gave +0.15, (1, .45, .3, .3) +0.13, five layers (1, .45, .25, .18, .18) +0.13 (benchmarks/NOTES.md #35).
+# Below 5000 parameters they first lost 0.8 dB (#35), but the modulated networks' recipe (Muon, the decays:
+# #84-#87, #112) later gained ~0.9 dB that plain networks never could: on 8 crops at 0.3 bpp (3.5k parameters),
+# effort 5, the deep shape with modulation (16, 8) gained +0.65 dB, all 8 up (modulation alone on (1, .5, .25):
+# +0.35 to +0.39); on 4 crops +0.65 at 0.22 bpp (2.6k), +0.43 at 0.18 (2.1k), -0.14 at 0.15 (1.8k) (#137).
+# Efforts 2-4 gained +0.14 to +0.25 at 0.3 bpp; effort 1's single 300-step stage lost 0.56, so shorter stages
+# keep plain networks to 5000 parameters (at 0.6 bpp, 7k parameters, plain ones lost 0.39 dB there too).
 _GENESIS_SHAPE = (1.0, 0.5, 0.25)
 _DEEP_SHAPE = (1.0, 0.45, 0.25, 0.25)
-DEEP_PARAMS = 5000
+DEEP_PARAMS = 2000
+SHORT_STAGE = 400  # steps: fits with shorter stages modulate from SHORT_DEEP_PARAMS
+SHORT_DEEP_PARAMS = 5000
 
 
-def choose_architecture(width: int, height: int, channels: int, param_budget: float, cfg: FitConfig) -> Architecture:
-    """The largest NIF-shaped network that fits `param_budget` parameters.
+def choose_architecture(width: int, height: int, channels: int, param_budget: float, cfg: FitConfig,
+                        stage_steps: int = EFFORTS[5].iters) -> Architecture:
+    """The largest NIF-shaped network that fits `param_budget` parameters, for a fit of `stage_steps` a stage.
 
     Encoding frequencies grow with the parameters per pixel: a larger network can use finer ones.
     Measured on 4 Kodak crops of 256x256 (13 frequencies reach periods of ~4 pixels; benchmarks/NOTES.md
     #27): the best count was 10 at 0.054 parameters per pixel (0.3 bpp), 10-12 at 0.11 (0.6 bpp) and 12
-    at 0.18 (1.0 bpp), i.e. about nyquist - 3 + 1.25 log2(params per pixel / 0.054). Modulation and a
-    fourth sine layer pay from about 5000 parameters up and cost 0.6-0.8 dB below that.
+    at 0.18 (1.0 bpp), i.e. about nyquist - 3 + 1.25 log2(params per pixel / 0.054); two more cost 0.09 / 0.11
+    dB at 0.6 / 1.0 bpp in session 28 (#137). Modulation and a fourth sine layer pay from DEEP_PARAMS up.
     """
     n = min(width, height)
     nyquist = int(math.log(max(n, 8) / 4) / math.log(cfg.pe_scale)) + 1  # periods down to ~4 pixels
     per_pixel = max(param_budget, 1.0) / (width * height)
     freqs = round(nyquist - 3 + 1.25 * math.log2(per_pixel / 0.054))
     freqs = max(2, min(nyquist, bitstream.MAX_FREQS, freqs, int(param_budget / 120)))
-    if param_budget >= DEEP_PARAMS:
+    if param_budget >= (DEEP_PARAMS if stage_steps >= SHORT_STAGE else SHORT_DEEP_PARAMS):
         mod = (32, 16, 8) if param_budget >= 40000 else (16, 8)
         mod_freqs, shape = 4, _DEEP_SHAPE
     else:
@@ -765,8 +773,9 @@ def check_encode_options(bpp, quality, effort, device, seed, colour) -> tuple[fl
     return target_bpp, effort, resolve_device(device)
 
 
-def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitConfig) -> Plan:
-    """Storage mode, colour transform, byte budget and architecture of `image`, without its pixels."""
+def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitConfig, effort: Effort) -> Plan:
+    """Storage mode, colour transform, byte budget and architecture of `image` for a fit at `effort`, without its
+    pixels."""
     mode = storage_mode(image)  # OSError for modes NIF cannot hold
     c = bitstream.MODES[bitstream.MODE_CODES[mode]][1]
     w, h = image.size
@@ -779,7 +788,7 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
             f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
             f"{overhead + 16} bytes: ask for a higher bpp"
         )
-    arch = choose_architecture(w, h, c, (budget - overhead) * 8 / cfg.bits_per_param, cfg)
+    arch = choose_architecture(w, h, c, (budget - overhead) * 8 / cfg.bits_per_param, cfg, effort.iters)
     return Plan(Header(w, h, mode, col, arch), budget, metadata)
 
 
@@ -846,12 +855,12 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     target_bpp, effort, device = check_encode_options(bpp, quality, effort, device, seed, colour)
     cfg = config or FitConfig()
     t0 = time.perf_counter()
-    plan = plan_encode(image, target_bpp, colour, dict(icc_profile=icc_profile, exif=exif, xmp=xmp), cfg)
+    eff = EFFORTS[effort]
+    plan = plan_encode(image, target_bpp, colour, dict(icc_profile=icc_profile, exif=exif, xmp=xmp), cfg, eff)
     header = plan.header
     pixels, _, maxval = prepare_image(image)  # (H, W, C) float64 in [0, 1]
     from .colour import to_network_space
 
-    eff = EFFORTS[effort]
     bar = _progress(progress, eff.stages * eff.iters + eff.qat_stages * eff.qat_iters)
     try:
         fitter = Fitter(to_network_space(pixels, header.colour), header.arch, device, eff, cfg, seed)
