@@ -3,8 +3,8 @@
 The recipe follows NIF: training in stages, each warming its rate up, holding it, then a cosine decay, with a
 partial weight restart (perturbation) between stages, a log-cosh loss (NIF's small SSIM term is optional), then
 quantisation-aware tuning. AdamW trains every parameter, except that Muon (optim.py) trains the hidden and
-output matrices of modulated networks while they are fitted. The architecture follows from the budget;
-per-tensor quantisation steps are allocated by measured distortion per bit, and one global factor on them lands
+output matrices of modulated networks while they are fitted. The architecture follows from the budget (and,
+for small budgets, from the effort's stage length); per-tensor quantisation steps are allocated by measured distortion per bit, and one global factor on them lands
 the *whole file* just under ``bpp * width * height`` bits.
 """
 
@@ -390,7 +390,7 @@ class Fitter:
         cfg.modulation_decay, the biases at `decay`. The input layer's and the modulation's decays apply from
         cfg.matrix_decay_iters steps a stage, scaled down where a step samples less than cfg.decay_fraction of the
         image; shorter stages keep the input layer on AdamW and both at `decay`. Plain (small) networks train with
-        AdamW alone, the input layer at cfg.input_decay: Muon fitted the plain networks of 0.3 bpp better
+        AdamW alone, the input layer at cfg.input_decay: Muon fitted the plain networks 0.3 bpp had then better
         (+0.08 dB) but their files came out 0.40 dB worse (kodim20: quantisation cost 2.6 dB instead of 0.8;
         benchmarks/NOTES.md #84). Quantisation-aware tuning: AdamW at `decay`; its few tiny steps only nudge
         weights across rounding boundaries."""
