@@ -4,8 +4,8 @@ The recipe follows NIF: training in stages, each warming its rate up, holding it
 partial weight restart (perturbation) between stages, a log-cosh loss (NIF's small SSIM term is optional), then
 quantisation-aware tuning. AdamW trains every parameter, except that Muon (optim.py) trains the hidden and
 output matrices of modulated networks while they are fitted. The architecture follows from the budget (and,
-for small budgets, from the effort's stage length); per-tensor quantisation steps are allocated by measured distortion per bit, and one global factor on them lands
-the *whole file* just under ``bpp * width * height`` bits.
+for small budgets, from the effort's stage length); per-tensor quantisation steps are allocated by measured
+distortion per bit, and one global factor on them lands the *whole file* just under ``bpp * width * height`` bits.
 """
 
 from __future__ import annotations
