@@ -53,7 +53,7 @@ ENTROPY_MODELS = (MODEL_UNIFORM, MODEL_LAPLACE)
 # (0.1 octave); one index byte replaces a two-byte param. Near r = 1 neighbours coincide (65534, 65535).
 _ROOTS = (65536, 62757, 60097, 57549, 55109, 52773, 50535, 48393, 46341, 44376, 42495, 40693, 38968, 37316, 35734, 34219)
 LAPLACE_PARAMS = (0,) + tuple(65536 - (_ROOTS[p % 16] >> (p // 16)) for p in range(1, 256))  # [0]: uniform
-_LAPLACE_INDEX = {param: p for p, param in reversed(list(enumerate(LAPLACE_PARAMS)))}  # param -> first index
+LAPLACE_INDEX = {param: p for p, param in reversed(list(enumerate(LAPLACE_PARAMS)))}  # param -> first index
 # Version 4 header: hyperparameters left out when they are the encoder's (as JPEG XL's all_default flags).
 DEFAULT_PE = (1.4, 45.0)  # pe_scale, omega
 DEFAULT_MOD = (45.0, 10.0)  # mod_omega, mod_sigma
@@ -222,7 +222,7 @@ def _compact(c: TensorCoding) -> bool:
 
 def _compact4(c: TensorCoding) -> bool:
     """Whether a coding fits a version-4 record (a decay from LAPLACE_PARAMS)."""
-    return _compact(c) and c.param in _LAPLACE_INDEX and c.qmax <= MAX_QMAX
+    return _compact(c) and c.param in LAPLACE_INDEX and c.qmax <= MAX_QMAX
 
 
 MIN_SLOPE, MAX_SLOPE = -128, 127  # a signed byte
@@ -308,7 +308,7 @@ def dumps(f: NifFile) -> bytes:
         raise ValueError("a decay slope needs version 5")
     if f.version >= 4 and all(_compact4(c) for c in f.codings):
         version = 5 if graded else 4  # without a slope, version 5 is version 4's bytes
-        records = [struct.pack(">HB", _f32_bits(c.step) >> 16, _LAPLACE_INDEX[c.param]) + _qmax4(c.qmax) for c in f.codings]
+        records = [struct.pack(">HB", _f32_bits(c.step) >> 16, LAPLACE_INDEX[c.param]) + _qmax4(c.qmax) for c in f.codings]
         if graded:
             records[0] += struct.pack(">b", f.codings[0].slope)
     elif all(_compact(c) for c in f.codings):  # version 4's stream with decays off its table is version 3's

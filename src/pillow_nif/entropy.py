@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from .bitstream import _LAPLACE_INDEX, LAPLACE_PARAMS, MODEL_LAPLACE, MODEL_UNIFORM, FormatError, TensorCoding
+from .bitstream import LAPLACE_INDEX, LAPLACE_PARAMS, MODEL_LAPLACE, MODEL_UNIFORM, FormatError, TensorCoding
 
 _ONE = 1 << 40  # table scale: f(k) = floor(2^40 r^|k|), exact in float64
 # The decays a version-4 record can name (1 - r in steps of 1/16 octave), as r: element p - 1 for index p.
@@ -139,7 +139,7 @@ def _tensor_models(c: TensorCoding, columns: int):
     if not c.slope:
         return [(None, _model(c))]
     g = frequency_groups(columns)
-    ps = graded_indices(_LAPLACE_INDEX[c.param], c.slope, int(g[-1]) + 1)
+    ps = graded_indices(LAPLACE_INDEX[c.param], c.slope, int(g[-1]) + 1)
     return [(g == k, _model(TensorCoding(c.step, c.qmax, MODEL_LAPLACE, LAPLACE_PARAMS[p]))) for k, p in enumerate(ps)]
 
 
