@@ -171,7 +171,7 @@ def _mlp(
 
 @triton.jit
 def _nif_decode_kernel(
-    out_ptr,  # (n_pix, CHANNELS) uint8 or int32 pixels of the band, row-major
+    out_ptr,  # (n_pix, CHANNELS) uint8 or int32 pixels of the band, row-major (float32 values when not ROUND)
     buf,  # packed float32: frequency table at 0, then every padded weight and bias
     n_pix,  # pixels in this launch: rows * width
     width,  # output width and height, which set the pixel-centre coordinates
@@ -187,6 +187,7 @@ def _nif_decode_kernel(
     FAST_SIN: tl.constexpr,  # every sine argument (encoding, hidden layers) is below 1e5 in magnitude
     BLOCK_M: tl.constexpr,
     PREC: tl.constexpr,  # tl.dot input_precision: "ieee" (exact fp32) or "tf32x3"
+    ROUND: tl.constexpr = True,  # False: the clamped values, for the post-filter (render.py)
 ):
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     # Pixel centres in float64, rounded to float32, exactly as pixel_grid.
@@ -199,7 +200,9 @@ def _nif_decode_kernel(
     else:
         period = tl.zeros((BLOCK_M,), tl.float32) + omega
     v = _mlp(y, x, period, buf, GEN_FREQS, GEN, BLOCK_M, PREC, FAST_SIN)[0]
-    v = tl.floor(tl.minimum(tl.maximum(v, 0.0), maxval) + 0.5)  # round half up, as to_pixels
+    v = tl.minimum(tl.maximum(v, 0.0), maxval)
+    if ROUND:
+        v = tl.floor(v + 0.5)  # round half up, as to_pixels
     c = tl.arange(0, v.shape[1])
     offs = p.to(tl.int64)[:, None] * CHANNELS + c[None, :]
     mask = (p < n_pix)[:, None] & (c < CHANNELS)[None, :]
@@ -326,19 +329,21 @@ def render_band(
     block_m: int | None = None,
     num_warps: int = NUM_WARPS,
     precision: str = "ieee",
+    raw: bool = False,
 ) -> torch.Tensor:
     """Rows [row0, row1) of the (height, width) decode of net: (row1 - row0, width, C) integer pixels.
 
     uint8 when net.maxval == 255, else int32; equal (up to float32 rounding) to
     to_pixels(evaluate_folded(net, pixel_grid(width, height, slice(row0, row1)))). Runs on the device of
-    net's weights (CUDA, or CPU under TRITON_INTERPRET=1). `out`, if given, is filled and returned.
+    net's weights (CUDA, or CPU under TRITON_INTERPRET=1). `out`, if given, is filled and returned. With `raw`:
+    float32 values clamped to [0, maxval], not rounded (what the post-filter reads).
     """
     if width < 1 or height < 1 or not 0 <= row0 <= row1 <= height:
         raise ValueError(f"rows [{row0}, {row1}) of a {width}x{height} image")
     dev = net.out[0].device
     if dev.type != "cuda" and not _interpreting():
         raise RuntimeError("the Triton decoder needs CUDA weights (or TRITON_INTERPRET=1 for CPU)")
-    dtype = torch.uint8 if net.maxval == 255 else torch.int32
+    dtype = torch.float32 if raw else torch.uint8 if net.maxval == 255 else torch.int32
     shape = (row1 - row0, width, net.channels)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=dev)
@@ -359,6 +364,6 @@ def render_band(
         _nif_decode_kernel[(triton.cdiv(n, block_m),)](
             out[r - row0 : r1 - row0], pk.buf, n, width, height, r, float(net.omega), float(net.maxval),
             CHANNELS=net.channels, GEN_FREQS=pk.freqs[0], MOD_FREQS=pk.freqs[1], GEN=pk.gen, MOD=pk.mod,
-            FAST_SIN=pk.fast_sin, BLOCK_M=block_m, PREC=precision, num_warps=num_warps,
+            FAST_SIN=pk.fast_sin, BLOCK_M=block_m, PREC=precision, ROUND=not raw, num_warps=num_warps,
         )  # fmt: skip
     return out

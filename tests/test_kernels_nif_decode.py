@@ -206,3 +206,21 @@ def test_rejects_bad_arguments():
         render_band(net, 4, 4, 3, 5)
     with pytest.raises(ValueError):
         render_band(net, 4, 4, 0, 4, out=torch.empty(4, 4, 1, dtype=torch.int32, device=DEVICE))
+
+
+def test_raw_values_and_the_post_filter_through_the_kernel():
+    """raw=True gives the clamped float values the post-filter reads (render.py), and a filtered render through the
+    kernel agrees with the torch backend's."""
+    from pillow_nif.render import render
+
+    arch = Architecture(3, (48, 24, 12), 8, 1.4, 45.0, (16, 8), 4, 45.0, 10.0)
+    net = trained_like(arch, 1, 255, SEED)
+    raw = render_band(net, 40, 30, 3, 29, block_m=BLOCK_M, raw=True)
+    assert raw.dtype == torch.float32 and raw.shape == (26, 40, 3)
+    want = reference(net, 40, 30, 3, 29)
+    assert (raw - want).abs().max().item() < 1e-2, f"seed {SEED}"
+    g = torch.Generator().manual_seed(SEED)
+    net.filter = (0.05 * torch.randn(3, 3, generator=g), 0.1 * torch.randn(3, 12, generator=g), torch.zeros(3))
+    net = net.to(DEVICE)
+    assert_decoders_agree(render(net, 40, 30, backend="triton"), render(net, 40, 30, backend="torch"),
+                          f"replay with NIF_TEST_SEED={SEED}")

@@ -54,9 +54,11 @@ class _Job:
 
     index: int
     image: object  # PIL image
-    header: Header
-    budget: int  # bytes
-    metadata: dict
+    plan: fit.Plan
+
+    @property
+    def header(self) -> Header:
+        return self.plan.header
 
 
 def encode_many(images, **options) -> list[bytes]:
@@ -112,7 +114,7 @@ def _as_image(image):
 
 def _plan(index: int, image, target_bpp: float, colour: str, meta: dict, cfg: fit.FitConfig, eff: fit.Effort) -> _Job:
     p = fit.plan_encode(image, target_bpp, colour, {k: meta.get(k) for k in ("icc_profile", "exif", "xmp")}, cfg, eff)
-    return _Job(index, image, p.header, p.budget, p.metadata)
+    return _Job(index, image, p)
 
 
 def _arrays(job: _Job) -> tuple[np.ndarray, np.ndarray, int]:
@@ -153,20 +155,21 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
         model = fitter.model.unstack(i)
         fit_pixels.append(fit._render_model(model, job.header, maxval))
         target = torch.from_numpy(arrays[i][1]).float().to(device)
-        data, coding = fit.quantise(model, target, fit.Plan(job.header, job.budget, job.metadata), cfg)
+        data, coding = fit.quantise(model, target, job.plan, cfg)
         codings.append(coding)
         files.append(data)
     if eff.qat_stages:  # as fit.tune_and_code, the tuning for the whole group at once
         fit_states = [fitter.model.unstack(i).state_dict() for i in range(len(group))]
         fitter.tune(codings, lambda n: bar.update(n * len(group)))
         for i, job in enumerate(group):
-            plan, model = fit.Plan(job.header, job.budget, job.metadata), fitter.model.unstack(i)
+            plan, model = job.plan, fitter.model.unstack(i)
             data = fit.tuned_file(model, plan, codings[i])
-            if len(data) > job.budget:  # rare: this image is quantised and tuned again alone, as encode_image would
+            if len(data) > plan.budget:  # rare: this image is quantised and tuned again alone, as encode_image would
                 alone = fit.Fitter(arrays[i][1], job.header.arch, device, eff, cfg, seed)
                 alone.model.load_state_dict(model.state_dict())
                 data = fit.tune_and_code(alone, plan, codings[i], files[i], fit_states[i], tuned=True)
             files[i] = data
+    files = [fit.add_post_filter(data, pixels, maxval, job.plan) for job, data, (pixels, _, maxval) in zip(group, files, arrays)]
     return [fit.score(data, pixels, maxval, fp, device, 0.0, job.header.arch)
             for job, data, fp, (pixels, _, maxval) in zip(group, files, fit_pixels, arrays)]
 

@@ -23,9 +23,11 @@ MAGIC = b"\x8bNIF\r\n\x1a"
 # fixed table): the container took 4.4 / 3.5 / 2.1 % of a 256x256 file at 0.3 / 0.6 / 1.0 bpp, version 4
 # about half that. Version 5 adds to the genesis input layer's record a slope of its decay across the encoding's
 # frequencies (a file's high-frequency weights are smaller): 0.5-1.6 % of a file at 0.6-1.0 bpp. The encoder
-# writes 5, or 4 when the slope is 0 (the same bytes as before); readers accept all five.
-VERSION = 5
-VERSIONS = (1, 2, 3, 4, 5)
+# writes 5, or 4 when the slope is 0 (the same bytes as before). Version 6 is version 5 with a post-filter (see
+# postfilter.py): a header flag, the filter's size, and its three tensors after the network's; the encoder writes 6
+# only for a file with a filter. Readers accept all six.
+VERSION = 6
+VERSIONS = (1, 2, 3, 4, 5, 6)
 SIGNATURE = MAGIC + bytes([VERSION])
 
 # Modes: code -> (Pillow mode, channels, bits per sample).
@@ -66,6 +68,7 @@ MAX_FREQS = 24
 MAX_PARAMS = 1 << 22
 MAX_QMAX = (1 << 15) - 1
 MAX_CHUNK = 1 << 28
+MAX_FILTER_TAPS = 12  # postfilter.DIRECTIONS: a 5x5 point-symmetric filter
 # A parameter costs at least this many bits on average: bounds the parameter count by the file
 # size (the encoder never goes near it; a hostile header cannot ask for a huge network in a tiny file).
 MIN_BITS_PER_PARAM = 1 / 8
@@ -95,6 +98,7 @@ class Architecture:
     mod_freqs: int = 0
     mod_omega: float = 30.0
     mod_sigma: float = 1.0  # scale of the modulation output
+    filter_taps: int = 0  # version 6: the post-filter's pairs of neighbours (postfilter.py); 0 = no filter
 
     def __post_init__(self):
         # Round floats through f32 so an Architecture equals what the file stores.
@@ -121,6 +125,12 @@ class Architecture:
             dims = [self.mod_pe_dim, *self.mod_widths, 1]
             for i in range(len(dims) - 1):
                 shapes += [(f"modulation.{i}.weight", (dims[i + 1], dims[i])), (f"modulation.{i}.bias", (dims[i + 1],))]
+        if self.filter_taps:
+            shapes += [
+                ("filter.mix", (self.channels, self.channels)),
+                ("filter.taps", (self.channels, self.channels * self.filter_taps)),
+                ("filter.offset", (self.channels,)),
+            ]
         return shapes
 
     def sine_layers(self) -> list[tuple[int, int, int]]:
@@ -148,6 +158,8 @@ class Architecture:
             raise FormatError("unsupported number of layers")
         if any(not 1 <= w <= MAX_WIDTH for w in (*self.widths, *self.mod_widths)):
             raise FormatError("layer width out of range")
+        if not 0 <= self.filter_taps <= MAX_FILTER_TAPS:
+            raise FormatError("post-filter size out of range")
         if self.pe_freqs > MAX_FREQS or self.mod_freqs > MAX_FREQS:
             raise FormatError("too many encoding frequencies")
         for v in (self.pe_scale, self.omega, self.mod_omega, self.mod_sigma):
@@ -274,6 +286,7 @@ def _pack_header4(h: Header) -> bytes:
     a = h.arch
     pe, mod = (a.pe_scale, a.omega), (a.mod_omega, a.mod_sigma)
     flags = int(pe != tuple(map(_f32, DEFAULT_PE))) | int(bool(a.mod_widths) and mod != tuple(map(_f32, DEFAULT_MOD))) << 1
+    flags |= int(bool(a.filter_taps)) << 2
     out = _varint(h.width) + _varint(h.height) + bytes([MODE_CODES[h.mode] | h.colour << 4, a.pe_freqs, flags])
     if flags & 1:
         out += _F32X2.pack(*pe)
@@ -281,10 +294,14 @@ def _pack_header4(h: Header) -> bytes:
         out += bytes([len(ws)]) + b"".join(_varint(w) for w in ws)
     if a.mod_widths:
         out += bytes([a.mod_freqs]) + (_F32X2.pack(*mod) if flags & 2 else b"")
+    if a.filter_taps:
+        out += bytes([a.filter_taps])
     return out
 
 
 def pack_header(h: Header, version: int = VERSION) -> bytes:
+    if h.arch.filter_taps and version < 6:
+        raise ValueError("a post-filter needs version 6")
     if version >= 4:
         return _pack_header4(h)
     a = h.arch
@@ -306,10 +323,14 @@ def dumps(f: NifFile) -> bytes:
     graded = _check_slopes(f.codings)
     if graded and f.version < 5:
         raise ValueError("a decay slope needs version 5")
+    filtered = bool(h.arch.filter_taps)
+    if filtered and not (f.version >= 6 and all(_compact4(c) for c in f.codings)):
+        raise ValueError("a post-filter needs version 6 and codings a version-4 record holds")
     if f.version >= 4 and all(_compact4(c) for c in f.codings):
-        version = 5 if graded else 4  # without a slope, version 5 is version 4's bytes
+        # without a filter, version 6 is version 5's bytes; without a slope either, version 4's
+        version = 6 if filtered else 5 if graded else 4
         records = [struct.pack(">HB", _f32_bits(c.step) >> 16, LAPLACE_INDEX[c.param]) + _qmax4(c.qmax) for c in f.codings]
-        if graded:
+        if version >= 5:  # the first record's slope byte (0 in a version-6 file without one)
             records[0] += struct.pack(">b", f.codings[0].slope)
     elif all(_compact(c) for c in f.codings):  # version 4's stream with decays off its table is version 3's
         version = 3 if f.version >= 3 else 2
@@ -360,10 +381,10 @@ class _Reader:
         raise FormatError(f"integer too long in {self.what}")
 
 
-def _parse_header4(r: _Reader):
+def _parse_header4(r: _Reader, version: int):
     width, height = r.varint(3), r.varint(3)
     mode, pe_freqs, flags = r.take(3)
-    if flags > 3:
+    if flags > (7 if version >= 6 else 3):
         raise FormatError(f"unknown header flags {flags:#x}")
     pe_scale, omega = r.unpack(_F32X2) if flags & 1 else DEFAULT_PE
     widths, mod_widths = r.widths(compact=True), r.widths(compact=True)
@@ -373,13 +394,19 @@ def _parse_header4(r: _Reader):
         mod = (mod_freqs, *(r.unpack(_F32X2) if flags & 2 else DEFAULT_MOD))
     elif flags & 2:
         raise FormatError("modulation hyperparameters without a modulation network")
-    return width, height, mode & 0xF, mode >> 4, pe_freqs, pe_scale, omega, widths, mod_widths, mod
+    taps = 0
+    if flags & 4:
+        (taps,) = r.take(1)
+        if not 1 <= taps <= MAX_FILTER_TAPS:
+            raise FormatError(f"post-filter size {taps} out of range")
+    return width, height, mode & 0xF, mode >> 4, pe_freqs, pe_scale, omega, widths, mod_widths, mod, taps
 
 
 def parse_header(payload: bytes, version: int = VERSION) -> Header:
     r = _Reader(payload, "header chunk")
+    taps = 0
     if version >= 4:
-        width, height, mode, colour, pe_freqs, pe_scale, omega, widths, mod_widths, mod = _parse_header4(r)
+        width, height, mode, colour, pe_freqs, pe_scale, omega, widths, mod_widths, mod, taps = _parse_header4(r, version)
     else:
         width, height, mode, colour, pe_freqs, pe_scale, omega = r.unpack(_HDR)
         widths = r.widths()
@@ -396,7 +423,7 @@ def parse_header(payload: bytes, version: int = VERSION) -> Header:
     _, channels, _ = MODES[mode]
     if colour == COLOUR_YCBCR and channels < 3:
         raise FormatError("YCbCr needs three colour channels")
-    arch = Architecture(channels, widths, pe_freqs, pe_scale, omega, mod_widths, *mod)
+    arch = Architecture(channels, widths, pe_freqs, pe_scale, omega, mod_widths, *mod, filter_taps=taps)
     arch.validate()
     return Header(width, height, MODES[mode][0], colour, arch)
 

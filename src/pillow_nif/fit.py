@@ -99,6 +99,9 @@ class FitConfig:
     grad_clip: float = 0.1
     # NIF adds 0.01 SSIM to log-cosh; measured, it costs 0.6-0.7 dB of PSNR (benchmarks/NOTES.md).
     ssim_weight: float = 0.0
+    # A least-squares post-filter on the decoded image where the budget affords one (format version 6, NOTES.md
+    # #138). False: the network alone (the file is then version 4 or 5).
+    post_filter: bool = True
     # Quantisation-aware tuning nudges weights across rounding boundaries; larger rates make the straight-through
     # weights wander and the best quantised state is often the untuned one. 1e-5 beat 1e-4 by +0.16 dB at 0.3 bpp
     # and +0.06 at 0.6/1.0 (4 crops each, same fits; 3e-6 lost at 0.6/1.0: benchmarks/NOTES.md #37).
@@ -761,8 +764,10 @@ class Plan:
     """What the encoder decides before reading pixels: the header (with the architecture), the budget."""
 
     header: Header
-    budget: int  # bytes of the whole file
+    budget: int  # bytes of the file without its post-filter: what the network may take
     metadata: dict
+    filter_taps: int = 0  # the post-filter's size (postfilter.py); 0: none
+    total: int = 0  # bytes of the whole file, the post-filter's included (0: the budget)
 
 
 def check_encode_options(bpp, quality, effort, device, seed, colour) -> tuple[float, int, str]:
@@ -789,7 +794,72 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
             f"{overhead + 16} bytes: ask for a higher bpp"
         )
     arch = choose_architecture(w, h, c, (budget - overhead) * 8 / cfg.bits_per_param, cfg, effort.iters)
-    return Plan(Header(w, h, mode, col, arch), budget, metadata)
+    # The post-filter's bytes come out of the weights' budget, not the architecture's: the same network is fitted
+    # with and without one, and only its rounding is a little coarser (1-2 % of the bytes).
+    taps = choose_filter(budget, c) if cfg.post_filter else 0
+    return Plan(Header(w, h, mode, col, arch), budget - filter_reserve(c, taps), metadata, taps, budget)
+
+
+# ---- the post-filter ------------------------------------------------------------------------------------
+
+# The largest share of the file each post-filter size may take (its reserve, below). On 8 crops of 256x256 at effort
+# 5 (NOTES.md #138) the filter gained +0.10 / +0.20 / +0.28 dB at 0.3 / 0.6 / 1.0 bpp and the coarser rounding of
+# the network that paid for it cost 0.04 / 0.05 / 0.03: 3x3 at 0.3 bpp (2.3 % of the file) +0.05 net, 5x5 at 0.6
+# (2.2 %) +0.15 against 3x3's +0.11, 5x5 at 1.0 (1.3 %) +0.20.
+FILTER_SHARE = {12: 0.025, 4: 0.035}
+FILTER_BITS = 6  # bits a coefficient takes at the steps below, about (5-7 measured)
+# Steps of the coefficients (normalised units) the encoder tries: mix, taps, offset.
+FILTER_STEPS = [(2.0**-m, 2.0**-t, 2.0**-10) for m in (10, 9, 8) for t in (9, 8, 7, 6)]
+
+
+def filter_reserve(channels: int, taps: int) -> int:
+    """Bytes set aside for a post-filter of `taps` pairs: its header byte, three records, its coefficients."""
+    if not taps:
+        return 0
+    params = channels * channels * (1 + taps) + channels
+    return 1 + 3 * 5 + math.ceil(params * FILTER_BITS / 8) + 4
+
+
+def choose_filter(budget: int, channels: int) -> int:
+    """The post-filter for a file of `budget` bytes: the largest whose reserve is within its share."""
+    return next((t for t, share in FILTER_SHARE.items() if filter_reserve(channels, t) <= share * budget), 0)
+
+
+def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan) -> bytes:
+    """`data` (the network's file) with the least-squares post-filter that fits plan.total, at the coefficient steps
+    that leave the smallest error; `data` itself where no filter fits or helps."""
+    from . import postfilter
+    from .render import load_network, render_values
+
+    if not plan.filter_taps:
+        return data
+    f = bitstream.loads(data)
+    u = render_values(load_network(f), f.header.width, f.header.height).astype(np.float64) / maxval
+    mix, taps, offset = postfilter.fit(u, pixels, plan.filter_taps)
+
+    def error(v):
+        return float(np.mean((np.floor(np.clip(v, 0, 1) * maxval + 0.5) / maxval - pixels) ** 2))
+
+    tried = []
+    for steps in FILTER_STEPS:
+        q = [_quantise_tensor(t, s) for t, s in zip((mix, taps, offset), steps)]
+        coef = [sym * step for step, _, sym in q]
+        tried.append((error(postfilter.apply_numpy(u, *coef)), q))
+    arch = dataclasses.replace(f.header.arch, filter_taps=plan.filter_taps)
+    header = dataclasses.replace(f.header, arch=arch)
+    n = len(f.codings)
+    shapes = [s for _, s in arch.tensor_shapes()[:n]]
+    flat = entropy.decode(f.stream, f.codings, [int(np.prod(s)) for s in shapes], f.header.arch.sine_layers(), arch.pe_dim)
+    syms = [s.reshape(shape) for s, shape in zip(flat, shapes)]
+    base = error(u)
+    for err, q in sorted(tried, key=lambda t: t[0]):
+        if err >= base:
+            break
+        codings = f.codings + [_coding(n + k, sym, step, qmax)[0] for k, (step, qmax, sym) in enumerate(q)]
+        out = _file(header, codings, syms + [sym for _, _, sym in q], plan.metadata)
+        if len(out) <= plan.total:
+            return out
+    return data
 
 
 def quantise(model, target, plan: Plan, cfg: FitConfig) -> tuple[bytes, list[TensorCoding]]:
@@ -870,6 +940,7 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
         data, codings = quantise(fitter.model, fitter.target, plan, cfg)
         if eff.qat_stages:
             data = tune_and_code(fitter, plan, codings, data, fitter.state(), bar)
+        data = add_post_filter(data, pixels, maxval, plan)
     finally:
         bar.close()
     return score(data, pixels, maxval, fit_pixels, device, time.perf_counter() - t0, header.arch)

@@ -210,6 +210,8 @@ class FoldedNetwork:
     genesis: list[tuple[torch.Tensor, torch.Tensor]]
     out: tuple[torch.Tensor, torch.Tensor]
     maxval: float
+    # Version 6: the post-filter (mix, taps, offset) of postfilter.py, applied at the stored size only.
+    filter: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def channels(self) -> int:
@@ -217,7 +219,8 @@ class FoldedNetwork:
 
     def to(self, device) -> "FoldedNetwork":
         mv = lambda layers: [(w.to(device), b.to(device)) for w, b in layers]  # noqa: E731
-        return dataclasses.replace(self, mod=mv(self.mod), genesis=mv(self.genesis), out=mv([self.out])[0])
+        filt = None if self.filter is None else tuple(t.to(device) for t in self.filter)
+        return dataclasses.replace(self, mod=mv(self.mod), genesis=mv(self.genesis), out=mv([self.out])[0], filter=filt)
 
 
 def output_affine(channels: int, colour: int, maxval: float) -> tuple[torch.Tensor, torch.Tensor]:

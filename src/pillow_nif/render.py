@@ -59,7 +59,10 @@ def load_network(f: NifFile, device: str = "cpu"):
     }
     model = NIF(arch)
     maxval = (1 << f.header.bits) - 1
-    return fold(model, f.header.colour, float(maxval), weights).to(device)
+    net = fold(model, f.header.colour, float(maxval), weights)
+    if arch.filter_taps:
+        net.filter = tuple(weights[f"filter.{k}"].float().contiguous() for k in ("mix", "taps", "offset"))
+    return net.to(device)
 
 
 def pick_backend(backend: str, device: str) -> str:
@@ -84,30 +87,33 @@ def pick_backend(backend: str, device: str) -> str:
     return backend
 
 
-def _torch_band(net, width: int, height: int, r0: int, r1: int, max_pixels: int | None = None):
+def _torch_band(net, width: int, height: int, r0: int, r1: int, max_pixels: int | None = None, raw: bool = False):
+    """Rows [r0, r1) as integer pixels, or with `raw` as float32 values clamped to [0, maxval], not rounded."""
     import torch
 
     from .model import evaluate_folded_grid, to_pixels
 
     device = net.out[0].device
+    finish = (lambda v: v) if raw else to_pixels  # noqa: E731
     ys = ((2 * torch.arange(r0, r1, device=device, dtype=torch.float64) + 1) / height - 1).float()
     xs = ((2 * torch.arange(width, device=device, dtype=torch.float64) + 1) / width - 1).float()
     # Columns in pieces of at most max_pixels pixels: a band of one very long row stays bounded too.
-    step = width if max_pixels is None else max(1, min(width, max_pixels // (r1 - r0)))
+    step = width if max_pixels is None else max(1, min(width, max_pixels // max(1, r1 - r0)))
     if step == width:
-        vals = to_pixels(evaluate_folded_grid(net, ys, xs))
+        vals = finish(evaluate_folded_grid(net, ys, xs))
     else:  # written into one buffer allocated first: pieces kept alive in between fragment the heap
         vals = torch.empty((r1 - r0, width, net.channels), device=device)
         for c in range(0, width, step):
             piece = evaluate_folded_grid(net, ys, xs[c : c + step])
-            vals[:, c : c + step] = to_pixels(piece).reshape(r1 - r0, -1, net.channels)
+            vals[:, c : c + step] = finish(piece).reshape(r1 - r0, -1, net.channels)
     # NaN (hostile hyperparameters: sin(inf)) -> 0, as the Triton kernel's clamp gives; its cast is undefined.
-    vals = torch.nan_to_num_(vals, nan=0.0)
-    return vals.reshape(r1 - r0, width, -1).to(torch.uint8 if net.maxval == 255 else torch.int32)
+    vals = torch.nan_to_num_(vals, nan=0.0).reshape(r1 - r0, width, -1)
+    return vals if raw else vals.to(torch.uint8 if net.maxval == 255 else torch.int32)
 
 
 def render(net, width: int, height: int, backend: str = "torch") -> np.ndarray:
-    """(height, width, channels) integer pixels; evaluated band by band to bound memory."""
+    """(height, width, channels) integer pixels; evaluated band by band to bound memory. A network with a
+    post-filter (net.filter) is filtered: callers drop it for sizes other than the stored one."""
     import torch
 
     on_gpu = net.out[0].device.type == "cuda"
@@ -122,10 +128,54 @@ def render(net, width: int, height: int, backend: str = "torch") -> np.ndarray:
     dtype = np.uint8 if net.maxval == 255 else np.uint16
     out = np.empty((height, width, net.channels), dtype=dtype)
     with torch.inference_mode():
+        if net.filter is not None:
+            for r0, pixels in _filtered_bands(net, width, height, rows, render_band):
+                out[r0 : r0 + len(pixels)] = pixels.cpu().numpy()
+            return out
         for r0 in range(0, height, rows):
             r1 = min(height, r0 + rows)
             out[r0:r1] = render_band(net, width, height, r0, r1).cpu().numpy()
     return out
+
+
+def render_values(net, width: int, height: int) -> np.ndarray:
+    """(height, width, channels) float32 network values in [0, maxval] before rounding and any post-filter (the
+    torch backend): what the encoder fits the post-filter to."""
+    import torch
+
+    widest = max([w.shape[1] for w, _ in (*net.mod, *net.genesis)], default=1)
+    band = _CPU_BAND_PIXELS * _BAND_WIDTH // max(_BAND_WIDTH, widest)
+    rows = max(1, band // width)
+    out = np.empty((height, width, net.channels), dtype=np.float32)
+    with torch.inference_mode():
+        for r0 in range(0, height, rows):
+            r1 = min(height, r0 + rows)
+            out[r0:r1] = _torch_band(net, width, height, r0, r1, max_pixels=band, raw=True).cpu().numpy()
+    return out
+
+
+def _filtered_bands(net, width: int, height: int, rows: int, render_band):
+    """(first row, integer pixels) of each band of the post-filtered decode. Each band's network values are
+    computed once: the rows the next band's filter reaches back to are kept."""
+    import torch
+
+    from . import postfilter
+    from .model import to_pixels
+
+    weight, bias = postfilter.kernel(*net.filter)
+    rad = weight.shape[-1] // 2
+    raw, start = None, 0  # network values of image rows [start, start + len(raw)), normalised to [0, 1]
+    for r0 in range(0, height, rows):
+        r1 = min(height, r0 + rows)
+        lo, hi = max(0, r0 - rad), min(height, r1 + rad)
+        have = start + (0 if raw is None else len(raw))
+        new = render_band(net, width, height, max(lo, have), hi, raw=True) / net.maxval
+        raw = new if raw is None else torch.cat([raw[lo - start :], new])
+        start = lo
+        near = torch.arange(r0 - rad, r1 + rad, device=raw.device).clamp_(0, height - 1) - start  # edges repeat
+        v = postfilter.apply(raw[near], weight, bias, r1 - r0).mul(net.maxval)
+        v = torch.nan_to_num_(to_pixels(v.clamp_(0, net.maxval)), nan=0.0)
+        yield r0, v.to(torch.uint8 if net.maxval == 255 else torch.int32)
 
 
 def render_file(f: NifFile, size=None, device: str = "auto", backend: str = "auto") -> np.ndarray:
@@ -135,7 +185,10 @@ def render_file(f: NifFile, size=None, device: str = "auto", backend: str = "aut
     device = resolve_device(device)
     backend = pick_backend(backend, device)
     w, h = check_size(size) if size is not None else (f.header.width, f.header.height)
-    return render(load_network(f, device), w, h, backend)
+    net = load_network(f, device)
+    if (w, h) != (f.header.width, f.header.height):
+        net.filter = None  # the post-filter belongs to the stored size (postfilter.py)
+    return render(net, w, h, backend)
 
 
 def decode_array(data_or_path, size=None, device: str = "auto", backend: str = "auto") -> np.ndarray:
@@ -182,6 +235,7 @@ def info(data_or_path) -> dict:
         "omega": a.omega,
         "modulation_widths": list(a.mod_widths),
         "modulation_freqs": a.mod_freqs,
+        "post_filter_taps": a.filter_taps,
         "metadata": sorted(f.metadata),
     }
 

@@ -1,0 +1,112 @@
+"""The post-filter (format version 6): a small linear filter on the decoded image, fitted per image by least squares.
+
+A sine network's errors are smooth, spatially and across channels: ringing beside edges, a slightly soft or
+slightly over-sharp texture, the same error in R, G and B. A 3x3 (or 5x5) point-symmetric filter that mixes the
+channels corrects part of it: +0.15-0.26 dB on 256x256 Kodak crops at 1.0 bpp, +0.08-0.15 at 0.3 bpp (the ideal
+least-squares filter of each decoded file; benchmarks/NOTES.md #138), for ~50 bytes. It cannot be trained with the
+network, whose steps see a strided sub-grid with no neighbours, so the encoder fits it to the finished network's
+decode, where the least-squares solution is exact.
+
+On normalised samples u = value / P in [0, 1] (P the peak, 255 or 65535), channel c of the output is
+
+    u_c + sum_c' mix[c, c'] u_c' + sum_c' sum_d taps[c, c', d] (u_c'(p + o_d) + u_c'(p - o_d) - 2 u_c'(p)) + offset[c]
+
+for the first D offsets o_d of DIRECTIONS (D = 4: 3x3, D = 12: 5x5), neighbours beyond the image edge replaced
+by the edge pixel. The second differences are nearly uncorrelated with the centre and with each other, so the
+least-squares coefficients are small and survive coarse rounding (plain tap weights, equivalent in exact
+arithmetic, are large with opposite signs). The filter belongs to the stored size: decoding at any other size
+evaluates the network alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# (row, column) offsets, nearest first; o and -o are one pair (the filter is point-symmetric).
+DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1), (0, 2), (2, 0), (1, 2), (2, 1), (1, -2), (2, -1), (2, 2), (2, -2))
+MAX_TAPS = len(DIRECTIONS)
+
+
+def radius(taps: int) -> int:
+    """Rows (and columns) of neighbours the first `taps` directions reach on each side."""
+    return max((max(abs(i), abs(j)) for i, j in DIRECTIONS[:taps]), default=0)
+
+
+def kernel(mix, taps, offset):
+    """The filter as one convolution: (C, C, 2r + 1, 2r + 1) weights and a (C,) bias (torch, float64 arithmetic)."""
+    import torch
+
+    c = mix.shape[0]
+    d = taps.shape[1] // c
+    r = radius(d)
+    t = taps.double().reshape(c, c, d)
+    k = torch.zeros(c, c, 2 * r + 1, 2 * r + 1, dtype=torch.float64, device=mix.device)
+    for j, (di, dj) in enumerate(DIRECTIONS[:d]):
+        k[:, :, r + di, r + dj] += t[:, :, j]
+        k[:, :, r - di, r - dj] += t[:, :, j]
+    k[:, :, r, r] += mix.double() - 2 * t.sum(2) + torch.eye(c, dtype=torch.float64, device=mix.device)
+    return k, offset.double()
+
+
+def apply(x, weight, bias, rows: int):
+    """Filter the middle `rows` rows of x (torch, (rows + 2 r, W, C) normalised samples; the r halo rows on each side
+    are the image's neighbours, edge rows repeated at its top and bottom) with kernel()'s weight and bias. Returns
+    (rows, W, C), unclamped. One convolution (columns padded by repeating the edge ones): 5x fewer passes over the
+    band than the second differences one by one."""
+    import torch.nn.functional as F
+
+    r = weight.shape[-1] // 2
+    planes = F.pad(x.permute(2, 0, 1)[None], (r, r, 0, 0), mode="replicate")  # (1, C, rows + 2r, W + 2r)
+    out = F.conv2d(planes, weight.to(x.dtype), bias.to(x.dtype))  # (1, C, rows, W)
+    assert out.shape[2] == rows
+    return out[0].permute(1, 2, 0)
+
+
+def _columns(u: np.ndarray, r0: int, r1: int, taps: int) -> np.ndarray:
+    """Least-squares design rows of image rows [r0, r1): the channels, their second differences, a constant."""
+    h, w, c = u.shape
+    rad = radius(taps)
+    rows = np.clip(np.arange(r0 - rad, r1 + rad), 0, h - 1)
+    x = u[rows]
+    cols = np.arange(w)
+    centre = x[rad : rad + r1 - r0]
+    feats = [centre]
+    for di, dj in DIRECTIONS[:taps]:
+        plus = x[rad + di : rad + di + r1 - r0][:, np.clip(cols + dj, 0, w - 1)]
+        minus = x[rad - di : rad - di + r1 - r0][:, np.clip(cols - dj, 0, w - 1)]
+        feats.append(plus + minus - 2 * centre)
+    n = (r1 - r0) * w
+    # [channels | for each channel c', its D differences | 1], matching taps[c, c' * D + d]
+    lap = np.stack(feats[1:], -1).reshape(n, c * taps) if taps else np.zeros((n, 0))
+    return np.concatenate([centre.reshape(n, c), lap, np.ones((n, 1))], 1)
+
+
+def fit(u: np.ndarray, target: np.ndarray, taps: int, band_pixels: int = 1 << 16):
+    """The least-squares (mix, taps, offset) for decoded samples u and the target, both (H, W, C) in [0, 1].
+
+    The normal equations are summed band by band, so memory stays bounded for any image size."""
+    h, w, c = u.shape
+    k = c + c * taps + 1
+    gram, cross = np.zeros((k, k)), np.zeros((k, c))
+    rows = max(1, band_pixels // w)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        a = _columns(u, r0, r1, taps)
+        gram += a.T @ a
+        cross += a.T @ (target[r0:r1] - u[r0:r1]).reshape(-1, c)
+    # A whisper of ridge: a flat image has a singular Gram matrix (its differences are all zero).
+    coef = np.linalg.solve(gram + np.eye(k) * (1e-9 * np.trace(gram) / k + 1e-12), cross)  # (k, c)
+    return coef[:c].T.copy(), coef[c : c + c * taps].T.copy(), coef[-1].copy()
+
+
+def apply_numpy(u: np.ndarray, mix, taps, offset, band_pixels: int = 1 << 16) -> np.ndarray:
+    """The filter in float64 over a whole (H, W, C) image (the encoder's measurements), unclamped."""
+    h, w, c = u.shape
+    d = taps.shape[1] // c if c else 0
+    out = np.empty_like(u)
+    coef = np.concatenate([mix.T, taps.T, offset[None]], 0)
+    rows = max(1, band_pixels // w)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        out[r0:r1] = u[r0:r1] + (_columns(u, r0, r1, d) @ coef).reshape(r1 - r0, w, c)
+    return out

@@ -1,0 +1,148 @@
+"""The post-filter (format version 6): its maths, its container fields, its encoder and its decoders."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pillow_nif
+from pillow_nif import bitstream as bs
+from pillow_nif import fit, postfilter
+from pillow_nif.bitstream import Architecture, FormatError, Header, NifFile, TensorCoding
+from pillow_nif.render import decode_array, load_network, render, render_values
+
+from conftest import ROOT
+from test_bitstream import _payload, _with_payload
+
+EXAMPLE = ROOT / "examples" / "kodim23-crop.png"
+
+
+def smooth_image(h, w, c, seed=0):
+    g = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    return np.stack([0.5 + 0.3 * np.sin(7 * x * (k + 1) + 5 * y + g.uniform(0, 6)) for k in range(c)], -1) + \
+        0.02 * g.standard_normal((h, w, c))
+
+
+def random_filter(c, d, seed=1):
+    g = np.random.default_rng(seed)
+    return 0.05 * g.standard_normal((c, c)), 0.1 * g.standard_normal((c, c * d)), 0.01 * g.standard_normal(c)
+
+
+@pytest.mark.parametrize("c, d", [(3, 4), (1, 12), (4, 5)])
+def test_least_squares_recovers_a_filter_and_the_torch_filter_matches_numpy(c, d):
+    u = smooth_image(37, 29, c)
+    coef = random_filter(c, d)
+    target = postfilter.apply_numpy(u, *coef, band_pixels=100)  # bands of 3 rows: their halos matter
+    got = postfilter.fit(u, target, d, band_pixels=200)
+    for a, b in zip(got, coef):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # torch, on a band with its halo rows (edge rows repeated), as render() calls it
+    r = postfilter.radius(d)
+    rows = np.clip(np.arange(10 - r, 20 + r), 0, 36)
+    x = torch.from_numpy(u[rows])
+    out = postfilter.apply(x, *postfilter.kernel(*(torch.from_numpy(t) for t in coef)), rows=10).numpy()
+    np.testing.assert_allclose(out, target[10:20], atol=1e-12)
+    assert postfilter.radius(4) == 1 and postfilter.radius(12) == 2
+
+
+def test_a_flat_image_gives_a_zero_filter_not_an_error():
+    u = np.full((8, 9, 3), 0.25)
+    mix, taps, offset = postfilter.fit(u, u + 0.01, 4)
+    np.testing.assert_allclose(postfilter.apply_numpy(u, mix, taps, offset), u + 0.01, atol=1e-6)
+
+
+ARCH = Architecture(3, (12, 6), 2, 1.4, 45.0, filter_taps=4)
+
+
+def test_version_6_stores_the_filter_size_in_the_header_and_its_tensors_after_the_networks():
+    shapes = ARCH.tensor_shapes()
+    assert shapes[-3:] == [("filter.mix", (3, 3)), ("filter.taps", (3, 12)), ("filter.offset", (3,))]
+    assert dataclasses.replace(ARCH, filter_taps=0).num_params() == ARCH.num_params() - 9 - 36 - 3
+    codings = [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, bs.LAPLACE_PARAMS[40])] * len(shapes)
+    f = NifFile(Header(20, 10, "RGB", 1, ARCH), codings, b"\x01\x00\x00\x00" * 8)
+    data = bs.dumps(f)
+    assert data[7] == 6 and bs.loads(data).header == f.header
+    plain = bs.dumps(dataclasses.replace(f, header=Header(20, 10, "RGB", 1, dataclasses.replace(ARCH, filter_taps=0)),
+                                         codings=codings[:-3]))
+    assert plain[7] == 4  # no filter: version 4's bytes, as before
+    with pytest.raises(ValueError, match="version 6"):
+        bs.dumps(dataclasses.replace(f, version=5))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p[:-1] + b"\x00", "post-filter size 0"),
+    (lambda p: p[:-1] + b"\x0d", "post-filter size 13"),
+    (lambda p: p[:-1], "truncated"),
+    (lambda p: p[:4] + bytes([p[4] | 8]) + p[5:], "unknown header flags"),  # flags after 1-byte sizes, mode, F
+])
+def test_version_6_header_fields_are_checked(edit, message):
+    codings = [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, bs.LAPLACE_PARAMS[40])] * len(ARCH.tensor_shapes())
+    data = bs.dumps(NifFile(Header(20, 10, "RGB", 1, ARCH), codings, b"\x01\x00\x00\x00" * 8))
+    with pytest.raises(FormatError, match=message):
+        bs.loads(_with_payload(data, b"NHDR", edit(_payload(data, b"NHDR"))))
+    # the flag in a version-5 file is refused: earlier versions have no filter
+    v5 = data[:7] + b"\x05" + data[8:]
+    with pytest.raises(FormatError, match="unknown header flags"):
+        bs.loads(v5)
+
+
+@pytest.fixture(scope="module")
+def filtered_file():
+    """A 1.5 bpp encode of a 256x192 piece of the example (a 5x5 filter's budget), effort 1."""
+    im = Image.open(EXAMPLE).convert("RGB").crop((0, 32, 256, 224))
+    return im, fit.encode_image(im, bpp=1.5, effort=1, seed=3)
+
+
+def test_the_encoder_adds_a_filter_that_pays_within_the_budget(filtered_file):
+    im, r = filtered_file
+    f = bs.loads(r.data)
+    assert f.version == 6 and f.header.arch.filter_taps == 12
+    assert len(r.data) <= im.width * im.height * 1.5 / 8
+    ref = np.asarray(im, dtype=np.float64)
+    net = load_network(f)
+    alone = dataclasses.replace(net, filter=None)
+    psnr = lambda a: 10 * np.log10(255**2 / np.mean((a.astype(np.float64) - ref) ** 2))  # noqa: E731
+    assert psnr(decode_array(r.data)) == pytest.approx(r.psnr)
+    assert r.psnr > psnr(render(alone, im.width, im.height)) + 0.05  # the filter is worth its bytes here
+
+
+def test_the_filter_applies_at_the_stored_size_only_and_bands_agree_with_the_whole_image(filtered_file, monkeypatch):
+    im, r = filtered_file
+    net = load_network(bs.loads(r.data))
+    alone = dataclasses.replace(net, filter=None)
+    w, h = im.size
+    np.testing.assert_array_equal(decode_array(r.data, size=(w // 2, h // 2)), render(alone, w // 2, h // 2))
+    u = render_values(net, w, h).astype(np.float64) / 255
+    want = np.floor(np.clip(postfilter.apply_numpy(u, *(t.double().numpy() for t in net.filter)), 0, 1) * 255 + 0.5)
+    from pillow_nif import render as render_module
+
+    monkeypatch.setattr(render_module, "_CPU_BAND_PIXELS", 3 * 256)  # bands of a few rows: halos and the kept rows
+    got = decode_array(r.data)
+    assert np.abs(got.astype(np.int64) - want).max() <= 1 and np.mean(got != want) < 0.001
+
+
+def test_no_filter_where_the_budget_cannot_afford_one_or_when_asked():
+    assert fit.choose_filter(1500, 3) == 0 and fit.choose_filter(2457, 3) == 4  # 256x256 at 0.3 bpp: 3x3
+    assert fit.choose_filter(4915, 3) == 12 and fit.choose_filter(8192, 3) == 12  # 0.6 and 1.0 bpp: 5x5
+    assert fit.choose_filter(600, 1) == 0 and fit.choose_filter(1000, 1) == 4 and fit.choose_filter(3000, 1) == 12
+    im = Image.open(EXAMPLE).convert("RGB").resize((64, 48))
+    off = fit.encode_image(im, bpp=2.0, effort=1, config=dataclasses.replace(fit.FitConfig(), post_filter=False))
+    assert bs.loads(off.data).version <= 5 and bs.loads(off.data).header.arch.filter_taps == 0
+    assert pillow_nif.info(off.data)["version"] <= 5
+
+
+def test_images_encoded_together_get_their_filters_as_one_at_a_time():
+    from conftest import photo
+
+    from pillow_nif.batch import encode_batch
+
+    images = [photo(64, 48), photo(64, 48).transpose(Image.Transpose.FLIP_LEFT_RIGHT)]  # 3 kB each: a 3x3 filter
+    together = encode_batch(images, bpp=8.0, effort=1, seed=3)
+    alone = fit.encode_image(images[0], bpp=8.0, effort=1, seed=3)
+    for r in together:
+        f = bs.loads(r.data)
+        assert f.version == 6 and f.header.arch.filter_taps == 4 and len(r.data) <= 64 * 48
+        assert f.header == bs.loads(alone.data).header
