@@ -169,7 +169,8 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
                 alone.model.load_state_dict(model.state_dict())
                 data = fit.tune_and_code(alone, plan, codings[i], files[i], fit_states[i], tuned=True)
             files[i] = data
-    files = [fit.add_post_filter(data, pixels, maxval, job.plan) for job, data, (pixels, _, maxval) in zip(group, files, arrays)]
+    files = [fit.add_post_filter(data, pixels, maxval, job.plan, device)
+             for job, data, (pixels, _, maxval) in zip(group, files, arrays)]
     return [fit.score(data, pixels, maxval, fp, device, 0.0, job.header.arch)
             for job, data, fp, (pixels, _, maxval) in zip(group, files, fit_pixels, arrays)]
 

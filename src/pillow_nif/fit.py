@@ -825,7 +825,7 @@ def choose_filter(budget: int, channels: int) -> int:
     return next((t for t, share in FILTER_SHARE.items() if filter_reserve(channels, t) <= share * budget), 0)
 
 
-def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan) -> bytes:
+def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, device: str = "cpu") -> bytes:
     """`data` (the network's file) with the least-squares post-filter that fits plan.total, at the coefficient steps
     that leave the smallest error; `data` itself where no filter fits or helps."""
     from . import postfilter
@@ -834,7 +834,7 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan) ->
     if not plan.filter_taps:
         return data
     f = bitstream.loads(data)
-    u = render_values(load_network(f), f.header.width, f.header.height).astype(np.float64) / maxval
+    u = render_values(load_network(f, device), f.header.width, f.header.height).astype(np.float64) / maxval
     mix, taps, offset = postfilter.fit(u, pixels, plan.filter_taps)
 
     def error(v):
@@ -940,7 +940,7 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
         data, codings = quantise(fitter.model, fitter.target, plan, cfg)
         if eff.qat_stages:
             data = tune_and_code(fitter, plan, codings, data, fitter.state(), bar)
-        data = add_post_filter(data, pixels, maxval, plan)
+        data = add_post_filter(data, pixels, maxval, plan, device)
     finally:
         bar.close()
     return score(data, pixels, maxval, fit_pixels, device, time.perf_counter() - t0, header.arch)
