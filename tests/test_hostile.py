@@ -94,13 +94,13 @@ _current = {"size": 0}
 _renders = []
 
 
-def _watched_render(net, width, height, backend="torch"):
+def _watched_render(net, width, height, backend="torch", raw=False):
     # What this render may cost: Pillow's pixel limit, and a network the file's bytes pay for.
     macs = sum(w.numel() for w, _ in (*net.mod, *net.genesis, net.out))
     assert width * height <= 2 * Image.MAX_IMAGE_PIXELS, f"rendering {width}x{height}"
     assert macs <= 64 * _current["size"] + 64, f"{macs} multiply-adds per pixel from a {_current['size']}-byte file"
     _renders.append((width * height, macs))
-    return _original_render(net, width, height, backend)
+    return _original_render(net, width, height, backend, raw)
 
 
 _original_render = render_mod.render

@@ -829,12 +829,12 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
     """`data` (the network's file) with the least-squares post-filter that fits plan.total, at the coefficient steps
     that leave the smallest error; `data` itself where no filter fits or helps."""
     from . import postfilter
-    from .render import load_network, render_values
+    from .render import load_network, render
 
     if not plan.filter_taps:
         return data
     f = bitstream.loads(data)
-    u = render_values(load_network(f, device), f.header.width, f.header.height).astype(np.float64) / maxval
+    u = render(load_network(f, device), f.header.width, f.header.height, raw=True).astype(np.float64) / maxval
     mix, taps, offset = postfilter.fit(u, pixels, plan.filter_taps)
 
     def error(v):

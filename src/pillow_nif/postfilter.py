@@ -24,7 +24,6 @@ import numpy as np
 
 # (row, column) offsets, nearest first; o and -o are one pair (the filter is point-symmetric).
 DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1), (0, 2), (2, 0), (1, 2), (2, 1), (1, -2), (2, -1), (2, 2), (2, -2))
-MAX_TAPS = len(DIRECTIONS)
 
 
 def radius(taps: int) -> int:
@@ -48,8 +47,8 @@ def kernel(mix, taps, offset):
     return k, offset.double()
 
 
-def apply(x, weight, bias, rows: int):
-    """Filter the middle `rows` rows of x (torch, (rows + 2 r, W, C) normalised samples; the r halo rows on each side
+def apply(x, weight, bias):
+    """Filter the middle rows of x (torch, (rows + 2 r, W, C) normalised samples; the r halo rows on each side
     are the image's neighbours, edge rows repeated at its top and bottom) with kernel()'s weight and bias. Returns
     (rows, W, C), unclamped. One convolution (columns padded by repeating the edge ones): 5x fewer passes over the
     band than the second differences one by one."""
@@ -57,9 +56,7 @@ def apply(x, weight, bias, rows: int):
 
     r = weight.shape[-1] // 2
     planes = F.pad(x.permute(2, 0, 1)[None], (r, r, 0, 0), mode="replicate")  # (1, C, rows + 2r, W + 2r)
-    out = F.conv2d(planes, weight.to(x.dtype), bias.to(x.dtype))  # (1, C, rows, W)
-    assert out.shape[2] == rows
-    return out[0].permute(1, 2, 0)
+    return F.conv2d(planes, weight.to(x.dtype), bias.to(x.dtype))[0].permute(1, 2, 0)  # (rows, W, C)
 
 
 def _columns(u: np.ndarray, r0: int, r1: int, taps: int) -> np.ndarray:

@@ -111,9 +111,10 @@ def _torch_band(net, width: int, height: int, r0: int, r1: int, max_pixels: int 
     return vals if raw else vals.to(torch.uint8 if net.maxval == 255 else torch.int32)
 
 
-def render(net, width: int, height: int, backend: str = "torch") -> np.ndarray:
+def render(net, width: int, height: int, backend: str = "torch", raw: bool = False) -> np.ndarray:
     """(height, width, channels) integer pixels; evaluated band by band to bound memory. A network with a
-    post-filter (net.filter) is filtered: callers drop it for sizes other than the stored one."""
+    post-filter (net.filter) is filtered: callers drop it for sizes other than the stored one. With `raw`: the
+    network's float32 values in [0, maxval], neither rounded nor filtered (what the encoder fits the filter to)."""
     import torch
 
     on_gpu = net.out[0].device.type == "cuda"
@@ -125,32 +126,16 @@ def render(net, width: int, height: int, backend: str = "torch") -> np.ndarray:
         band = band * _BAND_WIDTH // max(_BAND_WIDTH, widest)
         render_band = functools.partial(_torch_band, max_pixels=band)
     rows = max(1, band // width)
-    dtype = np.uint8 if net.maxval == 255 else np.uint16
+    dtype = np.float32 if raw else np.uint8 if net.maxval == 255 else np.uint16
     out = np.empty((height, width, net.channels), dtype=dtype)
     with torch.inference_mode():
-        if net.filter is not None:
+        if net.filter is not None and not raw:
             for r0, pixels in _filtered_bands(net, width, height, rows, render_band):
                 out[r0 : r0 + len(pixels)] = pixels.cpu().numpy()
             return out
         for r0 in range(0, height, rows):
             r1 = min(height, r0 + rows)
-            out[r0:r1] = render_band(net, width, height, r0, r1).cpu().numpy()
-    return out
-
-
-def render_values(net, width: int, height: int) -> np.ndarray:
-    """(height, width, channels) float32 network values in [0, maxval] before rounding and any post-filter (the
-    torch backend): what the encoder fits the post-filter to."""
-    import torch
-
-    widest = max([w.shape[1] for w, _ in (*net.mod, *net.genesis)], default=1)
-    band = _CPU_BAND_PIXELS * _BAND_WIDTH // max(_BAND_WIDTH, widest)
-    rows = max(1, band // width)
-    out = np.empty((height, width, net.channels), dtype=np.float32)
-    with torch.inference_mode():
-        for r0 in range(0, height, rows):
-            r1 = min(height, r0 + rows)
-            out[r0:r1] = _torch_band(net, width, height, r0, r1, max_pixels=band, raw=True).cpu().numpy()
+            out[r0:r1] = render_band(net, width, height, r0, r1, raw=raw).cpu().numpy()
     return out
 
 
@@ -169,11 +154,14 @@ def _filtered_bands(net, width: int, height: int, rows: int, render_band):
         r1 = min(height, r0 + rows)
         lo, hi = max(0, r0 - rad), min(height, r1 + rad)
         have = start + (0 if raw is None else len(raw))
-        new = render_band(net, width, height, max(lo, have), hi, raw=True) / net.maxval
-        raw = new if raw is None else torch.cat([raw[lo - start :], new])
+        if raw is not None:
+            raw = raw[lo - start :]
+        if hi > max(lo, have):  # a last band shorter than the filter's reach may need no new rows
+            new = render_band(net, width, height, max(lo, have), hi, raw=True) / net.maxval
+            raw = new if raw is None else torch.cat([raw, new])
         start = lo
         near = torch.arange(r0 - rad, r1 + rad, device=raw.device).clamp_(0, height - 1) - start  # edges repeat
-        v = postfilter.apply(raw[near], weight, bias, r1 - r0).mul(net.maxval)
+        v = postfilter.apply(raw[near], weight, bias).mul(net.maxval)
         v = torch.nan_to_num_(to_pixels(v.clamp_(0, net.maxval)), nan=0.0)
         yield r0, v.to(torch.uint8 if net.maxval == 255 else torch.int32)
 
