@@ -46,6 +46,12 @@ def test_least_squares_recovers_a_filter_and_the_torch_filter_matches_numpy(c, d
     out = postfilter.apply(x, *postfilter.kernel(*(torch.from_numpy(t) for t in coef))).numpy()
     np.testing.assert_allclose(out, target[10:20], atol=1e-12)
     assert postfilter.radius(4) == 1 and postfilter.radius(12) == 2
+    # the encoder's search: every candidate's rounded error in one pass, the same as filtering each
+    ref = np.round(smooth_image(37, 29, c, seed=2).clip(0, 1) * 255) / 255
+    zero = [np.zeros_like(t) for t in coef]
+    rounded = lambda v: np.floor(np.clip(v, 0, 1) * 255 + 0.5) / 255  # noqa: E731
+    want = [np.sum((rounded(postfilter.apply_numpy(u, *k)) - ref) ** 2) for k in (zero, coef)]
+    np.testing.assert_allclose(postfilter.squared_errors(u, ref, [zero, coef], 255, band_pixels=100), want)
 
 
 def test_a_flat_image_gives_a_zero_filter_not_an_error():

@@ -836,26 +836,21 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
     f = bitstream.loads(data)
     u = render(load_network(f, device), f.header.width, f.header.height, raw=True).astype(np.float64) / maxval
     mix, taps, offset = postfilter.fit(u, pixels, plan.filter_taps)
-
-    def error(v):
-        return float(np.mean((np.floor(np.clip(v, 0, 1) * maxval + 0.5) / maxval - pixels) ** 2))
-
-    tried = []
-    for steps in FILTER_STEPS:
-        q = [_quantise_tensor(t, s) for t, s in zip((mix, taps, offset), steps)]
-        coef = [sym * step for step, _, sym in q]
-        tried.append((error(postfilter.apply_numpy(u, *coef)), q))
+    quantised = [[_quantise_tensor(t, s) for t, s in zip((mix, taps, offset), steps)] for steps in FILTER_STEPS]
+    zero = [np.zeros_like(t) for t in (mix, taps, offset)]  # no filter: the error to beat
+    errors = postfilter.squared_errors(u, pixels, [zero] + [[sym * step for step, _, sym in q] for q in quantised],
+                                       maxval)
     arch = dataclasses.replace(f.header.arch, filter_taps=plan.filter_taps)
     header = dataclasses.replace(f.header, arch=arch)
     n = len(f.codings)
     shapes = [s for _, s in arch.tensor_shapes()[:n]]
     flat = entropy.decode(f.stream, f.codings, [int(np.prod(s)) for s in shapes], f.header.arch.sine_layers(), arch.pe_dim)
     syms = [s.reshape(shape) for s, shape in zip(flat, shapes)]
-    base = error(u)
-    for err, q in sorted(tried, key=lambda t: t[0]):
-        if err >= base:
+    for k in np.argsort(errors[1:], kind="stable"):
+        if errors[1 + k] >= errors[0]:
             break
-        codings = f.codings + [_coding(n + k, sym, step, qmax)[0] for k, (step, qmax, sym) in enumerate(q)]
+        q = quantised[k]
+        codings = f.codings + [_coding(n + j, sym, step, qmax)[0] for j, (step, qmax, sym) in enumerate(q)]
         out = _file(header, codings, syms + [sym for _, _, sym in q], plan.metadata)
         if len(out) <= plan.total:
             return out

@@ -107,3 +107,19 @@ def apply_numpy(u: np.ndarray, mix, taps, offset, band_pixels: int = 1 << 16) ->
         r1 = min(h, r0 + rows)
         out[r0:r1] = u[r0:r1] + (_columns(u, r0, r1, d) @ coef).reshape(r1 - r0, w, c)
     return out
+
+
+def squared_errors(u: np.ndarray, target: np.ndarray, candidates, peak: int, band_pixels: int = 1 << 16) -> np.ndarray:
+    """Summed squared error against the target of the rounded output, at P = peak, of each candidate filter
+    (mix, taps, offset): each band's design is built once for all of them (the encoder's step search)."""
+    h, w, c = u.shape
+    d = candidates[0][1].shape[1] // c
+    coef = np.concatenate([np.concatenate([m.T, t.T, o[None]], 0) for m, t, o in candidates], 1)  # (k, C * n)
+    out = np.zeros(len(candidates))
+    rows = max(1, band_pixels // w)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        v = (_columns(u, r0, r1, d) @ coef).reshape(-1, len(candidates), c) + u[r0:r1].reshape(-1, 1, c)
+        err = np.floor(np.clip(v, 0, 1) * peak + 0.5) / peak - target[r0:r1].reshape(-1, 1, c)
+        out += np.einsum("ijk,ijk->j", err, err)
+    return out
