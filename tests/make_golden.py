@@ -21,9 +21,11 @@ PHOTO = pathlib.Path(__file__).resolve().parents[1] / "examples" / "kodim23-crop
 # pay for (they still come out as version 4), so its vector is a larger image. Version 6 needs a budget that affords
 # the post-filter (fit.choose_filter): the stored 160x128 vector at 2 bpp has a 3x3 one (written before the 5x5
 # filter's share was raised: the encoder now gives this budget a 5x5, which tests/test_postfilter.py decodes).
+# Version 7's vector is the same image and budget, its filter on the 12 neighbours the encoder chose for it.
 CASES = {  # name: (mode, size, bpp)
     "v5-rgb-96x64": ("RGB", (96, 64), 2.0),
     "v6-rgb-160x128": ("RGB", (160, 128), 2.0),
+    "v7-rgb-160x128": ("RGB", (160, 128), 2.0),
 }
 
 

@@ -48,7 +48,7 @@ FUZZ = settings(max_examples=200, deadline=None,
 def built_file(arch, mode="RGB", colour=0, size=(12, 9), seed=0, metadata=None, qmax=5, param=30000, slope=0) -> bytes:
     """A valid file built through bitstream.dumps: random symbols, entropy coded with the real coder. A decay
     off version 4's table (30000) makes it a version-3 file; a slope (the input layer's, on a Laplace model)
-    version 5; a post-filter (arch.filter_taps) version 6."""
+    version 5; a post-filter (arch.filter_mask) version 6, or 7 where its neighbours are not version 6's first D."""
     rng = np.random.default_rng(seed)
     codings, syms = [], []
     for i, (_, shape) in enumerate(arch.tensor_shapes()):
@@ -67,7 +67,7 @@ MOD_ARCH = bs.Architecture(3, (6, 4), 2, 1.4, 30.0, (3,), 1, 20.0, 2.0)
 def nif_seeds() -> list[bytes]:
     """Tiny real files (the encoder, three modes) and hand-built ones (modulation, metadata, I;16, LA).
     Versions 4 (the encoder's, the modulated one with metadata, LA with 2-byte qmax), 3 (RGBA, I;16), 5 (a
-    graded input layer) and 6 (a post-filter)."""
+    graded input layer), 6 (a post-filter) and 7 (a post-filter on chosen neighbours)."""
     return [
         pillow_nif.encode(photo(24, 16), bpp=4, effort=1, exif=b"II*\x00\x08\x00\x00\x00\x00\x00"),
         pillow_nif.encode(photo(24, 16, "L"), bpp=4, effort=1),
@@ -80,12 +80,14 @@ def nif_seeds() -> list[bytes]:
                    param=bs.LAPLACE_PARAMS[200]),
         built_file(bs.Architecture(3, (6, 4), 3, 1.4, 45.0), "RGB", 1, size=(10, 6), seed=4, qmax=40,
                    param=bs.LAPLACE_PARAMS[70], slope=-9),
-        built_file(bs.Architecture(3, (5, 3), 2, 1.4, 45.0, (2,), 1, 45.0, 10.0, filter_taps=12), "RGB", 1, size=(9, 7),
+        built_file(bs.Architecture(3, (5, 3), 2, 1.4, 45.0, (2,), 1, 45.0, 10.0, filter_mask=0xFFF), "RGB", 1, size=(9, 7),
                    seed=5, qmax=20, param=bs.LAPLACE_PARAMS[50]),
+        built_file(bs.Architecture(3, (4, 3), 2, 1.4, 45.0, filter_mask=1 << 39 | 1 << 13 | 1), "RGB", 1, size=(6, 11),
+                   seed=6, qmax=20, param=bs.LAPLACE_PARAMS[50]),  # reaches 4 rows: taller than the image's halves
     ]
 
 
-N_SEEDS = 9
+N_SEEDS = 10
 
 
 # ---- the harness: four entry points, bounded cost --------------------------------------------------------
@@ -279,7 +281,9 @@ def headers(draw, version=1):
             out += bytes([field(st.integers(0, 3), U8)])
             if flags & 2:
                 out += struct.pack(">ff", field(st.just(30.0), F32), field(st.just(1.0), F32))
-        if flags & 4:  # version 6: the post-filter's size
+        if flags & 4 and version >= 7:  # version 7: the post-filter's neighbours, a 40-bit mask
+            out += field(st.integers(1, (1 << 40) - 1), st.integers(0, 4)).to_bytes(5, "little")
+        elif flags & 4:  # version 6: the post-filter's size
             out += bytes([field(st.integers(1, 12), U8)])
         return out
     out = struct.pack(">II", field(st.integers(1, 40), U32), field(st.integers(1, 40), U32))

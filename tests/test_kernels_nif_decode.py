@@ -221,6 +221,7 @@ def test_raw_values_and_the_post_filter_through_the_kernel():
     assert (raw - want).abs().max().item() < 1e-2, f"seed {SEED}"
     g = torch.Generator().manual_seed(SEED)
     net.filter = (0.05 * torch.randn(3, 3, generator=g), 0.1 * torch.randn(3, 12, generator=g), torch.zeros(3))
+    net.filter_dirs = ((0, 1), (3, 0), (1, -3), (4, 4))  # 4 rows of halo around each band
     net = net.to(DEVICE)
     assert_decoders_agree(render(net, 40, 30, backend="triton"), render(net, 40, 30, backend="torch"),
                           f"replay with NIF_TEST_SEED={SEED}")

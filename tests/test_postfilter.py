@@ -1,4 +1,4 @@
-"""The post-filter (format version 6): its maths, its container fields, its encoder and its decoders."""
+"""The post-filter (format versions 6-7): its maths, its container fields, its encoder and its decoders."""
 
 import dataclasses
 
@@ -31,51 +31,83 @@ def random_filter(c, d, seed=1):
     return 0.05 * g.standard_normal((c, c)), 0.1 * g.standard_normal((c, c * d)), 0.01 * g.standard_normal(c)
 
 
-@pytest.mark.parametrize("c, d", [(3, 4), (1, 12), (4, 5)])
-def test_least_squares_recovers_a_filter_and_the_torch_filter_matches_numpy(c, d):
+REACH4 = ((0, 1), (4, -3), (2, 2), (3, 0), (0, 4))  # a version-7 set: four rows and columns of reach
+
+
+@pytest.mark.parametrize("c, dirs", [(3, postfilter.DIRECTIONS[:4]), (1, postfilter.DIRECTIONS), (4, REACH4)])
+def test_least_squares_recovers_a_filter_and_the_torch_filter_matches_numpy(c, dirs):
     u = smooth_image(37, 29, c)
-    coef = random_filter(c, d)
-    target = postfilter.apply_numpy(u, *coef, band_pixels=100)  # bands of 3 rows: their halos matter
-    got = postfilter.fit(u, target, d, band_pixels=200)
+    coef = random_filter(c, len(dirs))
+    target = postfilter.apply_numpy(u, *coef, dirs, band_pixels=100)  # bands of 3 rows: their halos matter
+    got = postfilter.fit(u, target, dirs, band_pixels=200)
     for a, b in zip(got, coef):
         np.testing.assert_allclose(a, b, atol=1e-6)
     # torch, on a band with its halo rows (edge rows repeated), as render() calls it
-    r = postfilter.radius(d)
+    r = postfilter.radius(dirs)
     rows = np.clip(np.arange(10 - r, 20 + r), 0, 36)
     x = torch.from_numpy(u[rows])
-    out = postfilter.apply(x, *postfilter.kernel(*(torch.from_numpy(t) for t in coef))).numpy()
+    out = postfilter.apply(x, *postfilter.kernel(*(torch.from_numpy(t) for t in coef), dirs)).numpy()
     np.testing.assert_allclose(out, target[10:20], atol=1e-12)
-    assert postfilter.radius(4) == 1 and postfilter.radius(12) == 2
+    assert postfilter.radius(postfilter.DIRECTIONS[:4]) == 1 and postfilter.radius(REACH4) == 4
     # the encoder's search: every candidate's rounded error in one pass, the same as filtering each
     ref = np.round(smooth_image(37, 29, c, seed=2).clip(0, 1) * 255) / 255
     zero = [np.zeros_like(t) for t in coef]
     rounded = lambda v: np.floor(np.clip(v, 0, 1) * 255 + 0.5) / 255  # noqa: E731
-    want = [np.sum((rounded(postfilter.apply_numpy(u, *k)) - ref) ** 2) for k in (zero, coef)]
-    np.testing.assert_allclose(postfilter.squared_errors(u, ref, [zero, coef], 255, band_pixels=100), want)
+    want = [np.sum((rounded(postfilter.apply_numpy(u, *k, dirs)) - ref) ** 2) for k in (zero, coef)]
+    np.testing.assert_allclose(postfilter.squared_errors(u, ref, [zero, coef], 255, dirs, band_pixels=100), want)
+
+
+def test_the_encoders_selection_finds_the_neighbours_a_filter_uses():
+    """Forward selection over all 40 offsets: a target made by a filter on 5 scattered offsets (one 4 pixels away)
+    gets those 5 back, in OFFSETS order, with their coefficients."""
+    u = np.random.default_rng(4).uniform(0, 1, (40, 33, 3))
+    dirs = tuple(postfilter.OFFSETS[i] for i in (1, 6, 13, 22, 39))
+    coef = random_filter(3, 5)
+    target = postfilter.apply_numpy(u, *coef, dirs)
+    got_dirs, got = postfilter.select(u, target, 5, band_pixels=300)
+    assert got_dirs == dirs and postfilter.directions(postfilter.mask_of(dirs)) == dirs
+    for a, b in zip(got, coef):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_a_flat_image_gives_a_zero_filter_not_an_error():
     u = np.full((8, 9, 3), 0.25)
-    mix, taps, offset = postfilter.fit(u, u + 0.01, 4)
-    np.testing.assert_allclose(postfilter.apply_numpy(u, mix, taps, offset), u + 0.01, atol=1e-6)
+    dirs, (mix, taps, offset) = postfilter.select(u, u + 0.01, 4)
+    assert len(dirs) == 4
+    np.testing.assert_allclose(postfilter.apply_numpy(u, mix, taps, offset, dirs), u + 0.01, atol=1e-6)
 
 
-ARCH = Architecture(3, (12, 6), 2, 1.4, 45.0, filter_taps=4)
+ARCH = Architecture(3, (12, 6), 2, 1.4, 45.0, filter_mask=0xF)
+CODINGS = [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, bs.LAPLACE_PARAMS[40])] * len(ARCH.tensor_shapes())
 
 
 def test_version_6_stores_the_filter_size_in_the_header_and_its_tensors_after_the_networks():
     shapes = ARCH.tensor_shapes()
     assert shapes[-3:] == [("filter.mix", (3, 3)), ("filter.taps", (3, 12)), ("filter.offset", (3,))]
-    assert dataclasses.replace(ARCH, filter_taps=0).num_params() == ARCH.num_params() - 9 - 36 - 3
-    codings = [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, bs.LAPLACE_PARAMS[40])] * len(shapes)
-    f = NifFile(Header(20, 10, "RGB", 1, ARCH), codings, b"\x01\x00\x00\x00" * 8)
+    assert dataclasses.replace(ARCH, filter_mask=0).num_params() == ARCH.num_params() - 9 - 36 - 3
+    f = NifFile(Header(20, 10, "RGB", 1, ARCH), CODINGS, b"\x01\x00\x00\x00" * 8)
     data = bs.dumps(f)
-    assert data[7] == 6 and bs.loads(data).header == f.header
-    plain = bs.dumps(dataclasses.replace(f, header=Header(20, 10, "RGB", 1, dataclasses.replace(ARCH, filter_taps=0)),
-                                         codings=codings[:-3]))
+    assert data[7] == 6 and bs.loads(data).header == f.header  # the first 4 offsets: version 6 holds them
+    plain = bs.dumps(dataclasses.replace(f, header=Header(20, 10, "RGB", 1, dataclasses.replace(ARCH, filter_mask=0)),
+                                         codings=CODINGS[:-3]))
     assert plain[7] == 4  # no filter: version 4's bytes, as before
     with pytest.raises(ValueError, match="version 6"):
         bs.dumps(dataclasses.replace(f, version=5))
+
+
+def test_version_7_stores_any_set_of_neighbours_as_a_mask():
+    arch = dataclasses.replace(ARCH, filter_mask=postfilter.mask_of(REACH4) | 1 << 39)
+    assert arch.filter_taps == 6 and arch.tensor_shapes()[-2] == ("filter.taps", (3, 18))
+    codings = CODINGS[:-3] + [CODINGS[0]] * 3
+    f = NifFile(Header(20, 10, "RGB", 1, arch), codings, b"\x01\x00\x00\x00" * 8)
+    data = bs.dumps(f)
+    assert data[7] == 7 and bs.loads(data).header == f.header
+    assert postfilter.directions(bs.loads(data).header.arch.filter_mask) == tuple(
+        o for o in postfilter.OFFSETS if o in REACH4 or o == postfilter.OFFSETS[39])
+    with pytest.raises(ValueError, match="version 7"):
+        bs.dumps(dataclasses.replace(f, version=6))
+    with pytest.raises(FormatError, match="neighbours out of range"):
+        dataclasses.replace(arch, filter_mask=1 << 40).validate()
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -85,14 +117,26 @@ def test_version_6_stores_the_filter_size_in_the_header_and_its_tensors_after_th
     (lambda p: p[:4] + bytes([p[4] | 8]) + p[5:], "unknown header flags"),  # flags after 1-byte sizes, mode, F
 ])
 def test_version_6_header_fields_are_checked(edit, message):
-    codings = [TensorCoding(2**-7, 7, bs.MODEL_LAPLACE, bs.LAPLACE_PARAMS[40])] * len(ARCH.tensor_shapes())
-    data = bs.dumps(NifFile(Header(20, 10, "RGB", 1, ARCH), codings, b"\x01\x00\x00\x00" * 8))
+    data = bs.dumps(NifFile(Header(20, 10, "RGB", 1, ARCH), CODINGS, b"\x01\x00\x00\x00" * 8))
     with pytest.raises(FormatError, match=message):
         bs.loads(_with_payload(data, b"NHDR", edit(_payload(data, b"NHDR"))))
     # the flag in a version-5 file is refused: earlier versions have no filter
     v5 = data[:7] + b"\x05" + data[8:]
     with pytest.raises(FormatError, match="unknown header flags"):
         bs.loads(v5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p[:-5] + bytes(5), "without neighbours"),
+    (lambda p: p[:-1], "truncated"),
+    (lambda p: p + b"\x00", "trailing bytes"),
+])
+def test_version_7_header_fields_are_checked(edit, message):
+    arch = dataclasses.replace(ARCH, filter_mask=0b1010)
+    data = bs.dumps(NifFile(Header(20, 10, "RGB", 1, arch), CODINGS, b"\x01\x00\x00\x00" * 8))
+    assert data[7] == 7
+    with pytest.raises(FormatError, match=message):
+        bs.loads(_with_payload(data, b"NHDR", edit(_payload(data, b"NHDR"))))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +149,8 @@ def filtered_file():
 def test_the_encoder_adds_a_filter_that_pays_within_the_budget(filtered_file):
     im, r = filtered_file
     f = bs.loads(r.data)
-    assert f.version == 6 and f.header.arch.filter_taps == 12
+    assert f.header.arch.filter_taps == 12  # the 12 offsets of 40 that help this image most
+    assert f.version == (6 if postfilter.directions(f.header.arch.filter_mask) == postfilter.DIRECTIONS else 7)
     assert len(r.data) <= im.width * im.height * 1.5 / 8
     ref = np.asarray(im, dtype=np.float64)
     net = load_network(f)
@@ -122,7 +167,8 @@ def test_the_filter_applies_at_the_stored_size_only_and_bands_agree_with_the_who
     w, h = im.size
     np.testing.assert_array_equal(decode_array(r.data, size=(w // 2, h // 2)), render(alone, w // 2, h // 2))
     u = render(net, w, h, raw=True).astype(np.float64) / 255
-    want = np.floor(np.clip(postfilter.apply_numpy(u, *(t.double().numpy() for t in net.filter)), 0, 1) * 255 + 0.5)
+    coef = (t.double().numpy() for t in net.filter)
+    want = np.floor(np.clip(postfilter.apply_numpy(u, *coef, net.filter_dirs), 0, 1) * 255 + 0.5)
     from pillow_nif import render as render_module
 
     monkeypatch.setattr(render_module, "_CPU_BAND_PIXELS", 3 * 256)  # bands of a few rows: halos and the kept rows
@@ -131,8 +177,8 @@ def test_the_filter_applies_at_the_stored_size_only_and_bands_agree_with_the_who
 
 
 def test_no_filter_where_the_budget_cannot_afford_one_or_when_asked():
-    assert fit.choose_filter(1500, 3) == 0 and fit.choose_filter(2457, 3) == 4  # 256x256 at 0.3 bpp: 3x3
-    assert fit.choose_filter(4915, 3) == 12 and fit.choose_filter(8192, 3) == 12  # 0.6 and 1.0 bpp: 5x5
+    assert fit.choose_filter(1500, 3) == 0 and fit.choose_filter(2457, 3) == 4  # 256x256 at 0.3 bpp: 4 pairs
+    assert fit.choose_filter(4915, 3) == 12 and fit.choose_filter(8192, 3) == 12  # 0.6 and 1.0 bpp: 12 pairs
     assert fit.choose_filter(600, 1) == 0 and fit.choose_filter(1000, 1) == 4 and fit.choose_filter(3000, 1) == 12
     im = Image.open(EXAMPLE).convert("RGB").resize((64, 48))
     off = fit.encode_image(im, bpp=2.0, effort=1, config=dataclasses.replace(fit.FitConfig(), post_filter=False))
@@ -148,10 +194,10 @@ def test_images_encoded_together_get_their_filters_as_one_at_a_time():
     images = [photo(64, 48), photo(64, 48).transpose(Image.Transpose.FLIP_LEFT_RIGHT)]  # 3 kB each: a 3x3 filter
     together = encode_batch(images, bpp=8.0, effort=1, seed=3)
     alone = fit.encode_image(images[0], bpp=8.0, effort=1, seed=3)
-    for r in together:
+    for r in together:  # the same network; the neighbours are each fit's own (batched float sums differ a little)
         f = bs.loads(r.data)
-        assert f.version == 6 and f.header.arch.filter_taps == 4 and len(r.data) <= 64 * 48
-        assert f.header == bs.loads(alone.data).header
+        assert f.version >= 6 and f.header.arch.filter_taps == 4 and len(r.data) <= 64 * 48
+        assert dataclasses.replace(f.header.arch, filter_mask=0) == dataclasses.replace(bs.loads(alone.data).header.arch, filter_mask=0)
 
 
 @pytest.mark.parametrize("width, height, band", [(7, 5, 28), (3, 1, 3), (1, 9, 2), (5, 7, 5), (1, 1, 1)])
@@ -163,8 +209,10 @@ def test_filtered_bands_of_any_height_match_the_whole_image_filter(width, height
 
     net = fold(NIF(Architecture(3, (12, 6), 2, 1.4, 45.0)).initialize(torch.Generator().manual_seed(0)), 1, 255.0)
     g = torch.Generator().manual_seed(1)
-    net.filter = (0.05 * torch.randn(3, 3, generator=g), 0.1 * torch.randn(3, 36, generator=g), torch.zeros(3))
+    net.filter = (0.05 * torch.randn(3, 3, generator=g), 0.1 * torch.randn(3, 15, generator=g), torch.zeros(3))
+    net.filter_dirs = REACH4
     u = render(net, width, height, raw=True).astype(np.float64) / 255
-    want = np.floor(np.clip(postfilter.apply_numpy(u, *(t.double().numpy() for t in net.filter)), 0, 1) * 255 + 0.5)
+    coef = (t.double().numpy() for t in net.filter)
+    want = np.floor(np.clip(postfilter.apply_numpy(u, *coef, REACH4), 0, 1) * 255 + 0.5)
     monkeypatch.setattr(render_module, "_CPU_BAND_PIXELS", band)
     assert_decoders_agree(render(net, width, height), want)  # float32 against float64: a level on a rare pixel

@@ -25,9 +25,11 @@ MAGIC = b"\x8bNIF\r\n\x1a"
 # frequencies (a file's high-frequency weights are smaller): 0.5-1.6 % of a file at 0.6-1.0 bpp. The encoder
 # writes 5, or 4 when the slope is 0 (the same bytes as before). Version 6 is version 5 with a post-filter (see
 # postfilter.py): a header flag, the filter's size, and its three tensors after the network's; the encoder writes 6
-# only for a file with a filter. Readers accept all six.
-VERSION = 6
-VERSIONS = (1, 2, 3, 4, 5, 6)
+# only for a file with a filter. Version 7 is version 6 with the filter's neighbours chosen per image: a 5-byte mask
+# over postfilter.OFFSETS instead of the count of its first ones; the encoder writes 7 only for a filter version 6
+# cannot hold. Readers accept all seven.
+VERSION = 7
+VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 SIGNATURE = MAGIC + bytes([VERSION])
 
 # Modes: code -> (Pillow mode, channels, bits per sample).
@@ -68,7 +70,8 @@ MAX_FREQS = 24
 MAX_PARAMS = 1 << 22
 MAX_QMAX = (1 << 15) - 1
 MAX_CHUNK = 1 << 28
-MAX_FILTER_TAPS = 12  # postfilter.DIRECTIONS: a 5x5 point-symmetric filter
+FILTER_OFFSETS = 40  # len(postfilter.OFFSETS): the neighbours within 4 pixels, one of each point-symmetric pair
+V6_FILTER_TAPS = 12  # version 6: the first 12 of them at most (len(postfilter.DIRECTIONS), 5x5)
 # A parameter costs at least this many bits on average: bounds the parameter count by the file
 # size (the encoder never goes near it; a hostile header cannot ask for a huge network in a tiny file).
 MIN_BITS_PER_PARAM = 1 / 8
@@ -98,7 +101,7 @@ class Architecture:
     mod_freqs: int = 0
     mod_omega: float = 30.0
     mod_sigma: float = 1.0  # scale of the modulation output
-    filter_taps: int = 0  # version 6: the post-filter's pairs of neighbours (postfilter.py); 0 = no filter
+    filter_mask: int = 0  # versions 6-7: the post-filter's pairs of neighbours, bit i = postfilter.OFFSETS[i]; 0: none
 
     def __post_init__(self):
         # Round floats through f32 so an Architecture equals what the file stores.
@@ -106,6 +109,11 @@ class Architecture:
             object.__setattr__(self, name, _f32(getattr(self, name)))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "mod_widths", tuple(int(w) for w in self.mod_widths))
+
+    @property
+    def filter_taps(self) -> int:
+        """The post-filter's pairs of neighbours (0: no filter)."""
+        return bin(self.filter_mask).count("1")
 
     @property
     def pe_dim(self) -> int:
@@ -158,8 +166,8 @@ class Architecture:
             raise FormatError("unsupported number of layers")
         if any(not 1 <= w <= MAX_WIDTH for w in (*self.widths, *self.mod_widths)):
             raise FormatError("layer width out of range")
-        if not 0 <= self.filter_taps <= MAX_FILTER_TAPS:
-            raise FormatError("post-filter size out of range")
+        if not 0 <= self.filter_mask < 1 << FILTER_OFFSETS:
+            raise FormatError("post-filter neighbours out of range")
         if self.pe_freqs > MAX_FREQS or self.mod_freqs > MAX_FREQS:
             raise FormatError("too many encoding frequencies")
         for v in (self.pe_scale, self.omega, self.mod_omega, self.mod_sigma):
@@ -282,7 +290,12 @@ def _qmax4(q: int) -> bytes:
     return bytes([q]) if q < 0x80 else struct.pack(">H", 0x8000 | q)
 
 
-def _pack_header4(h: Header) -> bytes:
+def _v6_filter(mask: int) -> bool:
+    """Whether version 6 holds the filter: the first D offsets, D <= 12."""
+    return mask & (mask + 1) == 0 and mask < 1 << V6_FILTER_TAPS
+
+
+def _pack_header4(h: Header, version: int) -> bytes:
     a = h.arch
     pe, mod = (a.pe_scale, a.omega), (a.mod_omega, a.mod_sigma)
     flags = int(pe != tuple(map(_f32, DEFAULT_PE))) | int(bool(a.mod_widths) and mod != tuple(map(_f32, DEFAULT_MOD))) << 1
@@ -294,16 +307,16 @@ def _pack_header4(h: Header) -> bytes:
         out += bytes([len(ws)]) + b"".join(_varint(w) for w in ws)
     if a.mod_widths:
         out += bytes([a.mod_freqs]) + (_F32X2.pack(*mod) if flags & 2 else b"")
-    if a.filter_taps:
-        out += bytes([a.filter_taps])
+    if a.filter_mask:
+        out += a.filter_mask.to_bytes(5, "little") if version >= 7 else bytes([a.filter_taps])
     return out
 
 
 def pack_header(h: Header, version: int = VERSION) -> bytes:
-    if h.arch.filter_taps and version < 6:
-        raise ValueError("a post-filter needs version 6")
+    if h.arch.filter_mask and version < (6 if _v6_filter(h.arch.filter_mask) else 7):
+        raise ValueError("this post-filter needs version 7" if version >= 6 else "a post-filter needs version 6")
     if version >= 4:
-        return _pack_header4(h)
+        return _pack_header4(h, version)
     a = h.arch
     out = _HDR.pack(h.width, h.height, MODE_CODES[h.mode], h.colour, a.pe_freqs, a.pe_scale, a.omega)
     out += _widths(a.widths) + _widths(a.mod_widths)
@@ -327,8 +340,11 @@ def dumps(f: NifFile) -> bytes:
     if filtered and not (f.version >= 6 and all(_compact4(c) for c in f.codings)):
         raise ValueError("a post-filter needs version 6 and codings a version-4 record holds")
     if f.version >= 4 and all(_compact4(c) for c in f.codings):
-        # without a filter, version 6 is version 5's bytes; without a slope either, version 4's
-        version = 6 if filtered else 5 if graded else 4
+        # the lowest version that holds the file: without a filter, version 6 is version 5's bytes; without a
+        # slope either, version 4's
+        version = (6 if _v6_filter(h.arch.filter_mask) else 7) if filtered else 5 if graded else 4
+        if version > f.version:
+            raise ValueError(f"this post-filter needs version {version}")
         records = [struct.pack(">HB", _f32_bits(c.step) >> 16, LAPLACE_INDEX[c.param]) + _qmax4(c.qmax) for c in f.codings]
         if version >= 5:  # the first record's slope byte (0 in a version-6 file without one)
             records[0] += struct.pack(">b", f.codings[0].slope)
@@ -394,19 +410,24 @@ def _parse_header4(r: _Reader, version: int):
         mod = (mod_freqs, *(r.unpack(_F32X2) if flags & 2 else DEFAULT_MOD))
     elif flags & 2:
         raise FormatError("modulation hyperparameters without a modulation network")
-    taps = 0
-    if flags & 4:
+    mask = 0
+    if flags & 4 and version >= 7:
+        mask = int.from_bytes(r.take(5), "little")
+        if not mask:
+            raise FormatError("post-filter without neighbours")
+    elif flags & 4:
         (taps,) = r.take(1)
-        if not 1 <= taps <= MAX_FILTER_TAPS:
+        if not 1 <= taps <= V6_FILTER_TAPS:
             raise FormatError(f"post-filter size {taps} out of range")
-    return width, height, mode & 0xF, mode >> 4, pe_freqs, pe_scale, omega, widths, mod_widths, mod, taps
+        mask = (1 << taps) - 1
+    return width, height, mode & 0xF, mode >> 4, pe_freqs, pe_scale, omega, widths, mod_widths, mod, mask
 
 
 def parse_header(payload: bytes, version: int = VERSION) -> Header:
     r = _Reader(payload, "header chunk")
-    taps = 0
+    mask = 0
     if version >= 4:
-        width, height, mode, colour, pe_freqs, pe_scale, omega, widths, mod_widths, mod, taps = _parse_header4(r, version)
+        width, height, mode, colour, pe_freqs, pe_scale, omega, widths, mod_widths, mod, mask = _parse_header4(r, version)
     else:
         width, height, mode, colour, pe_freqs, pe_scale, omega = r.unpack(_HDR)
         widths = r.widths()
@@ -423,7 +444,7 @@ def parse_header(payload: bytes, version: int = VERSION) -> Header:
     _, channels, _ = MODES[mode]
     if colour == COLOUR_YCBCR and channels < 3:
         raise FormatError("YCbCr needs three colour channels")
-    arch = Architecture(channels, widths, pe_freqs, pe_scale, omega, mod_widths, *mod, filter_taps=taps)
+    arch = Architecture(channels, widths, pe_freqs, pe_scale, omega, mod_widths, *mod, filter_mask=mask)
     arch.validate()
     return Header(width, height, MODES[mode][0], colour, arch)
 

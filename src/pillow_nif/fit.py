@@ -813,11 +813,12 @@ FILTER_STEPS = [(2.0**-m, 2.0**-t, 2.0**-10) for m in (10, 9, 8) for t in (9, 8,
 
 
 def filter_reserve(channels: int, taps: int) -> int:
-    """Bytes set aside for a post-filter of `taps` pairs: its header byte, three records, its coefficients."""
+    """Bytes set aside for a post-filter of `taps` pairs: its header mask (version 7), three records, its
+    coefficients."""
     if not taps:
         return 0
     params = channels * channels * (1 + taps) + channels
-    return 1 + 3 * 5 + math.ceil(params * FILTER_BITS / 8) + 4
+    return 5 + 3 * 5 + math.ceil(params * FILTER_BITS / 8) + 4
 
 
 def choose_filter(budget: int, channels: int) -> int:
@@ -835,12 +836,12 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
         return data
     f = bitstream.loads(data)
     u = render(load_network(f, device), f.header.width, f.header.height, raw=True).astype(np.float64) / maxval
-    mix, taps, offset = postfilter.fit(u, pixels, plan.filter_taps)
+    dirs, (mix, taps, offset) = postfilter.select(u, pixels, plan.filter_taps)
     quantised = [[_quantise_tensor(t, s) for t, s in zip((mix, taps, offset), steps)] for steps in FILTER_STEPS]
     zero = [np.zeros_like(t) for t in (mix, taps, offset)]  # no filter: the error to beat
     errors = postfilter.squared_errors(u, pixels, [zero] + [[sym * step for step, _, sym in q] for q in quantised],
-                                       maxval)
-    arch = dataclasses.replace(f.header.arch, filter_taps=plan.filter_taps)
+                                       maxval, dirs)
+    arch = dataclasses.replace(f.header.arch, filter_mask=postfilter.mask_of(dirs))
     header = dataclasses.replace(f.header, arch=arch)
     n = len(f.codings)
     shapes = [s for _, s in arch.tensor_shapes()[:n]]

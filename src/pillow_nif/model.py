@@ -210,8 +210,10 @@ class FoldedNetwork:
     genesis: list[tuple[torch.Tensor, torch.Tensor]]
     out: tuple[torch.Tensor, torch.Tensor]
     maxval: float
-    # Version 6: the post-filter (mix, taps, offset) of postfilter.py, applied at the stored size only.
+    # Versions 6-7: the post-filter (mix, taps, offset) of postfilter.py on the neighbours filter_dirs, applied at the
+    # stored size only.
     filter: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    filter_dirs: tuple[tuple[int, int], ...] = ()
 
     @property
     def channels(self) -> int:

@@ -60,8 +60,11 @@ def load_network(f: NifFile, device: str = "cpu"):
     model = NIF(arch)
     maxval = (1 << f.header.bits) - 1
     net = fold(model, f.header.colour, float(maxval), weights)
-    if arch.filter_taps:
+    if arch.filter_mask:
+        from . import postfilter
+
         net.filter = tuple(weights[f"filter.{k}"].float().contiguous() for k in ("mix", "taps", "offset"))
+        net.filter_dirs = postfilter.directions(arch.filter_mask)
     return net.to(device)
 
 
@@ -147,7 +150,7 @@ def _filtered_bands(net, width: int, height: int, rows: int, render_band):
     from . import postfilter
     from .model import to_pixels
 
-    weight, bias = postfilter.kernel(*net.filter)
+    weight, bias = postfilter.kernel(*net.filter, net.filter_dirs)
     rad = weight.shape[-1] // 2
     raw, start = None, 0  # network values of image rows [start, start + len(raw)), normalised to [0, 1]
     for r0 in range(0, height, rows):
