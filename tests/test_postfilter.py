@@ -96,6 +96,10 @@ def test_version_6_stores_the_filter_size_in_the_header_and_its_tensors_after_th
 
 
 def test_version_7_stores_any_set_of_neighbours_as_a_mask():
+    # the container's limits are the filter's table (bitstream.py stays free of numpy)
+    assert len(set(postfilter.OFFSETS)) == bs.FILTER_OFFSETS and postfilter.radius(postfilter.OFFSETS) == 4
+    assert not {(-i, -j) for i, j in postfilter.OFFSETS} & set(postfilter.OFFSETS)  # one of each pair
+    assert postfilter.OFFSETS[: bs.V6_FILTER_TAPS] == postfilter.DIRECTIONS
     arch = dataclasses.replace(ARCH, filter_mask=postfilter.mask_of(REACH4) | 1 << 39)
     assert arch.filter_taps == 6 and arch.tensor_shapes()[-2] == ("filter.taps", (3, 18))
     codings = CODINGS[:-3] + [CODINGS[0]] * 3

@@ -346,7 +346,7 @@ def dumps(f: NifFile) -> bytes:
         if version > f.version:
             raise ValueError(f"this post-filter needs version {version}")
         records = [struct.pack(">HB", _f32_bits(c.step) >> 16, LAPLACE_INDEX[c.param]) + _qmax4(c.qmax) for c in f.codings]
-        if version >= 5:  # the first record's slope byte (0 in a version-6 file without one)
+        if version >= 5:  # the first record's slope byte (0 in a version-6 or 7 file without one)
             records[0] += struct.pack(">b", f.codings[0].slope)
     elif all(_compact(c) for c in f.codings):  # version 4's stream with decays off its table is version 3's
         version = 3 if f.version >= 3 else 2

@@ -40,6 +40,7 @@ def directions(mask: int) -> tuple[tuple[int, int], ...]:
 
 
 def mask_of(dirs) -> int:
+    """The mask of a set of OFFSETS (the inverse of directions())."""
     return sum(1 << OFFSETS.index(o) for o in dirs)
 
 
@@ -110,10 +111,10 @@ def normal_equations(u: np.ndarray, target: np.ndarray, dirs, band_pixels: int =
     return gram, cross
 
 
-def _solve(gram, cross, c: int, dirs: int, chosen):
-    """(mix, taps, offset) and the squared error removed, from the normal equations of `dirs` offsets restricted to
-    the offsets `chosen` (indices) among them."""
-    cols = [*range(c), *(c + ch * dirs + d for ch in range(c) for d in chosen), c + c * dirs]
+def _solve(gram, cross, c: int, n_dirs: int, chosen):
+    """(mix, taps, offset) and the squared error removed, from the normal equations of `n_dirs` offsets restricted
+    to the offsets `chosen` (indices) among them."""
+    cols = [*range(c), *(c + ch * n_dirs + d for ch in range(c) for d in chosen), c + c * n_dirs]
     g, x = gram[np.ix_(cols, cols)], cross[cols]
     k = len(cols)
     # A whisper of ridge: a flat image has a singular Gram matrix (its differences are all zero).
