@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from . import bitstream, entropy
+from . import bitstream, entropy, postfilter
 from .bitstream import FormatError, NifFile
 
 BACKENDS = ("auto", "torch", "triton")
@@ -61,8 +61,6 @@ def load_network(f: NifFile, device: str = "cpu"):
     maxval = (1 << f.header.bits) - 1
     net = fold(model, f.header.colour, float(maxval), weights)
     if arch.filter_mask:
-        from . import postfilter
-
         net.filter = tuple(weights[f"filter.{k}"].float().contiguous() for k in ("mix", "taps", "offset"))
         net.filter_dirs = postfilter.directions(arch.filter_mask)
     return net.to(device)
@@ -147,7 +145,6 @@ def _filtered_bands(net, width: int, height: int, rows: int, render_band):
     computed once: the rows the next band's filter reaches back to are kept."""
     import torch
 
-    from . import postfilter
     from .model import to_pixels
 
     weight, bias = postfilter.kernel(*net.filter, net.filter_dirs)
