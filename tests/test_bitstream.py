@@ -63,12 +63,13 @@ def test_version_2_step_out_of_range_is_refused():
 
 
 def test_signature_and_version():
-    data = make_file(arch=dataclasses.replace(ARCH, filter_mask=1 << 39 | 1), slope=-12)  # a version-7 filter
+    arch = dataclasses.replace(ARCH, filter_mask=1 << 39 | 1, filter_thresholds=(0.5,))  # a version-8 filter
+    data = make_file(arch=arch, slope=-12)
     assert data.startswith(bs.MAGIC + bytes([bs.VERSION]))
     with pytest.raises(FormatError, match="not a NIF"):
         bs.loads(b"\x89PNG\r\n\x1a\n" + data[8:])
-    with pytest.raises(FormatError, match="unsupported NIF version 8"):
-        bs.loads(bs.MAGIC + b"\x08" + data[8:])
+    with pytest.raises(FormatError, match="unsupported NIF version 9"):
+        bs.loads(bs.MAGIC + b"\x09" + data[8:])
 
 
 def test_bad_crc_is_named():

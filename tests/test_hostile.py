@@ -48,7 +48,8 @@ FUZZ = settings(max_examples=200, deadline=None,
 def built_file(arch, mode="RGB", colour=0, size=(12, 9), seed=0, metadata=None, qmax=5, param=30000, slope=0) -> bytes:
     """A valid file built through bitstream.dumps: random symbols, entropy coded with the real coder. A decay
     off version 4's table (30000) makes it a version-3 file; a slope (the input layer's, on a Laplace model)
-    version 5; a post-filter (arch.filter_mask) version 6, or 7 where its neighbours are not version 6's first D."""
+    version 5; a post-filter (arch.filter_mask) version 6, or 7 where its neighbours are not version 6's first D,
+    or 8 where it has classes (arch.filter_thresholds)."""
     rng = np.random.default_rng(seed)
     codings, syms = [], []
     for i, (_, shape) in enumerate(arch.tensor_shapes()):
@@ -67,7 +68,7 @@ MOD_ARCH = bs.Architecture(3, (6, 4), 2, 1.4, 30.0, (3,), 1, 20.0, 2.0)
 def nif_seeds() -> list[bytes]:
     """Tiny real files (the encoder, three modes) and hand-built ones (modulation, metadata, I;16, LA).
     Versions 4 (the encoder's, the modulated one with metadata, LA with 2-byte qmax), 3 (RGBA, I;16), 5 (a
-    graded input layer), 6 (a post-filter) and 7 (a post-filter on chosen neighbours)."""
+    graded input layer), 6 (a post-filter), 7 (a post-filter on chosen neighbours) and 8 (one with classes)."""
     return [
         pillow_nif.encode(photo(24, 16), bpp=4, effort=1, exif=b"II*\x00\x08\x00\x00\x00\x00\x00"),
         pillow_nif.encode(photo(24, 16, "L"), bpp=4, effort=1),
@@ -84,10 +85,12 @@ def nif_seeds() -> list[bytes]:
                    seed=5, qmax=20, param=bs.LAPLACE_PARAMS[50]),
         built_file(bs.Architecture(3, (4, 3), 2, 1.4, 45.0, filter_mask=1 << 39 | 1 << 13 | 1), "RGB", 1, size=(6, 11),
                    seed=6, qmax=20, param=bs.LAPLACE_PARAMS[50]),  # reaches 4 rows: taller than the image's halves
+        built_file(bs.Architecture(3, (4, 3), 2, 1.4, 45.0, filter_mask=0b101, filter_thresholds=(0.0, 0.05, 0.4)),
+                   "RGB", 1, size=(8, 6), seed=7, qmax=20, param=bs.LAPLACE_PARAMS[50]),  # 4 classes, one at 0
     ]
 
 
-N_SEEDS = 10
+N_SEEDS = 11
 
 
 # ---- the harness: four entry points, bounded cost --------------------------------------------------------
@@ -271,7 +274,7 @@ def headers(draw, version=1):
     if version >= 4:  # LEB128 sizes and widths (a wild one may take 4-5 bytes), mode | colour << 4, flags
         out = bs._varint(field(st.integers(1, 40), U32)) + bs._varint(field(st.integers(1, 40), U32))
         mode = (field(st.integers(1, 5), U8) | field(st.integers(0, 1), U8) << 4) & 0xFF
-        flags = field(st.integers(0, 7 if version >= 6 else 3), U8)
+        flags = field(st.integers(0, 15 if version >= 8 else 7 if version >= 6 else 3), U8)
         out += bytes([mode, field(st.integers(0, 4), U8), flags])
         if flags & 1:
             out += struct.pack(">ff", field(st.sampled_from([1.4, 2.0, 0.5]), F32), field(st.just(30.0), F32))
@@ -285,6 +288,10 @@ def headers(draw, version=1):
             out += field(st.integers(1, (1 << 40) - 1), st.integers(0, 4)).to_bytes(5, "little")
         elif flags & 4:  # version 6: the post-filter's size
             out += bytes([field(st.integers(1, 12), U8)])
+        if flags & 8:  # version 8: the classes' thresholds (wild ones: NaN, negative, out of order, too many)
+            n = field(st.integers(1, 7), U8)
+            wild = st.floats(width=32)
+            out += bytes([n]) + b"".join(struct.pack("<f", field(st.just(0.1 * k * k), wild)) for k in range(n))
         return out
     out = struct.pack(">II", field(st.integers(1, 40), U32), field(st.integers(1, 40), U32))
     out += bytes([field(st.integers(1, 5), U8), field(st.integers(0, 1), U8), field(st.integers(0, 4), U8)])

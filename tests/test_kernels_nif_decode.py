@@ -20,6 +20,7 @@ import triton.language as tl  # noqa: E402
 
 from conftest import assert_decoders_agree  # noqa: E402
 
+from pillow_nif import postfilter  # noqa: E402
 from pillow_nif.bitstream import Architecture  # noqa: E402
 from pillow_nif.kernels.nif_decode import _sin_quadrant, pack, render_band  # noqa: E402
 from pillow_nif.model import NIF, encode_positions, evaluate_folded, fold, pixel_grid, to_pixels  # noqa: E402
@@ -223,5 +224,14 @@ def test_raw_values_and_the_post_filter_through_the_kernel():
     net.filter = (0.05 * torch.randn(3, 3, generator=g), 0.1 * torch.randn(3, 12, generator=g), torch.zeros(3))
     net.filter_dirs = ((0, 1), (3, 0), (1, -3), (4, 4))  # 4 rows of halo around each band
     net = net.to(DEVICE)
+    assert_decoders_agree(render(net, 40, 30, backend="triton"), render(net, 40, 30, backend="torch"),
+                          f"replay with NIF_TEST_SEED={SEED}")
+    # version 8: three classes of activity, a 3x3 filter (its classes need 2 rows of halo)
+    u = render(net, 40, 30, raw=True).astype(np.float64) / 255
+    net.filter_thresholds = postfilter.thresholds_for(u, 3)
+    net.filter = tuple(t.to(DEVICE) for t in (0.05 * torch.randn(9, 3, generator=g), 0.1 * torch.randn(9, 6, generator=g),
+                                              0.01 * torch.randn(9, generator=g)))
+    net.filter_dirs = ((0, 1), (1, 0))
+    assert len(net.filter_thresholds) == 2
     assert_decoders_agree(render(net, 40, 30, backend="triton"), render(net, 40, 30, backend="torch"),
                           f"replay with NIF_TEST_SEED={SEED}")

@@ -1,4 +1,4 @@
-"""The post-filter (format versions 6-7): its maths, its container fields, its encoder and its decoders."""
+"""The post-filter (format versions 6-8): its maths, its container fields, its encoder and its decoders."""
 
 import dataclasses
 
@@ -26,9 +26,10 @@ def smooth_image(h, w, c, seed=0):
         0.02 * g.standard_normal((h, w, c))
 
 
-def random_filter(c, d, seed=1):
+def random_filter(c, d, seed=1, classes=1):
     g = np.random.default_rng(seed)
-    return 0.05 * g.standard_normal((c, c)), 0.1 * g.standard_normal((c, c * d)), 0.01 * g.standard_normal(c)
+    k = classes * c
+    return 0.05 * g.standard_normal((k, c)), 0.1 * g.standard_normal((k, c * d)), 0.01 * g.standard_normal(k)
 
 
 REACH4 = ((0, 1), (4, -3), (2, 2), (3, 0), (0, 4))  # a version-7 set: four rows and columns of reach
@@ -70,11 +71,38 @@ def test_the_encoders_selection_finds_the_neighbours_a_filter_uses():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("dirs", [postfilter.DIRECTIONS[:4], REACH4])
+def test_classes_split_the_pixels_by_activity_and_each_class_gets_its_own_filter(dirs):
+    """Version 8: the thresholds split the pixels into classes of about equal size; least squares per class gets
+    each class's filter back, forward selection its offsets; the decoder's torch path (the activity of a band from
+    its halo rows, 2 even for a 3x3 filter) classifies and filters each pixel as the encoder's numpy does."""
+    u = smooth_image(37, 29, 3)
+    thresholds = postfilter.thresholds_for(u, 3)
+    cls = postfilter.classes(u, thresholds)
+    assert len(thresholds) == 2 and np.bincount(cls.ravel()).tolist() == pytest.approx([358, 357, 358], abs=2)
+    coef = random_filter(3, len(dirs), classes=3)
+    target = postfilter.apply_numpy(u, *coef, dirs, cls, band_pixels=100)
+    for a, b in zip(postfilter.fit(u, target, dirs, cls, 3, band_pixels=200), coef):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    got_dirs, got = postfilter.select(u, target, len(dirs), cls, 3, band_pixels=300)
+    assert got_dirs == tuple(o for o in postfilter.OFFSETS if o in dirs)
+    h = postfilter.halo(dirs, 3)
+    assert h == max(2, postfilter.radius(dirs)) and postfilter.halo(dirs) == postfilter.radius(dirs)
+    weight, bias = postfilter.kernel(*(torch.from_numpy(t) for t in coef), dirs)
+    for r0, r1 in ((10, 20), (0, 37), (33, 37)):  # a middle band, the whole image, the last rows
+        x = torch.from_numpy(u[np.clip(np.arange(r0 - h, r1 + h), 0, 36)])
+        np.testing.assert_allclose(postfilter.apply(x, weight, bias, thresholds).numpy(), target[r0:r1], atol=1e-12)
+    # each class's error is its own filter's: other classes' coefficients leave it alone
+    one = postfilter.apply_numpy(u, coef[0][3:6], coef[1][3:6], coef[2][3:6], dirs)
+    np.testing.assert_allclose(target[cls == 1], one[cls == 1], atol=1e-12)
+
+
 def test_a_flat_image_gives_a_zero_filter_not_an_error():
     u = np.full((8, 9, 3), 0.25)
     dirs, (mix, taps, offset) = postfilter.select(u, u + 0.01, 4)
     assert len(dirs) == 4
     np.testing.assert_allclose(postfilter.apply_numpy(u, mix, taps, offset, dirs), u + 0.01, atol=1e-6)
+    assert postfilter.thresholds_for(u, 4) == ()  # every pixel's activity is 0: one class
 
 
 ARCH = Architecture(3, (12, 6), 2, 1.4, 45.0, filter_mask=0xF)
@@ -130,6 +158,42 @@ def test_version_6_header_fields_are_checked(edit, message):
         bs.loads(v5)
 
 
+def test_version_8_stores_the_classes_thresholds_and_their_coefficient_sets():
+    arch = dataclasses.replace(ARCH, filter_thresholds=(0.0, 0.125, 3.5))
+    assert arch.filter_classes == 4 and arch.tensor_shapes()[-3:] == [
+        ("filter.mix", (12, 3)), ("filter.taps", (12, 12)), ("filter.offset", (12,))]
+    f = NifFile(Header(20, 10, "RGB", 1, arch), CODINGS, b"\x01\x00\x00\x00" * 8)
+    data = bs.dumps(f)
+    assert data[7] == 8 and bs.loads(data).header == f.header
+    assert _payload(data, b"NHDR")[-13:] == b"\x03" + np.array([0.0, 0.125, 3.5], "<f4").tobytes()
+    with pytest.raises(ValueError, match="version 8"):
+        bs.dumps(dataclasses.replace(f, version=7))
+    for bad in ((0.5, 0.5), (0.5, 0.25), (-1.0,), (float("nan"),), (float("inf"),), tuple(range(8))):
+        with pytest.raises(FormatError, match="thresholds out of range"):
+            dataclasses.replace(arch, filter_thresholds=bad).validate()
+    with pytest.raises(FormatError, match="classes without a post-filter"):
+        dataclasses.replace(arch, filter_mask=0).validate()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p[:-13] + b"\x00", "classes 1 out of range"),
+    (lambda p: p[:-13] + b"\x08" + p[-12:] + bytes(20), "classes 9 out of range"),
+    (lambda p: p[:-1], "truncated"),
+    (lambda p: p[:-4] + np.array([0.1], "<f4").tobytes(), "thresholds out of range"),  # below the one before
+    (lambda p: p[:-4] + np.array([np.nan], "<f4").tobytes(), "thresholds out of range"),
+    (lambda p: p[:4] + bytes([p[4] & ~4]) + p[5:-18] + p[-13:], "classes without a post-filter"),
+    (lambda p: p[:4] + bytes([p[4] | 16]) + p[5:], "unknown header flags"),
+])
+def test_version_8_header_fields_are_checked(edit, message):
+    arch = dataclasses.replace(ARCH, filter_thresholds=(0.0, 0.125, 3.5))
+    data = bs.dumps(NifFile(Header(20, 10, "RGB", 1, arch), CODINGS, b"\x01\x00\x00\x00" * 8))
+    with pytest.raises(FormatError, match=message):
+        bs.loads(_with_payload(data, b"NHDR", edit(_payload(data, b"NHDR"))))
+    v7 = data[:7] + b"\x07" + data[8:]  # the flag in a version-7 file is refused
+    with pytest.raises(FormatError, match="unknown header flags"):
+        bs.loads(v7)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p[:-5] + bytes(5), "without neighbours"),
     (lambda p: p[:-1], "truncated"),
@@ -181,9 +245,10 @@ def test_the_filter_applies_at_the_stored_size_only_and_bands_agree_with_the_who
 
 
 def test_no_filter_where_the_budget_cannot_afford_one_or_when_asked():
-    assert fit.choose_filter(1500, 3) == 0 and fit.choose_filter(2457, 3) == 4  # 256x256 at 0.3 bpp: 4 pairs
-    assert fit.choose_filter(4915, 3) == 12 and fit.choose_filter(8192, 3) == 12  # 0.6 and 1.0 bpp: 12 pairs
-    assert fit.choose_filter(600, 1) == 0 and fit.choose_filter(1000, 1) == 4 and fit.choose_filter(3000, 1) == 12
+    assert fit.choose_filter(1500, 3) == (1, 0) and fit.choose_filter(2457, 3) == (1, 4)  # 256x256 at 0.3 bpp
+    assert fit.choose_filter(4915, 3) == (1, 12) and fit.choose_filter(8192, 3) == (1, 12)  # 0.6 and 1.0 bpp
+    assert fit.choose_filter(600, 1) == (1, 0) and fit.choose_filter(1000, 1) == (1, 4)
+    assert fit.choose_filter(3000, 1) == (1, 12)
     im = Image.open(EXAMPLE).convert("RGB").resize((64, 48))
     off = fit.encode_image(im, bpp=2.0, effort=1, config=dataclasses.replace(fit.FitConfig(), post_filter=False))
     assert bs.loads(off.data).version <= 5 and bs.loads(off.data).header.arch.filter_taps == 0
@@ -204,19 +269,28 @@ def test_images_encoded_together_get_their_filters_as_one_at_a_time():
         assert dataclasses.replace(f.header.arch, filter_mask=0) == dataclasses.replace(bs.loads(alone.data).header.arch, filter_mask=0)
 
 
-@pytest.mark.parametrize("width, height, band", [(7, 5, 28), (3, 1, 3), (1, 9, 2), (5, 7, 5), (1, 1, 1)])
-def test_filtered_bands_of_any_height_match_the_whole_image_filter(width, height, band, monkeypatch):
+@pytest.mark.parametrize("width, height, band, dirs, classes", [
+    (7, 5, 28, REACH4, 1), (3, 1, 3, REACH4, 1), (1, 9, 2, REACH4, 1), (5, 7, 5, REACH4, 1), (1, 1, 1, REACH4, 1),
+    (9, 7, 18, postfilter.DIRECTIONS[:4], 3), (6, 11, 6, REACH4, 2), (2, 3, 2, REACH4, 4),
+])
+def test_filtered_bands_of_any_height_match_the_whole_image_filter(width, height, band, dirs, classes, monkeypatch):
     """Bands of a few rows, a last band shorter than the filter's reach (7x5 in bands of 4 rows), images thinner than
-    the filter: the banded decode is the filter of the whole image, edges repeated."""
+    the filter, filters with classes (whose activity needs 2 halo rows even for a 3x3 filter): the banded decode is
+    the filter of the whole image, edges repeated."""
     from pillow_nif import render as render_module
     from pillow_nif.model import NIF, fold
 
     net = fold(NIF(Architecture(3, (12, 6), 2, 1.4, 45.0)).initialize(torch.Generator().manual_seed(0)), 1, 255.0)
     g = torch.Generator().manual_seed(1)
-    net.filter = (0.05 * torch.randn(3, 3, generator=g), 0.1 * torch.randn(3, 15, generator=g), torch.zeros(3))
-    net.filter_dirs = REACH4
     u = render(net, width, height, raw=True).astype(np.float64) / 255
+    thresholds = postfilter.thresholds_for(u, classes) if classes > 1 else ()
+    cls = postfilter.classes(u, thresholds) if thresholds else None
+    assert len(thresholds) == classes - 1 and (cls is None or len(np.unique(cls)) == classes)
+    k = 3 * classes
+    net.filter = (0.05 * torch.randn(k, 3, generator=g), 0.1 * torch.randn(k, 3 * len(dirs), generator=g),
+                  0.01 * torch.randn(k, generator=g))
+    net.filter_dirs, net.filter_thresholds = dirs, thresholds
     coef = (t.double().numpy() for t in net.filter)
-    want = np.floor(np.clip(postfilter.apply_numpy(u, *coef, REACH4), 0, 1) * 255 + 0.5)
+    want = np.floor(np.clip(postfilter.apply_numpy(u, *coef, dirs, cls), 0, 1) * 255 + 0.5)
     monkeypatch.setattr(render_module, "_CPU_BAND_PIXELS", band)
     assert_decoders_agree(render(net, width, height), want)  # float32 against float64: a level on a rare pixel

@@ -1,4 +1,4 @@
-"""The .nif container, versions 1 to 5, in pure Python (no torch): see docs/FORMAT.md.
+"""The .nif container, versions 1 to 8, in pure Python (no torch): see docs/FORMAT.md.
 
 A file is ``MAGIC`` (7 bytes) + a version byte + chunks. Each chunk is
 ``type (4 ASCII) | length (u32 BE) | payload | CRC32 (u32 BE, over type and payload)``,
@@ -12,6 +12,7 @@ before anything is allocated, so a hostile file costs at most its own size to pa
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 import zlib
 
@@ -27,9 +28,11 @@ MAGIC = b"\x8bNIF\r\n\x1a"
 # postfilter.py): a header flag, the filter's size, and its three tensors after the network's; the encoder writes 6
 # only for a file with a filter. Version 7 is version 6 with the filter's neighbours chosen per image: a 5-byte mask
 # over postfilter.OFFSETS instead of the count of its first ones; the encoder writes 7 only for a filter version 6
-# cannot hold. Readers accept all seven.
-VERSION = 7
-VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+# cannot hold. Version 8 is version 7 with one set of filter coefficients per class of local activity: a header
+# flag, the K - 1 thresholds between the classes, and K times the rows in the filter's tensors; the encoder writes 8
+# only for a filter with classes. Readers accept all eight.
+VERSION = 8
+VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 SIGNATURE = MAGIC + bytes([VERSION])
 
 # Modes: code -> (Pillow mode, channels, bits per sample).
@@ -72,6 +75,7 @@ MAX_QMAX = (1 << 15) - 1
 MAX_CHUNK = 1 << 28
 FILTER_OFFSETS = 40  # len(postfilter.OFFSETS): the neighbours within 4 pixels, one of each point-symmetric pair
 V6_FILTER_TAPS = 12  # version 6: the first 12 of them at most (len(postfilter.DIRECTIONS), 5x5)
+FILTER_CLASSES = 8  # version 8: the most classes of activity a post-filter may have (coefficient sets)
 # A parameter costs at least this many bits on average: bounds the parameter count by the file
 # size (the encoder never goes near it; a hostile header cannot ask for a huge network in a tiny file).
 MIN_BITS_PER_PARAM = 1 / 8
@@ -101,7 +105,9 @@ class Architecture:
     mod_freqs: int = 0
     mod_omega: float = 30.0
     mod_sigma: float = 1.0  # scale of the modulation output
-    filter_mask: int = 0  # versions 6-7: the post-filter's pairs of neighbours, bit i = postfilter.OFFSETS[i]; 0: none
+    filter_mask: int = 0  # versions 6-8: the post-filter's pairs of neighbours, bit i = postfilter.OFFSETS[i]; 0: none
+    # version 8: the activity thresholds between the post-filter's classes (one class more than thresholds), f32
+    filter_thresholds: tuple[float, ...] = ()
 
     def __post_init__(self):
         # Round floats through f32 so an Architecture equals what the file stores.
@@ -109,11 +115,17 @@ class Architecture:
             object.__setattr__(self, name, _f32(getattr(self, name)))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "mod_widths", tuple(int(w) for w in self.mod_widths))
+        object.__setattr__(self, "filter_thresholds", tuple(_f32(v) for v in self.filter_thresholds))
 
     @property
     def filter_taps(self) -> int:
         """The post-filter's pairs of neighbours (0: no filter)."""
         return bin(self.filter_mask).count("1")
+
+    @property
+    def filter_classes(self) -> int:
+        """The post-filter's sets of coefficients (1 unless version 8 splits the pixels by activity)."""
+        return len(self.filter_thresholds) + 1
 
     @property
     def pe_dim(self) -> int:
@@ -134,10 +146,11 @@ class Architecture:
             for i in range(len(dims) - 1):
                 shapes += [(f"modulation.{i}.weight", (dims[i + 1], dims[i])), (f"modulation.{i}.bias", (dims[i + 1],))]
         if self.filter_taps:
+            rows = self.filter_classes * self.channels  # class k's rows: k C ... k C + C - 1
             shapes += [
-                ("filter.mix", (self.channels, self.channels)),
-                ("filter.taps", (self.channels, self.channels * self.filter_taps)),
-                ("filter.offset", (self.channels,)),
+                ("filter.mix", (rows, self.channels)),
+                ("filter.taps", (rows, self.channels * self.filter_taps)),
+                ("filter.offset", (rows,)),
             ]
         return shapes
 
@@ -168,6 +181,11 @@ class Architecture:
             raise FormatError("layer width out of range")
         if not 0 <= self.filter_mask < 1 << FILTER_OFFSETS:
             raise FormatError("post-filter neighbours out of range")
+        t = self.filter_thresholds
+        if t and not self.filter_mask:
+            raise FormatError("post-filter classes without a post-filter")
+        if len(t) >= FILTER_CLASSES or not all(0 <= v < math.inf for v in t) or any(a >= b for a, b in zip(t, t[1:])):
+            raise FormatError("post-filter class thresholds out of range")
         if self.pe_freqs > MAX_FREQS or self.mod_freqs > MAX_FREQS:
             raise FormatError("too many encoding frequencies")
         for v in (self.pe_scale, self.omega, self.mod_omega, self.mod_sigma):
@@ -299,7 +317,7 @@ def _pack_header4(h: Header, version: int) -> bytes:
     a = h.arch
     pe, mod = (a.pe_scale, a.omega), (a.mod_omega, a.mod_sigma)
     flags = int(pe != tuple(map(_f32, DEFAULT_PE))) | int(bool(a.mod_widths) and mod != tuple(map(_f32, DEFAULT_MOD))) << 1
-    flags |= int(bool(a.filter_taps)) << 2
+    flags |= int(bool(a.filter_taps)) << 2 | int(bool(a.filter_thresholds)) << 3
     out = _varint(h.width) + _varint(h.height) + bytes([MODE_CODES[h.mode] | h.colour << 4, a.pe_freqs, flags])
     if flags & 1:
         out += _F32X2.pack(*pe)
@@ -309,12 +327,22 @@ def _pack_header4(h: Header, version: int) -> bytes:
         out += bytes([a.mod_freqs]) + (_F32X2.pack(*mod) if flags & 2 else b"")
     if a.filter_mask:
         out += a.filter_mask.to_bytes(5, "little") if version >= 7 else bytes([a.filter_taps])
+    if a.filter_thresholds:
+        out += bytes([len(a.filter_thresholds)]) + struct.pack(f"<{len(a.filter_thresholds)}f", *a.filter_thresholds)
     return out
 
 
+def _filter_version(a: Architecture) -> int:
+    """The lowest version that holds the post-filter (0: there is none)."""
+    if not a.filter_mask:
+        return 0
+    return 8 if a.filter_thresholds else 6 if _v6_filter(a.filter_mask) else 7
+
+
 def pack_header(h: Header, version: int = VERSION) -> bytes:
-    if h.arch.filter_mask and version < (6 if _v6_filter(h.arch.filter_mask) else 7):
-        raise ValueError("this post-filter needs version 7" if version >= 6 else "a post-filter needs version 6")
+    if version < _filter_version(h.arch):
+        raise ValueError(f"this post-filter needs version {_filter_version(h.arch)}" if version >= 6
+                         else "a post-filter needs version 6")
     if version >= 4:
         return _pack_header4(h, version)
     a = h.arch
@@ -342,11 +370,11 @@ def dumps(f: NifFile) -> bytes:
     if f.version >= 4 and all(_compact4(c) for c in f.codings):
         # the lowest version that holds the file: without a filter, version 6 is version 5's bytes; without a
         # slope either, version 4's
-        version = (6 if _v6_filter(h.arch.filter_mask) else 7) if filtered else 5 if graded else 4
+        version = _filter_version(h.arch) if filtered else 5 if graded else 4
         if version > f.version:
             raise ValueError(f"this post-filter needs version {version}")
         records = [struct.pack(">HB", _f32_bits(c.step) >> 16, LAPLACE_INDEX[c.param]) + _qmax4(c.qmax) for c in f.codings]
-        if version >= 5:  # the first record's slope byte (0 in a version-6 or 7 file without one)
+        if version >= 5:  # the first record's slope byte (0 in a version 6-8 file without one)
             records[0] += struct.pack(">b", f.codings[0].slope)
     elif all(_compact(c) for c in f.codings):  # version 4's stream with decays off its table is version 3's
         version = 3 if f.version >= 3 else 2
@@ -400,7 +428,7 @@ class _Reader:
 def _parse_header4(r: _Reader, version: int):
     width, height = r.varint(3), r.varint(3)
     mode, pe_freqs, flags = r.take(3)
-    if flags > (7 if version >= 6 else 3):
+    if flags > (15 if version >= 8 else 7 if version >= 6 else 3):
         raise FormatError(f"unknown header flags {flags:#x}")
     pe_scale, omega = r.unpack(_F32X2) if flags & 1 else DEFAULT_PE
     widths, mod_widths = r.widths(compact=True), r.widths(compact=True)
@@ -420,14 +448,23 @@ def _parse_header4(r: _Reader, version: int):
         if not 1 <= taps <= V6_FILTER_TAPS:
             raise FormatError(f"post-filter size {taps} out of range")
         mask = (1 << taps) - 1
-    return width, height, mode & 0xF, mode >> 4, pe_freqs, pe_scale, omega, widths, mod_widths, mod, mask
+    thresholds = ()
+    if flags & 8:
+        if not flags & 4:
+            raise FormatError("post-filter classes without a post-filter")
+        (n,) = r.take(1)
+        if not 1 <= n < FILTER_CLASSES:
+            raise FormatError(f"post-filter classes {n + 1} out of range")
+        thresholds = struct.unpack(f"<{n}f", r.take(4 * n))
+    return width, height, mode & 0xF, mode >> 4, pe_freqs, pe_scale, omega, widths, mod_widths, mod, mask, thresholds
 
 
 def parse_header(payload: bytes, version: int = VERSION) -> Header:
     r = _Reader(payload, "header chunk")
-    mask = 0
+    mask, thresholds = 0, ()
     if version >= 4:
-        width, height, mode, colour, pe_freqs, pe_scale, omega, widths, mod_widths, mod, mask = _parse_header4(r, version)
+        (width, height, mode, colour, pe_freqs, pe_scale, omega, widths, mod_widths, mod, mask,
+         thresholds) = _parse_header4(r, version)
     else:
         width, height, mode, colour, pe_freqs, pe_scale, omega = r.unpack(_HDR)
         widths = r.widths()
@@ -444,7 +481,8 @@ def parse_header(payload: bytes, version: int = VERSION) -> Header:
     _, channels, _ = MODES[mode]
     if colour == COLOUR_YCBCR and channels < 3:
         raise FormatError("YCbCr needs three colour channels")
-    arch = Architecture(channels, widths, pe_freqs, pe_scale, omega, mod_widths, *mod, filter_mask=mask)
+    arch = Architecture(channels, widths, pe_freqs, pe_scale, omega, mod_widths, *mod, filter_mask=mask,
+                        filter_thresholds=thresholds)
     arch.validate()
     return Header(width, height, MODES[mode][0], colour, arch)
 

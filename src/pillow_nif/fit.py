@@ -767,6 +767,7 @@ class Plan:
     budget: int  # bytes of the file without its post-filter: what the network may take
     metadata: dict
     filter_taps: int = 0  # the post-filter's size (postfilter.py); 0: none
+    filter_classes: int = 1  # its sets of coefficients, one per class of activity (format version 8)
     total: int = 0  # bytes of the whole file, the post-filter's included (0: the budget)
 
 
@@ -796,8 +797,8 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
     arch = choose_architecture(w, h, c, (budget - overhead) * 8 / cfg.bits_per_param, cfg, effort.iters)
     # The post-filter's bytes come out of the weights' budget, not the architecture's: the same network is fitted
     # with and without one, and only its rounding is a little coarser (1-2 % of the bytes).
-    taps = choose_filter(budget, c) if cfg.post_filter else 0
-    return Plan(Header(w, h, mode, col, arch), budget - filter_reserve(c, taps), metadata, taps, budget)
+    classes, taps = choose_filter(budget, c) if cfg.post_filter else (1, 0)
+    return Plan(Header(w, h, mode, col, arch), budget - filter_reserve(c, taps, classes), metadata, taps, classes, budget)
 
 
 # ---- the post-filter ------------------------------------------------------------------------------------
@@ -807,24 +808,27 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
 # the network that paid for it cost 0.04 / 0.05 / 0.03: 3x3 at 0.3 bpp (2.3 % of the file) +0.05 net, 5x5 at 0.6
 # (2.2 %) +0.15 against 3x3's +0.11, 5x5 at 1.0 (1.3 %) +0.20. The same counts of pairs, chosen per image among 40
 # (#139), added +0.025 / +0.032 / +0.041 dB more. 256x256 RGB: 4 pairs from 0.21 bpp, 12 from 0.56 bpp.
-FILTER_SHARE = {12: 0.025, 4: 0.035}
+FILTER_SHARE = {(4, 20): 0.013, (4, 12): 0.028, (2, 12): 0.02, (1, 12): 0.025, (1, 4): 0.035}  # (classes, pairs)
 FILTER_BITS = 6  # bits a coefficient takes at the steps below, about (5-7 measured)
 # Steps of the coefficients (normalised units) the encoder tries: mix, taps, offset.
 FILTER_STEPS = [(2.0**-m, 2.0**-t, 2.0**-10) for m in (10, 9, 8) for t in (9, 8, 7, 6)]
 
 
-def filter_reserve(channels: int, taps: int) -> int:
-    """Bytes set aside for a post-filter of `taps` pairs: its header mask (version 7), three records, its
-    coefficients."""
+def filter_reserve(channels: int, taps: int, classes: int = 1) -> int:
+    """Bytes set aside for a post-filter of `taps` pairs and `classes` sets of coefficients: its header mask
+    (version 7) and thresholds (version 8), three records, its coefficients."""
     if not taps:
         return 0
-    params = channels * channels * (1 + taps) + channels
-    return 5 + 3 * 5 + math.ceil(params * FILTER_BITS / 8) + 4
+    params = classes * (channels * channels * (1 + taps) + channels)
+    thresholds = 1 + 4 * (classes - 1) if classes > 1 else 0
+    return 5 + thresholds + 3 * 5 + math.ceil(params * FILTER_BITS / 8) + 4
 
 
-def choose_filter(budget: int, channels: int) -> int:
-    """The post-filter for a file of `budget` bytes: the largest whose reserve is within its share."""
-    return next((t for t, share in FILTER_SHARE.items() if filter_reserve(channels, t) <= share * budget), 0)
+def choose_filter(budget: int, channels: int) -> tuple[int, int]:
+    """(classes, pairs) of the post-filter for a file of `budget` bytes: the largest whose reserve is within its
+    share; (1, 0): none."""
+    fits = (k for k, share in FILTER_SHARE.items() if filter_reserve(channels, k[1], k[0]) <= share * budget)
+    return next(fits, (1, 0))
 
 
 def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, device: str = "cpu") -> bytes:
@@ -837,12 +841,14 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
         return data
     f = bitstream.loads(data)
     u = render(load_network(f, device), f.header.width, f.header.height, raw=True).astype(np.float64) / maxval
-    dirs, (mix, taps, offset) = postfilter.select(u, pixels, plan.filter_taps)
+    thresholds = postfilter.thresholds_for(u, plan.filter_classes) if plan.filter_classes > 1 else ()
+    cls = postfilter.classes(u, thresholds) if thresholds else None
+    dirs, (mix, taps, offset) = postfilter.select(u, pixels, plan.filter_taps, cls, len(thresholds) + 1)
     quantised = [[_quantise_tensor(t, s) for t, s in zip((mix, taps, offset), steps)] for steps in FILTER_STEPS]
     zero = [np.zeros_like(t) for t in (mix, taps, offset)]  # no filter: the error to beat
     errors = postfilter.squared_errors(u, pixels, [zero] + [[sym * step for step, _, sym in q] for q in quantised],
-                                       maxval, dirs)
-    arch = dataclasses.replace(f.header.arch, filter_mask=postfilter.mask_of(dirs))
+                                       maxval, dirs, cls)
+    arch = dataclasses.replace(f.header.arch, filter_mask=postfilter.mask_of(dirs), filter_thresholds=thresholds)
     header = dataclasses.replace(f.header, arch=arch)
     n = len(f.codings)
     shapes = [s for _, s in arch.tensor_shapes()[:n]]

@@ -210,10 +210,11 @@ class FoldedNetwork:
     genesis: list[tuple[torch.Tensor, torch.Tensor]]
     out: tuple[torch.Tensor, torch.Tensor]
     maxval: float
-    # Versions 6-7: the post-filter (mix, taps, offset) of postfilter.py on the neighbours filter_dirs, applied at the
-    # stored size only.
+    # Versions 6-8: the post-filter (mix, taps, offset) of postfilter.py on the neighbours filter_dirs, one set of
+    # coefficients per class of activity split at filter_thresholds (version 8), applied at the stored size only.
     filter: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     filter_dirs: tuple[tuple[int, int], ...] = ()
+    filter_thresholds: tuple[float, ...] = ()
 
     @property
     def channels(self) -> int:

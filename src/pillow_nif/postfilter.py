@@ -1,4 +1,4 @@
-"""The post-filter (format versions 6-7): a small linear filter on the decoded image, fitted per image by least
+"""The post-filter (format versions 6-8): a small linear filter on the decoded image, fitted per image by least
 squares.
 
 A sine network's errors are smooth, spatially and across channels: ringing beside edges, a slightly soft or
@@ -13,7 +13,10 @@ On normalised samples u = value / P in [0, 1] (P the peak, 255 or 65535), channe
     u_c + sum_c' mix[c, c'] u_c' + sum_c' sum_d taps[c, c', d] (u_c'(p + o_d) + u_c'(p - o_d) - 2 u_c'(p)) + offset[c]
 
 for D offsets o_d of OFFSETS, the file's choice (version 7: any of the 40 within 4 pixels; version 6: the first D,
-D = 4 is 3x3 and D = 12 5x5), neighbours beyond the image edge replaced by the edge pixel. The second differences
+D = 4 is 3x3 and D = 12 5x5), neighbours beyond the image edge replaced by the edge pixel. Version 8 has K sets of
+coefficients, one per class of local activity (as video codecs' adaptive loop filters): a pixel's class is the
+number of the file's K - 1 thresholds at or below its activity(), so flat areas and edges or texture each get
+their own filter (+0.07-0.16 dB over one filter on 768x512 Kodak at 1.0 bpp, NOTES.md #140). The second differences
 are nearly uncorrelated with the centre and with each other, so the least-squares coefficients are small and
 survive coarse rounding (plain tap weights, equivalent in exact arithmetic, are large with opposite signs). The
 filter belongs to the stored size: decoding at any other size evaluates the network alone.
@@ -49,32 +52,86 @@ def radius(dirs) -> int:
     return max((max(abs(i), abs(j)) for i, j in dirs), default=0)
 
 
+def halo(dirs, classes: int = 1) -> int:
+    """Rows of neighbours on each side that filtering a band needs: the offsets' reach, and 2 for the activity of
+    a classified filter."""
+    return max(radius(dirs), 2 if classes > 1 else 0)
+
+
+def _activity(p):
+    """activity() of the pixels inside a channel sum p padded by 2 on each side (numpy or torch, float64). One
+    fixed order of operations, so that the encoder and the decoder compute the same bits."""
+    lap = abs(2 * p[1:-1, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:]) + abs(2 * p[1:-1, 1:-1] - p[:-2, 1:-1] - p[2:, 1:-1])
+    h, w = lap.shape[0] - 2, lap.shape[1] - 2
+    out = lap[:h, :w]
+    for i, j in ((0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)):
+        out = out + lap[i : i + h, j : j + w]
+    return out
+
+
+def _channel_sum(u):
+    s = u[..., 0]
+    for ch in range(1, u.shape[-1]):
+        s = s + u[..., ch]
+    return s
+
+
+def activity(u: np.ndarray) -> np.ndarray:
+    """(H, W) local activity of normalised samples u (H, W, C): the sum over the 3x3 neighbourhood of the absolute
+    horizontal and vertical second differences of the channels' sum, edges repeated."""
+    return _activity(np.pad(_channel_sum(u.astype(np.float64)), 2, mode="edge"))
+
+
+def classes(u: np.ndarray, thresholds) -> np.ndarray:
+    """(H, W) class of each pixel of u: how many thresholds are at or below its activity."""
+    return np.searchsorted(np.asarray(thresholds, np.float64), activity(u), side="right")
+
+
+def thresholds_for(u: np.ndarray, count: int) -> tuple[float, ...]:
+    """Up to count - 1 float32 thresholds that split u's pixels into `count` classes of about equal size (fewer
+    where the quantiles coincide, as on a flat image)."""
+    q = np.quantile(activity(u), np.arange(1, count) / count).astype(np.float32)
+    return tuple(float(v) for v in np.unique(q[q > 0]))
+
+
 def kernel(mix, taps, offset, dirs):
-    """The filter as one convolution: (C, C, 2r + 1, 2r + 1) weights and a (C,) bias (torch, float64 arithmetic)."""
+    """The filter as one convolution: (K C, C, 2r + 1, 2r + 1) weights and a (K C,) bias, class k's outputs at rows
+    k C to k C + C - 1 (torch, float64 arithmetic)."""
     import torch
 
-    c = mix.shape[0]
+    kc, c = mix.shape
     d = len(dirs)
     r = radius(dirs)
-    t = taps.double().reshape(c, c, d)
-    k = torch.zeros(c, c, 2 * r + 1, 2 * r + 1, dtype=torch.float64, device=mix.device)
+    t = taps.double().reshape(kc, c, d)
+    k = torch.zeros(kc, c, 2 * r + 1, 2 * r + 1, dtype=torch.float64, device=mix.device)
     for j, (di, dj) in enumerate(dirs):
         k[:, :, r + di, r + dj] += t[:, :, j]
         k[:, :, r - di, r - dj] += t[:, :, j]
-    k[:, :, r, r] += mix.double() - 2 * t.sum(2) + torch.eye(c, dtype=torch.float64, device=mix.device)
+    eye = torch.eye(c, dtype=torch.float64, device=mix.device).repeat(kc // c, 1)
+    k[:, :, r, r] += mix.double() - 2 * t.sum(2) + eye
     return k, offset.double()
 
 
-def apply(x, weight, bias):
-    """Filter the middle rows of x (torch, (rows + 2 r, W, C) normalised samples; the r halo rows on each side
-    are the image's neighbours, edge rows repeated at its top and bottom) with kernel()'s weight and bias. Returns
-    (rows, W, C), unclamped. One convolution (columns padded by repeating the edge ones): 5x fewer passes over the
-    band than the second differences one by one."""
+def apply(x, weight, bias, thresholds=()):
+    """Filter the middle rows of x (torch, (rows + 2 h, W, C) normalised samples, h = halo(); the h halo rows on
+    each side are the image's neighbours, edge rows repeated at its top and bottom) with kernel()'s weight and
+    bias, each pixel by its class's filter. Returns (rows, W, C), unclamped. One convolution (columns padded by
+    repeating the edge ones): 5x fewer passes over the band than the second differences one by one."""
+    import torch
     import torch.nn.functional as F
 
     r = weight.shape[-1] // 2
-    planes = F.pad(x.permute(2, 0, 1)[None], (r, r, 0, 0), mode="replicate")  # (1, C, rows + 2r, W + 2r)
-    return F.conv2d(planes, weight.to(x.dtype), bias.to(x.dtype))[0].permute(1, 2, 0)  # (rows, W, C)
+    c = x.shape[2]
+    h = max(r, 2) if thresholds else r
+    rows, width = x.shape[0] - 2 * h, x.shape[1]
+    planes = F.pad(x[h - r : h + rows + r].permute(2, 0, 1)[None], (r, r, 0, 0), mode="replicate")
+    out = F.conv2d(planes, weight.to(x.dtype), bias.to(x.dtype))[0]  # (K C, rows, W)
+    if thresholds:
+        s = _channel_sum(x[h - 2 : h + rows + 2].double())
+        act = _activity(F.pad(s[None, None], (2, 2, 0, 0), mode="replicate")[0, 0])
+        cls = torch.bucketize(act, torch.tensor(thresholds, dtype=torch.float64, device=x.device), right=True)
+        out = out.view(-1, c, rows, width).gather(0, cls.expand(1, c, rows, width))[0]
+    return out.permute(1, 2, 0)  # (rows, W, C)
 
 
 def _columns(u: np.ndarray, r0: int, r1: int, dirs) -> np.ndarray:
@@ -96,48 +153,59 @@ def _columns(u: np.ndarray, r0: int, r1: int, dirs) -> np.ndarray:
     return np.concatenate([centre.reshape(n, c), lap, np.ones((n, 1))], 1)
 
 
-def normal_equations(u: np.ndarray, target: np.ndarray, dirs, band_pixels: int = 1 << 16):
-    """The least-squares problem's Gram matrix and right-hand sides for decoded samples u and the target, both
-    (H, W, C) in [0, 1], summed band by band so that memory stays bounded for any image size."""
+def normal_equations(u: np.ndarray, target: np.ndarray, dirs, cls=None, count: int = 1,
+                     band_pixels: int = 1 << 16):
+    """The least-squares problem's Gram matrices (K, k, k) and right-hand sides (K, k, C), one per class, for
+    decoded samples u and the target, both (H, W, C) in [0, 1]; cls: (H, W) classes in [0, count) or None (one
+    class). Summed band by band so that memory stays bounded for any image size."""
     h, w, c = u.shape
     k = c + c * len(dirs) + 1
-    gram, cross = np.zeros((k, k)), np.zeros((k, c))
+    gram, cross = np.zeros((count, k, k)), np.zeros((count, k, c))
     rows = max(1, band_pixels // w)
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
         a = _columns(u, r0, r1, dirs)
-        gram += a.T @ a
-        cross += a.T @ (target[r0:r1] - u[r0:r1]).reshape(-1, c)
+        y = (target[r0:r1] - u[r0:r1]).reshape(-1, c)
+        for j in range(count):
+            m = slice(None) if cls is None else cls[r0:r1].ravel() == j
+            gram[j] += a[m].T @ a[m]
+            cross[j] += a[m].T @ y[m]
     return gram, cross
 
 
 def _solve(gram, cross, c: int, n_dirs: int, chosen):
-    """(mix, taps, offset) and the squared error removed, from the normal equations of `n_dirs` offsets restricted
-    to the offsets `chosen` (indices) among them."""
+    """(mix, taps, offset), each class's rows stacked, and the squared error removed, from the normal equations of
+    `n_dirs` offsets restricted to the offsets `chosen` (indices) among them."""
     cols = [*range(c), *(c + ch * n_dirs + d for ch in range(c) for d in chosen), c + c * n_dirs]
-    g, x = gram[np.ix_(cols, cols)], cross[cols]
     k = len(cols)
-    # A whisper of ridge: a flat image has a singular Gram matrix (its differences are all zero).
-    coef = np.linalg.solve(g + np.eye(k) * (1e-9 * np.trace(g) / k + 1e-12), x)  # (k, c)
-    return (coef[:c].T.copy(), coef[c:-1].T.copy(), coef[-1].copy()), float(np.sum(coef * x))
+    coefs, gain = [], 0.0
+    for g, x in zip(gram[:, cols][:, :, cols], cross[:, cols]):
+        # A whisper of ridge: a flat image (or class) has a singular Gram matrix (its differences are all zero).
+        coef = np.linalg.solve(g + np.eye(k) * (1e-9 * np.trace(g) / k + 1e-12), x)  # (k, c)
+        coefs.append(coef)
+        gain += float(np.sum(coef * x))
+    mix, taps, offset = (np.concatenate([co[part].T for co in coefs]) for part in (slice(0, c), slice(c, -1), -1))
+    return (mix, taps, offset), gain
 
 
-def fit(u: np.ndarray, target: np.ndarray, dirs, band_pixels: int = 1 << 16):
-    """The least-squares (mix, taps, offset) for decoded samples u and the target, both (H, W, C) in [0, 1]."""
-    gram, cross = normal_equations(u, target, dirs, band_pixels)
+def fit(u: np.ndarray, target: np.ndarray, dirs, cls=None, count: int = 1, band_pixels: int = 1 << 16):
+    """The least-squares (mix, taps, offset) for decoded samples u and the target, both (H, W, C) in [0, 1], and
+    pixel classes cls in [0, count) (None: one class)."""
+    gram, cross = normal_equations(u, target, dirs, cls, count, band_pixels)
     return _solve(gram, cross, u.shape[2], len(dirs), range(len(dirs)))[0]
 
 
-def select(u: np.ndarray, target: np.ndarray, count: int, band_pixels: int = 1 << 14):
-    """The `count` offsets of OFFSETS whose least-squares filter removes the most error, chosen one at a time
-    (forward selection on the normal equations of all 40), and that filter: (offsets, (mix, taps, offset)).
+def select(u: np.ndarray, target: np.ndarray, count: int, cls=None, n_classes: int = 1, band_pixels: int = 1 << 14):
+    """The `count` offsets of OFFSETS whose least-squares filters (one per class of cls) remove the most error,
+    chosen one at a time (forward selection on the normal equations of all 40), and those filters: (offsets,
+    (mix, taps, offset)).
 
     Which neighbours help depends on the image (its textures' directions, the network's ringing): on 256x256
     crops the selected 12 removed as much error as 14-16 fixed ones (NOTES.md #139). The filter is applied to the
     very pixels it is fitted to, so the choice cannot overfit beyond the coefficients' own ~1e-4 dB."""
     c = u.shape[2]
     n = len(OFFSETS)
-    gram, cross = normal_equations(u, target, OFFSETS, band_pixels)
+    gram, cross = normal_equations(u, target, OFFSETS, cls, n_classes, band_pixels)
     chosen: list[int] = []
     for _ in range(min(count, n)):
         gains = {i: _solve(gram, cross, c, n, chosen + [i])[1] for i in range(n) if i not in chosen}
@@ -146,30 +214,47 @@ def select(u: np.ndarray, target: np.ndarray, count: int, band_pixels: int = 1 <
     return tuple(OFFSETS[i] for i in chosen), _solve(gram, cross, c, n, chosen)[0]
 
 
-def apply_numpy(u: np.ndarray, mix, taps, offset, dirs, band_pixels: int = 1 << 16) -> np.ndarray:
-    """The filter in float64 over a whole (H, W, C) image (the encoder's measurements), unclamped."""
+def _outputs(u, r0: int, r1: int, dirs, coef, cls, n_out: int) -> np.ndarray:
+    """(pixels, n_out, C) filtered rows [r0, r1) of u for coefficients coef (k, n_out * K * C; class k's block of
+    each output at columns k C ...), each pixel by its class's (cls None: one class)."""
+    c = u.shape[2]
+    v = (_columns(u, r0, r1, dirs) @ coef).reshape(-1, n_out, coef.shape[1] // (n_out * c), c)
+    if cls is None:
+        v = v[:, :, 0]
+    else:
+        v = np.take_along_axis(v, cls[r0:r1].reshape(-1, 1, 1, 1), 2)[:, :, 0]
+    return v + u[r0:r1].reshape(-1, 1, c)
+
+
+def _coef(mix, taps, offset) -> np.ndarray:
+    """(k, K C) coefficient columns of a filter, class by class (the design's row order of _columns)."""
+    return np.concatenate([mix.T, taps.T, offset[None]], 0)
+
+
+def apply_numpy(u: np.ndarray, mix, taps, offset, dirs, cls=None, band_pixels: int = 1 << 16) -> np.ndarray:
+    """The filter in float64 over a whole (H, W, C) image with pixel classes cls (the encoder's measurements),
+    unclamped."""
     h, w, c = u.shape
     out = np.empty_like(u)
-    coef = np.concatenate([mix.T, taps.T, offset[None]], 0)
     rows = max(1, band_pixels // w)
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
-        out[r0:r1] = u[r0:r1] + (_columns(u, r0, r1, dirs) @ coef).reshape(r1 - r0, w, c)
+        out[r0:r1] = _outputs(u, r0, r1, dirs, _coef(mix, taps, offset), cls, 1).reshape(r1 - r0, w, c)
     return out
 
 
-def squared_errors(u: np.ndarray, target: np.ndarray, candidates, peak: int, dirs,
+def squared_errors(u: np.ndarray, target: np.ndarray, candidates, peak: int, dirs, cls=None,
                    band_pixels: int = 1 << 16) -> np.ndarray:
     """Summed squared error against the target of the rounded output, at P = peak, of each candidate filter
-    (mix, taps, offset) on the offsets `dirs`: each band's design is built once for all of them (the encoder's
-    step search)."""
+    (mix, taps, offset) on the offsets `dirs` with pixel classes cls: each band's design is built once for all of
+    them (the encoder's step search)."""
     h, w, c = u.shape
-    coef = np.concatenate([np.concatenate([m.T, t.T, o[None]], 0) for m, t, o in candidates], 1)  # (k, C * n)
+    coef = np.concatenate([_coef(*f) for f in candidates], 1)  # (k, n K C)
     out = np.zeros(len(candidates))
     rows = max(1, band_pixels // w)
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
-        v = (_columns(u, r0, r1, dirs) @ coef).reshape(-1, len(candidates), c) + u[r0:r1].reshape(-1, 1, c)
+        v = _outputs(u, r0, r1, dirs, coef, cls, len(candidates))
         err = np.floor(np.clip(v, 0, 1) * peak + 0.5) / peak - target[r0:r1].reshape(-1, 1, c)
         out += np.einsum("ijk,ijk->j", err, err)
     return out

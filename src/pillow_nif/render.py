@@ -63,6 +63,7 @@ def load_network(f: NifFile, device: str = "cpu"):
     if arch.filter_mask:
         net.filter = tuple(weights[f"filter.{k}"].float().contiguous() for k in ("mix", "taps", "offset"))
         net.filter_dirs = postfilter.directions(arch.filter_mask)
+        net.filter_thresholds = arch.filter_thresholds
     return net.to(device)
 
 
@@ -148,7 +149,7 @@ def _filtered_bands(net, width: int, height: int, rows: int, render_band):
     from .model import to_pixels
 
     weight, bias = postfilter.kernel(*net.filter, net.filter_dirs)
-    rad = weight.shape[-1] // 2
+    rad = postfilter.halo(net.filter_dirs, len(net.filter_thresholds) + 1)
     raw, start = None, 0  # network values of image rows [start, start + len(raw)), normalised to [0, 1]
     for r0 in range(0, height, rows):
         r1 = min(height, r0 + rows)
@@ -161,7 +162,7 @@ def _filtered_bands(net, width: int, height: int, rows: int, render_band):
             raw = new if raw is None else torch.cat([raw, new])
         start = lo
         near = torch.arange(r0 - rad, r1 + rad, device=raw.device).clamp_(0, height - 1) - start  # edges repeat
-        v = postfilter.apply(raw[near], weight, bias).mul(net.maxval)
+        v = postfilter.apply(raw[near], weight, bias, net.filter_thresholds).mul(net.maxval)
         v = torch.nan_to_num_(to_pixels(v.clamp_(0, net.maxval)), nan=0.0)
         yield r0, v.to(torch.uint8 if net.maxval == 255 else torch.int32)
 
@@ -224,6 +225,7 @@ def info(data_or_path) -> dict:
         "modulation_widths": list(a.mod_widths),
         "modulation_freqs": a.mod_freqs,
         "post_filter_taps": a.filter_taps,
+        "post_filter_classes": a.filter_classes,
         "metadata": sorted(f.metadata),
     }
 
