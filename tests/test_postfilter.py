@@ -255,6 +255,24 @@ def test_no_filter_where_the_budget_cannot_afford_one_or_when_asked():
     assert pillow_nif.info(off.data)["version"] <= 5
 
 
+def test_larger_files_get_a_filter_with_classes():
+    """768x512 RGB: 2 classes on 12 pairs at 0.3 bpp, 4 at 0.6, 4 on 20 pairs at 1.0 (their reserve 1.4 / 1.3 / 1.2 %
+    of the file); an encode with classes is version 8, within its budget, decodes to the PSNR it reports, and its
+    filter pays."""
+    assert [fit.choose_filter(int(b * 768 * 512 / 8), 3) for b in (0.3, 0.6, 1.0)] == [(2, 12), (4, 12), (4, 20)]
+    assert fit.choose_filter(12000, 3) == (2, 12) and fit.choose_filter(20480, 3) == (4, 12)
+    assert fit.filter_reserve(3, 12, 4) == 5 + 13 + 15 + 360 + 4  # mask, 3 thresholds, records, coefficients, a word
+    im = Image.open(EXAMPLE).convert("RGB")  # 256x256 at 2.5 bpp: 20 kB
+    r = fit.encode_image(im, bpp=2.5, effort=1, seed=3)
+    f = bs.loads(r.data)
+    assert f.version == 8 and f.header.arch.filter_classes == 4 and f.header.arch.filter_taps == 12
+    assert len(r.data) <= 256 * 256 * 2.5 / 8 and pillow_nif.info(r.data)["post_filter_classes"] == 4
+    ref = np.asarray(im, dtype=np.float64)
+    psnr = lambda a: 10 * np.log10(255**2 / np.mean((a.astype(np.float64) - ref) ** 2))  # noqa: E731
+    assert psnr(decode_array(r.data)) == pytest.approx(r.psnr)
+    assert r.psnr > psnr(render(dataclasses.replace(load_network(f), filter=None), 256, 256)) + 0.05
+
+
 def test_images_encoded_together_get_their_filters_as_one_at_a_time():
     from conftest import photo
 

@@ -808,7 +808,7 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
 # the network that paid for it cost 0.04 / 0.05 / 0.03: 3x3 at 0.3 bpp (2.3 % of the file) +0.05 net, 5x5 at 0.6
 # (2.2 %) +0.15 against 3x3's +0.11, 5x5 at 1.0 (1.3 %) +0.20. The same counts of pairs, chosen per image among 40
 # (#139), added +0.025 / +0.032 / +0.041 dB more. 256x256 RGB: 4 pairs from 0.21 bpp, 12 from 0.56 bpp.
-FILTER_SHARE = {(4, 20): 0.013, (4, 12): 0.028, (2, 12): 0.02, (1, 12): 0.025, (1, 4): 0.035}  # (classes, pairs)
+FILTER_SHARE = {(4, 20): 0.013, (4, 12): 0.02, (2, 12): 0.02, (1, 12): 0.025, (1, 4): 0.035}  # (classes, pairs)
 FILTER_BITS = 6  # bits a coefficient takes at the steps below, about (5-7 measured)
 # Steps of the coefficients (normalised units) the encoder tries: mix, taps, offset.
 FILTER_STEPS = [(2.0**-m, 2.0**-t, 2.0**-10) for m in (10, 9, 8) for t in (9, 8, 7, 6)]
