@@ -22,14 +22,15 @@ PHOTO = pathlib.Path(__file__).resolve().parents[1] / "examples" / "kodim23-crop
 # the post-filter (fit.choose_filter): the stored 160x128 vector at 2 bpp has a 3x3 one (written before the 5x5
 # filter's share was raised: the encoder now gives this budget a 5x5, which tests/test_postfilter.py decodes).
 # Version 7's vector is the same image and budget, its filter on the 12 neighbours the encoder chose for it.
-# Version 8's too, with the encoder made to give the filter 4 classes (it would only from ~26 kB: fit.FILTER_SHARE).
+# Version 8's too, with the encoder made to give the filter 4 classes (it would only from ~20 kB and 4 x 65536
+# pixels: fit.FILTER_SHARE, fit.CLASS_PIXELS).
 CASES = {  # name: (mode, size, bpp)
     "v5-rgb-96x64": ("RGB", (96, 64), 2.0),
     "v6-rgb-160x128": ("RGB", (160, 128), 2.0),
     "v7-rgb-160x128": ("RGB", (160, 128), 2.0),
     "v8-rgb-160x128": ("RGB", (160, 128), 2.0),
 }
-FILTERS = {"v8-rgb-160x128": {(4, 12): 1.0}}  # name: fit.FILTER_SHARE to write it with
+FILTERS = {"v8-rgb-160x128": ({(4, 12): 1.0}, 1)}  # name: fit.FILTER_SHARE and fit.CLASS_PIXELS to write it with
 
 
 def source(mode, size):
@@ -49,12 +50,12 @@ def main():
             continue
         from pillow_nif import fit
 
-        share = fit.FILTER_SHARE
-        fit.FILTER_SHARE = FILTERS.get(name, share)
+        rule = fit.FILTER_SHARE, fit.CLASS_PIXELS
+        fit.FILTER_SHARE, fit.CLASS_PIXELS = FILTERS.get(name, rule)
         try:
             data = pillow_nif.encode(source(mode, size), bpp=bpp, effort=2, seed=0)
         finally:
-            fit.FILTER_SHARE = share
+            fit.FILTER_SHARE, fit.CLASS_PIXELS = rule
         (DATA / f"{name}.nif").write_bytes(data)
         pixels = decode_array(data, device="cpu", backend="torch")
         np.save(DATA / f"{name}.npy", pixels)

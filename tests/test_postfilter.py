@@ -245,24 +245,32 @@ def test_the_filter_applies_at_the_stored_size_only_and_bands_agree_with_the_who
 
 
 def test_no_filter_where_the_budget_cannot_afford_one_or_when_asked():
-    assert fit.choose_filter(1500, 3) == (1, 0) and fit.choose_filter(2457, 3) == (1, 4)  # 256x256 at 0.3 bpp
-    assert fit.choose_filter(4915, 3) == (1, 12) and fit.choose_filter(8192, 3) == (1, 12)  # 0.6 and 1.0 bpp
-    assert fit.choose_filter(600, 1) == (1, 0) and fit.choose_filter(1000, 1) == (1, 4)
-    assert fit.choose_filter(3000, 1) == (1, 12)
+    crop = 256 * 256
+    assert fit.choose_filter(1500, 3, crop) == (1, 0) and fit.choose_filter(2457, 3, crop) == (1, 4)  # 0.3 bpp
+    assert fit.choose_filter(4915, 3, crop) == (1, 12) and fit.choose_filter(8192, 3, crop) == (1, 12)  # 0.6, 1.0
+    assert fit.choose_filter(600, 1, crop) == (1, 0) and fit.choose_filter(1000, 1, crop) == (1, 4)
+    # a crop keeps one set of coefficients at any rate: classes lost on crops (NOTES #140)
+    assert fit.choose_filter(3000, 1, crop) == (1, 12) and fit.choose_filter(60000, 3, crop) == (1, 12)
+    assert fit.choose_filter(60, 3, 16) == (1, 0)  # tiny images: no filter, no classes
     im = Image.open(EXAMPLE).convert("RGB").resize((64, 48))
     off = fit.encode_image(im, bpp=2.0, effort=1, config=dataclasses.replace(fit.FitConfig(), post_filter=False))
     assert bs.loads(off.data).version <= 5 and bs.loads(off.data).header.arch.filter_taps == 0
     assert pillow_nif.info(off.data)["version"] <= 5
 
 
-def test_larger_files_get_a_filter_with_classes():
+def test_larger_files_get_a_filter_with_classes(monkeypatch):
     """768x512 RGB: 2 classes on 12 pairs at 0.3 bpp, 4 at 0.6, 4 on 20 pairs at 1.0 (their reserve 1.4 / 1.3 / 1.2 %
     of the file); an encode with classes is version 8, within its budget, decodes to the PSNR it reports, and its
     filter pays."""
-    assert [fit.choose_filter(int(b * 768 * 512 / 8), 3) for b in (0.3, 0.6, 1.0)] == [(2, 12), (4, 12), (4, 20)]
-    assert fit.choose_filter(12000, 3) == (2, 12) and fit.choose_filter(20480, 3) == (4, 12)
+    full = 768 * 512
+    assert [fit.choose_filter(int(b * full / 8), 3, full) for b in (0.3, 0.6, 1.0)] == [(2, 12), (4, 12), (4, 20)]
+    assert fit.choose_filter(12000, 3, full) == (2, 12) and fit.choose_filter(20480, 3, full) == (4, 12)
+    assert fit.choose_filter(20480, 3, 2 * 65536) == (2, 12)  # 2 classes' pixels, not 4
     assert fit.filter_reserve(3, 12, 4) == 5 + 13 + 15 + 360 + 4  # mask, 3 thresholds, records, coefficients, a word
-    im = Image.open(EXAMPLE).convert("RGB")  # 256x256 at 2.5 bpp: 20 kB
+    # the encode path with classes on a small image (quick): 256x256 at 2.5 bpp (20 kB) as if it had the pixels
+    choose = fit.choose_filter
+    monkeypatch.setattr(fit, "choose_filter", lambda budget, c, pixels: choose(budget, c, full))
+    im = Image.open(EXAMPLE).convert("RGB")
     r = fit.encode_image(im, bpp=2.5, effort=1, seed=3)
     f = bs.loads(r.data)
     assert f.version == 8 and f.header.arch.filter_classes == 4 and f.header.arch.filter_taps == 12

@@ -797,7 +797,7 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
     arch = choose_architecture(w, h, c, (budget - overhead) * 8 / cfg.bits_per_param, cfg, effort.iters)
     # The post-filter's bytes come out of the weights' budget, not the architecture's: the same network is fitted
     # with and without one, and only its rounding is a little coarser (1-2 % of the bytes).
-    classes, taps = choose_filter(budget, c) if cfg.post_filter else (1, 0)
+    classes, taps = choose_filter(budget, c, w * h) if cfg.post_filter else (1, 0)
     return Plan(Header(w, h, mode, col, arch), budget - filter_reserve(c, taps, classes), metadata, taps, classes, budget)
 
 
@@ -809,6 +809,9 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
 # (2.2 %) +0.15 against 3x3's +0.11, 5x5 at 1.0 (1.3 %) +0.20. The same counts of pairs, chosen per image among 40
 # (#139), added +0.025 / +0.032 / +0.041 dB more. 256x256 RGB: 4 pairs from 0.21 bpp, 12 from 0.56 bpp.
 FILTER_SHARE = {(4, 20): 0.013, (4, 12): 0.02, (2, 12): 0.02, (1, 12): 0.025, (1, 4): 0.035}  # (classes, pairs)
+# Classes need pixels as well as bytes: on 256x256 crops 4 classes lost 0.03-0.09 dB (NOTES #140) where a 768x512
+# image gained 0.11-0.18, and one class's coefficients fitted on a crop's pixels are already as good as its share.
+CLASS_PIXELS = 1 << 16
 FILTER_BITS = 6  # bits a coefficient takes at the steps below, about (5-7 measured)
 # Steps of the coefficients (normalised units) the encoder tries: mix, taps, offset.
 FILTER_STEPS = [(2.0**-m, 2.0**-t, 2.0**-10) for m in (10, 9, 8) for t in (9, 8, 7, 6)]
@@ -824,10 +827,14 @@ def filter_reserve(channels: int, taps: int, classes: int = 1) -> int:
     return 5 + thresholds + 3 * 5 + math.ceil(params * FILTER_BITS / 8) + 4
 
 
-def choose_filter(budget: int, channels: int) -> tuple[int, int]:
-    """(classes, pairs) of the post-filter for a file of `budget` bytes: the largest whose reserve is within its
-    share; (1, 0): none."""
-    fits = (k for k, share in FILTER_SHARE.items() if filter_reserve(channels, k[1], k[0]) <= share * budget)
+def choose_filter(budget: int, channels: int, pixels: int) -> tuple[int, int]:
+    """(classes, pairs) of the post-filter for a file of `budget` bytes and an image of `pixels`: the largest whose
+    reserve is within its share and whose classes have CLASS_PIXELS each; (1, 0): none."""
+    fits = (
+        k
+        for k, share in FILTER_SHARE.items()
+        if filter_reserve(channels, k[1], k[0]) <= share * budget and k[0] * CLASS_PIXELS <= max(pixels, CLASS_PIXELS)
+    )
     return next(fits, (1, 0))
 
 
