@@ -1,6 +1,7 @@
 """The post-filter (format versions 6-8): its maths, its container fields, its encoder and its decoders."""
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -95,6 +96,32 @@ def test_classes_split_the_pixels_by_activity_and_each_class_gets_its_own_filter
     # each class's error is its own filter's: other classes' coefficients leave it alone
     one = postfilter.apply_numpy(u, coef[0][3:6], coef[1][3:6], coef[2][3:6], dirs)
     np.testing.assert_allclose(target[cls == 1], one[cls == 1], atol=1e-12)
+
+
+def test_the_encoders_split_of_the_classes_is_the_best_on_its_grid():
+    """postfilter.split: the thresholds among an activity grid whose classes' filters leave the least error, as an
+    exhaustive search over the grid finds them, and never worse than classes of equal size (on the grid too)."""
+    rng = np.random.default_rng(5)
+    target = smooth_image(41, 36, 3)
+    # the network's error grows across the image and differs in kind between flat and busy pixels
+    u = target + 0.02 * rng.standard_normal(target.shape) * np.linspace(0, 1, 36)[None, :, None]
+    u += 0.3 * (postfilter.activity(target) > np.median(postfilter.activity(target)))[..., None] * (
+        np.roll(target, 1, 1) - target)
+    dirs = postfilter.DIRECTIONS[:4]
+    grid = postfilter.thresholds_for(u, 12)
+
+    def error(thresholds):
+        cls = postfilter.classes(u, thresholds)
+        coef = postfilter.fit(u, target, dirs, cls, len(thresholds) + 1)
+        return float(np.sum((postfilter.apply_numpy(u, *coef, dirs, cls) - target) ** 2))
+
+    for count in (2, 3, 4):
+        got = postfilter.split(u, target, dirs, count, bins=12)
+        assert len(got) == count - 1 and set(got) <= set(grid)
+        best = min(itertools.combinations(grid, count - 1), key=error)
+        assert error(got) == pytest.approx(error(best), rel=1e-9)
+        assert error(got) <= error(postfilter.thresholds_for(u, count)) * (1 + 1e-12)
+    assert postfilter.split(np.full((8, 9, 3), 0.25), np.full((8, 9, 3), 0.3), dirs, 4) == ()  # flat: one class
 
 
 def test_a_flat_image_gives_a_zero_filter_not_an_error():

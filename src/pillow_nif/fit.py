@@ -851,6 +851,10 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
     thresholds = postfilter.thresholds_for(u, plan.filter_classes) if plan.filter_classes > 1 else ()
     cls = postfilter.classes(u, thresholds) if thresholds else None
     dirs, (mix, taps, offset) = postfilter.select(u, pixels, plan.filter_taps, cls, len(thresholds) + 1)
+    if thresholds:  # the neighbours chosen on equal-sized classes, then the classes split where they help most
+        thresholds = postfilter.split(u, pixels, dirs, plan.filter_classes)
+        cls = postfilter.classes(u, thresholds)
+        mix, taps, offset = postfilter.fit(u, pixels, dirs, cls, len(thresholds) + 1)
     quantised = [[_quantise_tensor(t, s) for t, s in zip((mix, taps, offset), steps)] for steps in FILTER_STEPS]
     zero = [np.zeros_like(t) for t in (mix, taps, offset)]  # no filter: the error to beat
     errors = postfilter.squared_errors(u, pixels, [zero] + [[sym * step for step, _, sym in q] for q in quantised],
