@@ -831,9 +831,10 @@ def choose_filter(budget: int, channels: int, pixels: int) -> tuple[int, int]:
     """(classes, pairs) of the post-filter for a file of `budget` bytes and an image of `pixels`: the largest whose
     reserve is within its share and whose classes have CLASS_PIXELS each; (1, 0): none."""
     fits = (
-        k
-        for k, share in FILTER_SHARE.items()
-        if filter_reserve(channels, k[1], k[0]) <= share * budget and k[0] * CLASS_PIXELS <= max(pixels, CLASS_PIXELS)
+        (classes, pairs)
+        for (classes, pairs), share in FILTER_SHARE.items()
+        if filter_reserve(channels, pairs, classes) <= share * budget
+        and (classes == 1 or classes * CLASS_PIXELS <= pixels)
     )
     return next(fits, (1, 0))
 
