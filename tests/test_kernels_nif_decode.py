@@ -209,6 +209,23 @@ def test_rejects_bad_arguments():
         render_band(net, 4, 4, 0, 4, out=torch.empty(4, 4, 1, dtype=torch.int32, device=DEVICE))
 
 
+def assert_filtered_by_the_kernel(net, width, height):
+    """The kernel's filtered render is the float64 filter (postfilter.apply_numpy, with its pixel classes) of the
+    kernel's own network values: its bands, halo rows and classes put together exactly. Against the torch backend
+    it is one level off at most. A count as assert_decoders_agree's would be wrong here: this random network's
+    values differ between backends by up to 2e-3 levels (the 1e-2 bound above), which the filter carries into
+    rounding flips on ~0.02 % of samples, several of a 1200-pixel image now and then (seed 1123461590: 4)."""
+    from pillow_nif.render import render
+
+    got = render(net, width, height, backend="triton")
+    u = render(net, width, height, backend="triton", raw=True).astype(np.float64) / 255
+    cls = postfilter.classes(u, net.filter_thresholds) if net.filter_thresholds else None
+    want = postfilter.apply_numpy(u, *(t.cpu().double().numpy() for t in net.filter), net.filter_dirs, cls)
+    assert_decoders_agree(got, np.floor(np.clip(want, 0, 1) * 255 + 0.5), f"replay with NIF_TEST_SEED={SEED}")
+    torch_backend = render(net, width, height, backend="torch").astype(np.int64)
+    assert np.abs(got - torch_backend).max() <= 1, f"replay with NIF_TEST_SEED={SEED}"
+
+
 def test_raw_values_and_the_post_filter_through_the_kernel():
     """raw=True gives the clamped float values the post-filter reads (render.py), and a filtered render through the
     kernel agrees with the torch backend's."""
@@ -224,8 +241,7 @@ def test_raw_values_and_the_post_filter_through_the_kernel():
     net.filter = (0.05 * torch.randn(3, 3, generator=g), 0.1 * torch.randn(3, 12, generator=g), torch.zeros(3))
     net.filter_dirs = ((0, 1), (3, 0), (1, -3), (4, 4))  # 4 rows of halo around each band
     net = net.to(DEVICE)
-    assert_decoders_agree(render(net, 40, 30, backend="triton"), render(net, 40, 30, backend="torch"),
-                          f"replay with NIF_TEST_SEED={SEED}")
+    assert_filtered_by_the_kernel(net, 40, 30)
     # version 8: three classes of activity, a 3x3 filter (its classes need 2 rows of halo)
     u = render(net, 40, 30, raw=True).astype(np.float64) / 255
     net.filter_thresholds = postfilter.thresholds_for(u, 3)
@@ -233,5 +249,4 @@ def test_raw_values_and_the_post_filter_through_the_kernel():
                                               0.01 * torch.randn(9, generator=g)))
     net.filter_dirs = ((0, 1), (1, 0))
     assert len(net.filter_thresholds) == 2
-    assert_decoders_agree(render(net, 40, 30, backend="triton"), render(net, 40, 30, backend="torch"),
-                          f"replay with NIF_TEST_SEED={SEED}")
+    assert_filtered_by_the_kernel(net, 40, 30)
