@@ -124,6 +124,30 @@ def test_the_encoders_split_of_the_classes_is_the_best_on_its_grid():
     assert postfilter.split(np.full((8, 9, 3), 0.25), np.full((8, 9, 3), 0.3), dirs, 4) == ()  # flat: one class
 
 
+def test_the_encoders_thresholds_stay_clear_of_the_pixels_activities():
+    """Two decoders' network values differ in their last bits, and so do their activities: a threshold nearly on a
+    pixel's activity gives that pixel another class's filter in one of them, levels away. postfilter.clear_of_pixels
+    moves each threshold into the widest gap among the pixels near it, so a difference of 1e-6 in the values,
+    ~5x what torch and the Triton kernel differ by on a Kodak file, changes no pixel's class."""
+    rng = np.random.default_rng(0)
+    u = np.clip(np.asarray(Image.open(EXAMPLE).convert("RGB"), np.float64) / 255 + rng.normal(0, 1e-3, (256, 256, 3)),
+                0, 1)  # a decode is not on the 8-bit grid, so its activities rarely tie
+    a = np.sort(postfilter.activity(u), axis=None)
+    quantiles = postfilter.thresholds_for(u, 4)
+    moved = postfilter.clear_of_pixels(u, quantiles, window=1 / 256)
+    assert all(np.float32(t) == t for t in moved) and 0 < moved[0] < moved[1] < moved[2]
+    reach = a.size // 256
+    for t in moved:
+        i = int(np.searchsorted(a, t))
+        mean_gap = (a[i + reach] - a[i - reach]) / (2 * reach)
+        assert np.abs(a - t).min() >= 2 * mean_gap  # the quantiles themselves were within 0.03 of one
+    assert np.mean(postfilter.classes(u, moved) != postfilter.classes(u, quantiles)) <= 2 * 3 / 256
+    for _ in range(3):
+        v = u + rng.uniform(-1e-6, 1e-6, u.shape)
+        assert np.array_equal(postfilter.classes(v, moved), postfilter.classes(u, moved))
+    assert postfilter.clear_of_pixels(np.full((8, 9, 3), 0.25), (0.5,)) == (0.5,)  # no gap to move into
+
+
 def test_a_flat_image_gives_a_zero_filter_not_an_error():
     u = np.full((8, 9, 3), 0.25)
     dirs, (mix, taps, offset) = postfilter.select(u, u + 0.01, 4)

@@ -853,7 +853,7 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
     cls = postfilter.classes(u, thresholds) if thresholds else None
     dirs, (mix, taps, offset) = postfilter.select(u, pixels, plan.filter_taps, cls, len(thresholds) + 1)
     if thresholds:  # the neighbours chosen on equal-sized classes, then the classes split where they help most
-        thresholds = postfilter.split(u, pixels, dirs, plan.filter_classes)
+        thresholds = postfilter.clear_of_pixels(u, postfilter.split(u, pixels, dirs, plan.filter_classes))
         cls = postfilter.classes(u, thresholds)
         mix, taps, offset = postfilter.fit(u, pixels, dirs, cls, len(thresholds) + 1)
     quantised = [[_quantise_tensor(t, s) for t, s in zip((mix, taps, offset), steps)] for steps in FILTER_STEPS]
