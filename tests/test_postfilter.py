@@ -145,6 +145,9 @@ def test_the_encoders_thresholds_stay_clear_of_the_pixels_activities():
     for _ in range(3):
         v = u + rng.uniform(-1e-6, 1e-6, u.shape)
         assert np.array_equal(postfilter.classes(v, moved), postfilter.classes(u, moved))
+    near = tuple(float(np.float32(a[i])) + 1e-9 for i in (30000, 30003, 30006))  # windows overlap: order kept
+    moved = postfilter.clear_of_pixels(u, near, window=1 / 16)
+    assert moved[0] < moved[1] < moved[2] and all(np.float32(t) == t for t in moved) and moved[1] < near[2]
     assert postfilter.clear_of_pixels(np.full((8, 9, 3), 0.25), (0.5,)) == (0.5,)  # no gap to move into
 
 

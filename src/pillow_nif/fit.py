@@ -852,7 +852,7 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
     thresholds = postfilter.thresholds_for(u, plan.filter_classes) if plan.filter_classes > 1 else ()
     cls = postfilter.classes(u, thresholds) if thresholds else None
     dirs, (mix, taps, offset) = postfilter.select(u, pixels, plan.filter_taps, cls, len(thresholds) + 1)
-    if thresholds:  # the neighbours chosen on equal-sized classes, then the classes split where they help most
+    if thresholds:  # neighbours chosen on equal classes; classes split where they help most, clear of pixels
         thresholds = postfilter.clear_of_pixels(u, postfilter.split(u, pixels, dirs, plan.filter_classes))
         cls = postfilter.classes(u, thresholds)
         mix, taps, offset = postfilter.fit(u, pixels, dirs, cls, len(thresholds) + 1)

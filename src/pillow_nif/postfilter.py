@@ -270,13 +270,15 @@ def clear_of_pixels(u: np.ndarray, thresholds, window: float = 1 / 256) -> tuple
     a = np.sort(activity(u), axis=None)
     n, reach = a.size, max(1, int(window * a.size))
     out: list[float] = []
-    for t in thresholds:
+    for k, t in enumerate(thresholds):
+        # gap j lies between a[j - 1] and a[j]: above the last threshold placed, below the next one as given
         i = int(np.searchsorted(a, t))
-        lo, hi = max(1, i - reach), min(n - 1, i + reach)
+        lo = max(1, i - reach, int(np.searchsorted(a, out[-1], side="right")) + 1 if out else 1)
+        hi = min(n - 1, i + reach, int(np.searchsorted(a, thresholds[k + 1])) - 1 if k + 1 < len(thresholds) else n)
         if lo <= hi:
             j = lo + int(np.argmax(a[lo : hi + 1] - a[lo - 1 : hi]))
             mid = float(np.float32((a[j - 1] + a[j]) / 2))
-            if a[j - 1] < mid < a[j] and mid > max(out, default=0.0):
+            if a[j - 1] < mid < a[j]:
                 t = mid
         out.append(float(t))
     return tuple(out)
