@@ -272,9 +272,10 @@ def clear_of_pixels(u: np.ndarray, thresholds, window: float = 1 / 256) -> tuple
     out: list[float] = []
     for k, t in enumerate(thresholds):
         # gap j lies between a[j - 1] and a[j]: above the last threshold placed, below the next one as given
+        above = int(np.searchsorted(a, out[-1], side="right")) + 1 if out else 1
+        below = int(np.searchsorted(a, thresholds[k + 1])) - 1 if k + 1 < len(thresholds) else n - 1
         i = int(np.searchsorted(a, t))
-        lo = max(1, i - reach, int(np.searchsorted(a, out[-1], side="right")) + 1 if out else 1)
-        hi = min(n - 1, i + reach, int(np.searchsorted(a, thresholds[k + 1])) - 1 if k + 1 < len(thresholds) else n)
+        lo, hi = max(above, i - reach), min(below, i + reach, n - 1)
         if lo <= hi:
             j = lo + int(np.argmax(a[lo : hi + 1] - a[lo - 1 : hi]))
             mid = float(np.float32((a[j - 1] + a[j]) / 2))
