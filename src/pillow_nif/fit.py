@@ -117,6 +117,12 @@ class FitConfig:
     # What the architecture choice assumes a parameter will cost: 5.5 beat 6 by 0.07 dB and 5 by 0.05 dB
     # with measured step allocation (4 crops at 0.6/1.0 bpp; without it 6 was best).
     bits_per_param: float = 5.5
+    # Large networks do better with more parameters at fewer bits each: at 768x512, 1.0 bpp (71k parameters at
+    # 5.5 bits), 4.75 bits fitted +0.71 dB better and coded +0.29 dB better on 4 of 4 images, 6.5 lost 0.56 dB
+    # (benchmarks/NOTES.md #146). Between the two sizes of parameter count in `large_params` (counted at
+    # bits_per_param) the bits fall from bits_per_param to large_bits_per_param, linearly in log2 of the count.
+    large_bits_per_param: float = 4.75
+    large_params: tuple[int, int] = (24000, 42000)
     pe_scale: float = 1.4
     omega: float = 45.0  # sine factor of genesis and modulation layers: 45 beat 30 by 0.2-0.4 dB, 60 lost
     mod_sigma: float = 10.0
@@ -212,6 +218,14 @@ _DEEP_SHAPE = (1.0, 0.45, 0.25, 0.25)
 DEEP_PARAMS = 2000
 SHORT_STAGE = 400  # steps: fits with shorter stages modulate from SHORT_DEEP_PARAMS
 SHORT_DEEP_PARAMS = 5000
+
+
+def params_for(bits: float, cfg: FitConfig) -> float:
+    """The parameters a network may have for `bits` of weights: cfg.bits_per_param bits each, falling to
+    cfg.large_bits_per_param across cfg.large_params (a count at bits_per_param). The count rises with `bits`."""
+    lo, hi = cfg.large_params
+    share = min(1.0, max(0.0, math.log2(max(bits / cfg.bits_per_param, 1) / lo) / math.log2(hi / lo)))
+    return bits / (cfg.bits_per_param + share * (cfg.large_bits_per_param - cfg.bits_per_param))
 
 
 def choose_architecture(width: int, height: int, channels: int, param_budget: float, cfg: FitConfig,
@@ -794,7 +808,7 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
             f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
             f"{overhead + 16} bytes: ask for a higher bpp"
         )
-    arch = choose_architecture(w, h, c, (budget - overhead) * 8 / cfg.bits_per_param, cfg, effort.iters)
+    arch = choose_architecture(w, h, c, params_for((budget - overhead) * 8, cfg), cfg, effort.iters)
     # The post-filter's bytes come out of the weights' budget, not the architecture's: the same network is fitted
     # with and without one, and only its rounding is a little coarser (1-2 % of the bytes).
     classes, taps = choose_filter(budget, c, w * h) if cfg.post_filter else (1, 0)
