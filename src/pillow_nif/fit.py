@@ -117,10 +117,12 @@ class FitConfig:
     # What the architecture choice assumes a parameter will cost: 5.5 beat 6 by 0.07 dB and 5 by 0.05 dB
     # with measured step allocation (4 crops at 0.6/1.0 bpp; without it 6 was best).
     bits_per_param: float = 5.5
-    # Large networks do better with more parameters at fewer bits each: at 768x512, 1.0 bpp (71k parameters at
-    # 5.5 bits), 4.75 bits fitted +0.71 dB better and coded +0.29 dB better on 4 of 4 images, 6.5 lost 0.56 dB
-    # (benchmarks/NOTES.md #146). Between the two sizes of parameter count in `large_params` (counted at
-    # bits_per_param) the bits fall from bits_per_param to large_bits_per_param, linearly in log2 of the count.
+    # Large networks do better with more parameters at fewer bits each. At 768x512 and effort 5, 4.75 bits
+    # against 5.5: 1.0 bpp (71k parameters at 5.5 bits) +0.29 dB in the file on 4 of 4 images (fit +0.71: the
+    # wider network fits that much better and rounds 0.4 dB worse), 0.6 bpp (43k) +0.28 dB on 2 of 2; 6.5 bits
+    # lost 0.56 dB at 1.0 bpp (benchmarks/NOTES.md #146). Between the parameter counts of `large_params` (counted
+    # at bits_per_param) the bits fall from bits_per_param to large_bits_per_param, linearly in log2 of the count:
+    # 256x256 crops (up to 12k parameters) and 768x512 at 0.3 bpp (21k) keep 5.5. Fewer than 4.75 is unmeasured.
     large_bits_per_param: float = 4.75
     large_params: tuple[int, int] = (24000, 42000)
     pe_scale: float = 1.4
