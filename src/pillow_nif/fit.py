@@ -225,8 +225,8 @@ SHORT_DEEP_PARAMS = 5000
 def params_for(bits: float, cfg: FitConfig) -> float:
     """The parameters a network may have for `bits` of weights: cfg.bits_per_param bits each, falling to
     cfg.large_bits_per_param across cfg.large_params (a count at bits_per_param). The count rises with `bits`."""
-    lo, hi = cfg.large_params
-    share = min(1.0, max(0.0, math.log2(max(bits / cfg.bits_per_param, 1) / lo) / math.log2(hi / lo)))
+    count, (lo, hi) = bits / cfg.bits_per_param, cfg.large_params
+    share = 0.0 if count <= lo else 1.0 if count >= hi else math.log2(count / lo) / math.log2(hi / lo)
     return bits / (cfg.bits_per_param + share * (cfg.large_bits_per_param - cfg.bits_per_param))
 
 
