@@ -117,14 +117,17 @@ class FitConfig:
     # What the architecture choice assumes a parameter will cost: 5.5 beat 6 by 0.07 dB and 5 by 0.05 dB
     # with measured step allocation (4 crops at 0.6/1.0 bpp; without it 6 was best).
     bits_per_param: float = 5.5
-    # Large networks do better with more parameters at fewer bits each. At 768x512 and effort 5, 4.75 bits
-    # against 5.5: 1.0 bpp (71k parameters at 5.5 bits) +0.29 dB in the file on 4 of 4 images (fit +0.71: the
-    # wider network fits that much better and rounds 0.4 dB worse), 0.6 bpp (43k) +0.28 dB on 2 of 2; 6.5 bits
-    # lost 0.56 dB at 1.0 bpp (benchmarks/NOTES.md #146). Between the parameter counts of `large_params` (counted
-    # at bits_per_param) the bits fall from bits_per_param to large_bits_per_param, linearly in log2 of the count:
-    # 256x256 crops (up to 12k parameters) and 768x512 at 0.3 bpp (21k) keep 5.5. Fewer than 4.75 is unmeasured.
+    # Large images do better with more parameters at fewer bits each. At 768x512 and effort 5, 4.75 bits against
+    # 5.5 (benchmarks/NOTES.md #146, #148): +0.12 dB in the file at 0.3 bpp (21k parameters at 5.5 bits; +0.13
+    # without the post-filter: the gain is the fit's), +0.23 at 0.45, +0.28 at 0.6 (2 images each), +0.29 at 1.0 (4
+    # images); at 1.0 bpp 4.0 bits lost 0.26 dB to 4.75 and 6.5 bits 0.56 to 5.5. At 4.75 the wider network fits
+    # 0.46-0.71 dB better in the same steps and loses 0.3-0.4 dB of that to its coarser rounding. On 256x256
+    # crops 5.0 lost 0.05-0.08 dB at 0.3 / 0.6 / 1.0 bpp (#137g): the best cost follows the image's size, not the
+    # network's (a crop's 1.0 bpp network has 12k parameters, 768x512's 0.3 bpp one 21k). Between the pixel counts
+    # of `large_image` it falls from bits_per_param to large_bits_per_param, linearly in log2 of the pixels. Only
+    # the two ends are measured, on the CPU (steps of 1/16 of a crop, 1/64 of 768x512).
     large_bits_per_param: float = 4.75
-    large_params: tuple[int, int] = (24000, 42000)
+    large_image: tuple[int, int] = (256 * 256, 768 * 512)
     pe_scale: float = 1.4
     omega: float = 45.0  # sine factor of genesis and modulation layers: 45 beat 30 by 0.2-0.4 dB, 60 lost
     mod_sigma: float = 10.0
@@ -222,11 +225,11 @@ SHORT_STAGE = 400  # steps: fits with shorter stages modulate from SHORT_DEEP_PA
 SHORT_DEEP_PARAMS = 5000
 
 
-def params_for(bits: float, cfg: FitConfig) -> float:
-    """The parameters a network may have for `bits` of weights: cfg.bits_per_param bits each, falling to
-    cfg.large_bits_per_param across cfg.large_params (a count at bits_per_param). The count rises with `bits`."""
-    count, (lo, hi) = bits / cfg.bits_per_param, cfg.large_params
-    share = 0.0 if count <= lo else 1.0 if count >= hi else math.log2(count / lo) / math.log2(hi / lo)
+def params_for(bits: float, pixels: int, cfg: FitConfig) -> float:
+    """The parameters a network may have for `bits` of weights on an image of `pixels` pixels: cfg.bits_per_param
+    bits each up to cfg.large_image[0] pixels, falling to cfg.large_bits_per_param at cfg.large_image[1]."""
+    lo, hi = cfg.large_image
+    share = 0.0 if pixels <= lo else 1.0 if pixels >= hi else math.log2(pixels / lo) / math.log2(hi / lo)
     return bits / (cfg.bits_per_param + share * (cfg.large_bits_per_param - cfg.bits_per_param))
 
 
@@ -810,7 +813,7 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
             f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
             f"{overhead + 16} bytes: ask for a higher bpp"
         )
-    arch = choose_architecture(w, h, c, params_for((budget - overhead) * 8, cfg), cfg, effort.iters)
+    arch = choose_architecture(w, h, c, params_for((budget - overhead) * 8, w * h, cfg), cfg, effort.iters)
     # The post-filter's bytes come out of the weights' budget, not the architecture's: the same network is fitted
     # with and without one, and only its rounding is a little coarser (1-2 % of the bytes).
     classes, taps = choose_filter(budget, c, w * h) if cfg.post_filter else (1, 0)
