@@ -90,7 +90,8 @@ def test_large_images_take_more_parameters_at_fewer_bits_each():
     def arch(w, h, bpp):
         return fit.plan_encode(Image.new("RGB", (w, h)), bpp, "auto", {}, cfg, fit.EFFORTS[5]).header.arch
 
-    # The networks the records were encoded with: the crops' (session 30) and 768x512's at 0.6 / 1.0 bpp (34).
+    # The networks the records were encoded with: the crops' (session 30), 768x512's (0.3 bpp: session 35; 0.6 and
+    # 1.0 bpp: session 34, whose rule on the parameter count chose these two as #148's rule does).
     crops = {0.3: (42, 19, 11, 11), 0.6: (70, 32, 18, 18), 1.0: (99, 44, 25, 25)}
     kodak = {0.3: (159, 71, 40, 40), 0.6: (234, 105, 58, 58), 1.0: (315, 142, 79, 79)}
     for bpp in (0.3, 0.6, 1.0):
