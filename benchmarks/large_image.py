@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import subprocess
@@ -18,7 +19,7 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-KODAK = ROOT.parent / "shared" / "datasets" / "kodak"
+KODAK = pathlib.Path(os.environ.get("PILLOW_NIF_SHARED") or ROOT.parent / "shared") / "datasets" / "kodak"
 
 PHASE = r"""
 import json, resource, sys, time

@@ -53,8 +53,9 @@ import numpy as np
 from PIL import Image, features
 
 ROOT = Path(__file__).resolve().parents[1]
-KODAK = ROOT.parent / "shared" / "datasets" / "kodak"
-ANCHORS = ROOT.parent / "shared" / "anchors" / "kodak_published.json"
+SHARED = Path(os.environ.get("PILLOW_NIF_SHARED") or ROOT.parent / "shared")  # elsewhere on a lent GPU machine
+KODAK = SHARED / "datasets" / "kodak"
+ANCHORS = SHARED / "anchors" / "kodak_published.json"
 # Published curves drawn on full-size Kodak; those of a measured codec share its colour.
 ANCHOR_METHODS = {"NIF (2023)": "nif", "JPEG": "jpeg", "WebP": "webp", "AVIF": "avif", "JPEG XL": "jxl",
                   "NIF25 (psnr)": None, "COIN": None, "Cool-chic v3.1": None, "BPG": None}

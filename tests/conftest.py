@@ -1,3 +1,4 @@
+import os
 import pathlib
 
 import numpy as np
@@ -9,7 +10,7 @@ import pillow_nif  # noqa: F401  (registers the plugin)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 PHOTO = ROOT / "examples" / "kodim23-crop.png"
-SHARED = ROOT.parent / "shared"
+SHARED = pathlib.Path(os.environ.get("PILLOW_NIF_SHARED") or ROOT.parent / "shared")  # elsewhere on a lent GPU
 
 
 def photo(width=96, height=64, mode="RGB"):
