@@ -369,6 +369,16 @@ def aggregate(records: dict, images: list[str], codecs: list[str], targets: list
 
 
 # -------------------------------------------------------------------------------------------------------- reports
+def _machines(records: dict, codecs: list) -> dict:
+    """Record counts by the machine that encoded them (records from before the field: 'not recorded')."""
+    counts: dict[str, int] = {}
+    for r in records.values():
+        if r["codec"] in codecs:
+            m = r.get("machine", "not recorded")
+            counts[m] = counts.get(m, 0) + 1
+    return counts
+
+
 def markdown(run: dict) -> str:
     o, agg = run["options"], run["aggregates"]
     f = lambda v, p=2: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
@@ -379,6 +389,9 @@ def markdown(run: dict) -> str:
         f"{run['machine']['cpu']} ({run['machine']['cpu_count']} CPUs), {nif}"
         f"commit {run['machine']['git_commit'] or 'none'}. PSNR: RGB, 8-bit. "
         "PSNR mean = mean of per-image PSNR; PSNR(MSE) = PSNR of the mean MSE.",
+        "",
+        "Encoded on: " + "; ".join(f"{m} ({n} records)" for m, n in _machines(run["records"], o["codecs"]).items())
+        + ".",
         "",
         "Codecs: " + "; ".join(f"{c} {run['codec_versions'].get(c) or ''} {json.dumps(p)}"
                                for c, p in run["settings"]["codec_params"].items() if c in o["codecs"]) + ".",
@@ -478,7 +491,7 @@ def _worker_init(threads: int, device: str) -> None:
     _import_nif().register(device=device)
 
 
-def run_image(image: str, img: Image.Image, todo: list, source: str) -> tuple[str, dict, list]:
+def run_image(image: str, img: Image.Image, todo: list, source: str, where: dict) -> tuple[str, dict, list]:
     """Encode and decode one image with each (codec, target) of `todo`; its records and errors."""
     records, errors = {}, []
     ref = np.array(img)
@@ -504,7 +517,7 @@ def run_image(image: str, img: Image.Image, todo: list, source: str) -> tuple[st
                 "bytes": size, "bpp": size * 8 / (img.width * img.height),
                 "over_target": size > math.floor(t * img.width * img.height / 8),
                 "mse": m, "psnr": psnr(m), "ms_ssim": ms_ssim(ref, out_arr), "dec_s": dec_s, **info,
-                "source": source,
+                "source": source, "machine": where.get(codec.name, where["cpu"]),
             }
     return image, records, errors
 
@@ -556,6 +569,10 @@ def main(argv=None) -> int:
     todo = [(i, c, t) for i in dataset for c in codecs for t in args.bpp if key(i, c.name, t) not in records]
     print(f"{json_path}: {len(records)} records present, {len(todo)} to run", file=sys.stderr)
     source = run["machine"]["source_hash"]
+    # Each record says where it was encoded: a run file resumed on another machine (a lent GPU's NIF records, this
+    # CPU's classical codecs) holds records of both, and the run's "machine" is only the last invocation's.
+    m = run["machine"]
+    where = {"cpu": m["cpu"], **({"nif": m["cuda"]} if m["cuda"] and args.device != "cpu" else {})}
     if stale := [k for k, r in records.items() if r["codec"] == "nif" and r.get("source") != source]:
         print(f"warning: {len(stale)} nif records were encoded by other code than src/ and kernels/ now hold; "
               "use --fresh (or another --name) to re-encode them", file=sys.stderr)
@@ -568,9 +585,9 @@ def main(argv=None) -> int:
             # Images in parallel processes, each with its share of the cores (torch's threads would fight).
             pool = cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                           initargs=(max(1, (os.cpu_count() or 1) // args.jobs), args.device))
-            done = (f.result() for f in cf.as_completed([pool.submit(run_image, *w, source) for w in work]))
+            done = (f.result() for f in cf.as_completed([pool.submit(run_image, *w, source, where) for w in work]))
         else:
-            pool, done = None, (run_image(*w, source) for w in work)
+            pool, done = None, (run_image(*w, source, where) for w in work)
         try:
             for image, new, errs in done:
                 records.update(new)
