@@ -37,7 +37,10 @@ fi
 
 : "${OUT:?run this part on the device machine, where \$OUT is set}"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 PILLOW_NIF_SHARED=$PWD/.gpu-data/shared
+# The wheel maps kernels/ to pillow_nif.kernels (pyproject.toml); this throwaway copy of the tree gets a link instead
+# of an install, so that the source tree is what runs.
+[[ -e src/pillow_nif/kernels ]] || ln -s ../../kernels src/pillow_nif/kernels
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PILLOW_NIF_SHARED=$PWD/.gpu-data/shared
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     python3 -c "import torch, triton, PIL, numpy, constriction; print('torch', torch.__version__, 'cuda', \
