@@ -13,6 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: gpu_session.sh stage|check|rd}
+[[ $part == @(stage|check|rd) ]] || { echo "unknown part $part: stage, check or rd" >&2; exit 2; }
 budget=${NIF_GPU_BUDGET:-540}
 start=$SECONDS
 
@@ -77,9 +78,5 @@ rd)
         --effort 5 --device cuda --out "$OUT/rd" --name rd_nif-e5-cuda-s0 > "$OUT/rd/log.txt" 2>&1
     echo "rd: exit $?"
     tr '\r' '\n' < "$OUT/rd/log.txt" | tail -5
-    ;;
-*)
-    echo "unknown part $part: stage, check or rd" >&2
-    exit 2
     ;;
 esac
