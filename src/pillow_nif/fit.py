@@ -157,6 +157,12 @@ class FitConfig:
     # at full Kodak size (768x512, 1/64 a step at effort 5) the full decays cost 0.15 / 0.56 dB at 0.6 / 1.0 bpp
     # (2 images; 0.26 / 1.02 dB at effort 7 on 4 others); a quarter of them gained 0.10 / 0.02 (NOTES.md #92).
     decay_fraction: float = 1 / 16
+    # Where a step samples a quarter of that (768x512 on the CPU, 1/64 of the image a step), modulated networks fit
+    # at lr x sparse_lr with every decay / sparse_lr, so that a step shrinks the weights by the same lr x decay:
+    # 2e-3 with the decays x 1.5 beat 3e-3 by +0.07 dB on all 6 points of kodim05 / 21 at 0.3 / 0.6 / 1.0 bpp
+    # (NOTES.md #152), where 2e-3 alone, decays kept, was -0.01 dB over 10 points: it fitted better but lost
+    # 0.09-0.13 dB more to rounding (#151). Crops (a step samples decay_fraction) and short stages keep lr.
+    sparse_lr: float = 2 / 3
     # Per-tensor steps by measured distortion (allocate_steps) instead of one factor times each
     # tensor's rms: +0.18 dB on 4 crops at 0.6/1.0 bpp (benchmarks/NOTES.md #17).
     rd_steps: bool = True
@@ -327,17 +333,27 @@ class Fitter:
         self.gen = torch.Generator().manual_seed(seed)  # every random draw of the fit comes from here
         self.model = NIF(arch).initialize(self.gen).to(device)
         plain = not arch.mod_widths
-        self.lr, self.warmup = (cfg.plain_lr, cfg.plain_warmup) if plain else (cfg.lr, cfg.warmup)
         batch = effort.gpu_batch if device.startswith("cuda") else effort.batch
         # At least 1/64 of a large image per step, so that huge images are still sampled densely.
         batch = max(batch, self.h * self.w // 64)
         self.stride = max(1, math.ceil(math.sqrt(self.h * self.w / batch)))
+        # Measured with long stages only; short ones (efforts 1-4) keep the rate they were tuned with.
+        long = effort.iters >= cfg.matrix_decay_iters
+        self.step_scale = self.sparse_step_scale() if long and not plain else 1.0
+        self.lr, self.warmup = (cfg.plain_lr, cfg.plain_warmup) if plain else (cfg.lr * self.step_scale, cfg.warmup)
         self.subgrid = None  # built on first use: BatchFitter evaluates its stacked networks its own way
 
     def sampled_share(self) -> float:
         """The share of the image a step samples, relative to cfg.decay_fraction (under 1: sparser than a
         256x256 crop's steps of 4k pixels, where the decays and the warm-up were tuned)."""
         return 1 / (self.stride**2 * self.cfg.decay_fraction)
+
+    def sparse_step_scale(self) -> float:
+        """The modulated networks' fitting rate relative to cfg.lr: cfg.sparse_lr where a step samples a quarter
+        of cfg.decay_fraction or less, 1 where it samples all of it, linear in the share between (only the ends
+        are measured). The decays are divided by it (optimizer), so each step shrinks the weights as before."""
+        share = min(1.0, self.sampled_share())
+        return 1 - (1 - self.cfg.sparse_lr) * min(1.0, (1 - share) / 0.75)
 
     def axes(self, rows, cols):
         return pixel_axes(self.h, self.w, rows, cols, self.device)
@@ -421,18 +437,21 @@ class Fitter:
         adamw = lambda groups: AdamW(groups, lr=lr, weight_decay=decay)  # noqa: E731  (torch's fused AdamW, leaner)
         if tuning:
             return adamw(list(self.model.parameters()))
+        grow = 1 / self.step_scale  # a smaller rate keeps each step's shrinkage lr x decay (cfg.sparse_lr)
+        decay *= grow
         tensors = self.model.named_tensors()  # every parameter, by name
         modulated = bool(self.model.arch.mod_widths)
         long = not modulated or self.effort.iters >= self.cfg.matrix_decay_iters
         own = {}  # the tensors with a decay of their own
         if long:
-            scale = min(1.0, self.sampled_share())
+            scale = min(1.0, self.sampled_share()) * grow
             own = {n: scale * self.cfg.modulation_decay for n, _ in tensors
                    if n.startswith("modulation.") and n.endswith(".weight")}
             own["genesis.0.weight"] = scale * self.cfg.input_decay
         muon = {}  # the tensors Muon trains -> their decay
         if modulated and self.cfg.muon:
-            muon = {f"genesis.{i}.weight": self.cfg.muon_decay for i in range(1, len(self.model.arch.widths) + 1)}
+            hidden = range(1, len(self.model.arch.widths) + 1)
+            muon = {f"genesis.{i}.weight": grow * self.cfg.muon_decay for i in hidden}
             if long:  # the input layer too: +0.13 / +0.17 dB at 0.6 / 1.0 bpp on 8 crops (NOTES.md #112)
                 muon["genesis.0.weight"] = own["genesis.0.weight"]
 
