@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
@@ -369,14 +370,9 @@ def aggregate(records: dict, images: list[str], codecs: list[str], targets: list
 
 
 # -------------------------------------------------------------------------------------------------------- reports
-def _machines(records: dict, codecs: list) -> dict:
+def _machines(records: dict, codecs: list) -> Counter:
     """Record counts by the machine that encoded them (records from before the field: 'not recorded')."""
-    counts: dict[str, int] = {}
-    for r in records.values():
-        if r["codec"] in codecs:
-            m = r.get("machine", "not recorded")
-            counts[m] = counts.get(m, 0) + 1
-    return counts
+    return Counter(r.get("machine", "not recorded") for r in records.values() if r["codec"] in codecs)
 
 
 def markdown(run: dict) -> str:
