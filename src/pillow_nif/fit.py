@@ -159,9 +159,10 @@ class FitConfig:
     decay_fraction: float = 1 / 16
     # Where a step samples a quarter of that (768x512 on the CPU, 1/64 of the image a step), modulated networks fit
     # at lr x sparse_lr with every decay / sparse_lr, so that a step shrinks the weights by the same lr x decay:
-    # 2e-3 with the decays x 1.5 beat 3e-3 by +0.07 dB on all 6 points of kodim05 / 21 at 0.3 / 0.6 / 1.0 bpp
-    # (NOTES.md #152), where 2e-3 alone, decays kept, was -0.01 dB over 10 points: it fitted better but lost
-    # 0.09-0.13 dB more to rounding (#151). Crops (a step samples decay_fraction) and short stages keep lr.
+    # 2e-3 with the decays x 1.5 beat 3e-3 by +0.06 dB on 18 of 22 points of 8 images at 0.3 / 0.6 / 1.0 bpp
+    # (NOTES.md #152, #152b, #153b; 0.6 bpp +0.02 ... +0.40 on 6 of 6), where 2e-3 alone, decays kept, was -0.01 dB
+    # over 10 points: it fitted better but lost 0.09-0.13 dB more to rounding (#151); 0.5 instead of 2/3 was +0.02
+    # on 6 points (#154). Crops (a step samples decay_fraction) and short stages keep lr.
     sparse_lr: float = 2 / 3
     # Per-tensor steps by measured distortion (allocate_steps) instead of one factor times each
     # tensor's rms: +0.18 dB on 4 crops at 0.6/1.0 bpp (benchmarks/NOTES.md #17).
@@ -247,9 +248,13 @@ def choose_architecture(width: int, height: int, channels: int, param_budget: fl
     Measured on 4 Kodak crops of 256x256 (13 frequencies reach periods of ~4 pixels; benchmarks/NOTES.md
     #27): the best count was 10 at 0.054 parameters per pixel (0.3 bpp), 10-12 at 0.11 (0.6 bpp) and 12
     at 0.18 (1.0 bpp), i.e. about nyquist - 3 + 1.25 log2(params per pixel / 0.054); two more cost 0.09 / 0.11
-    dB at 0.6 / 1.0 bpp in session 28 (#137). Modulation and a fourth sine layer pay from DEEP_PARAMS up.
+    dB at 0.6 / 1.0 bpp in session 28 (#137). Both axes share the frequencies while each spans [-1, 1], so
+    nyquist counts them to ~4 pixels along the longer side, where a period covers the most pixels: at 768x512
+    that is one more than the shorter side's count: +0.12 dB at 1.0 bpp (4 of 4 images up), +0.03 at 0.6, +0.05
+    at 0.3 (2 images each; NOTES.md #157).
+    Modulation and a fourth sine layer pay from DEEP_PARAMS up.
     """
-    n = min(width, height)
+    n = max(width, height)
     nyquist = int(math.log(max(n, 8) / 4) / math.log(cfg.pe_scale)) + 1  # periods down to ~4 pixels
     per_pixel = max(param_budget, 1.0) / (width * height)
     freqs = round(nyquist - 3 + 1.25 * math.log2(per_pixel / 0.054))
@@ -337,9 +342,10 @@ class Fitter:
         # At least 1/64 of a large image per step, so that huge images are still sampled densely.
         batch = max(batch, self.h * self.w // 64)
         self.stride = max(1, math.ceil(math.sqrt(self.h * self.w / batch)))
-        # Measured with long stages only; short ones (efforts 1-4) keep the rate they were tuned with.
-        long = effort.iters >= cfg.matrix_decay_iters
-        self.step_scale = self.sparse_step_scale() if long and not plain else 1.0
+        # The decays of the input layer and the modulation, and the sparse steps' rate, were measured with long
+        # stages only; short ones (efforts 1-4) keep the rates and decays they were tuned with.
+        self.long_stages = effort.iters >= cfg.matrix_decay_iters
+        self.step_scale = self.sparse_step_scale() if self.long_stages and not plain else 1.0
         self.lr, self.warmup = (cfg.plain_lr, cfg.plain_warmup) if plain else (cfg.lr * self.step_scale, cfg.warmup)
         self.subgrid = None  # built on first use: BatchFitter evaluates its stacked networks its own way
 
@@ -441,7 +447,7 @@ class Fitter:
         decay *= grow
         tensors = self.model.named_tensors()  # every parameter, by name
         modulated = bool(self.model.arch.mod_widths)
-        long = not modulated or self.effort.iters >= self.cfg.matrix_decay_iters
+        long = not modulated or self.long_stages
         own = {}  # the tensors with a decay of their own
         if long:
             scale = min(1.0, self.sampled_share()) * grow
