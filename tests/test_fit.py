@@ -71,7 +71,7 @@ def test_encoding_frequencies_reach_four_pixels_along_the_longer_side():
     cfg = FitConfig()
     wide, tall = choose_architecture(768, 512, 3, 1e6, cfg), choose_architecture(512, 768, 3, 1e6, cfg)
     assert wide == tall
-    top = cfg.pe_scale ** (wide.pe_freqs - 1)  # the highest frequency, in cycles per half of the side
+    top = cfg.pe_scale ** (wide.pe_freqs - 1)  # cycles of the highest frequency across a side: period side / top
     assert 768 / top >= 4 > 512 / top  # a period of >= 4 pixels along the longer side, under 4 along the shorter
     assert 768 / (top * cfg.pe_scale) < 4  # and the largest such count
     crop = choose_architecture(256, 256, 3, params_for(256 * 256 * 1.0, 256 * 256, cfg), cfg)
