@@ -9,12 +9,14 @@ independent; what is shared is the per-step overhead (Python, dispatch, optimize
 small networks on a CPU and launches on a GPU.
 
 Each image follows the one-at-a-time recipe of fit.py with the same seed: the same initial weights,
-the same strided-subgrid phases, the same restart noise (scaled by its own weights), its own best-state
+the same restart noise (scaled by its own weights), its own best-state
 tracking across restart stages; rate control per image; quantisation-aware tuning for the group at
 once, each image at its own quantisation steps; then each image's file. Files are in encode_image's format
-with its header, within the same budget, and within ~0.1 dB of its PSNR (measured); not bit-identical (the
-stacked network scales by omega inside the matmuls, and batched matmuls may round differently), but
-deterministic for a seed.
+with its header, within the same budget, and within ~0.1 dB of its PSNR when both fitted on the same strided
+grids (measured); not bit-identical (the stacked network scales by omega inside the matmuls, and batched
+matmuls may round differently), but deterministic for a seed. Where a step samples part of the image, the
+stack's steps still share one strided grid, while encode_image draws each step's pixels by the image's own
+error (sampling.py), which fits such images better.
 
 Measured (benchmarks/encode_speed.py, 2-core CPU, OMP_NUM_THREADS=1, effort 1, 4 Kodak crops at 0.6 bpp):
 a training step of 4 networks took 9.1 ms as hand-written batched matmuls, 10.4 ms with torch.func.vmap
@@ -282,6 +284,8 @@ class BatchFitter(fit.Fitter):
         # Fitter drew the initial weights from the seed, as it does for one image: every image starts there.
         self.count, self.channels = len(targets), targets[0].shape[2]
         self.model = StackedNIF([self.model] * self.count, use_fused).to(device)
+        # The stack shares one grid per step; drawing by error would give each image pixels of its own.
+        self.sampler = None
 
     def predict(self, rows: range, cols: range, weights=None):
         """(prediction, target) on the grid, (rows, cols, B * C): the stacked networks side by side."""

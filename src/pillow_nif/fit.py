@@ -164,6 +164,11 @@ class FitConfig:
     # over 10 points: it fitted better but lost 0.09-0.13 dB more to rounding (#151); 0.5 instead of 2/3 was +0.02
     # on 6 points (#154). Crops (a step samples decay_fraction) and short stages keep lr.
     sparse_lr: float = 2 / 3
+    # Where a fitting step samples part of the image, draw its pixels in proportion to their last measured loss
+    # ** importance_power, mixed with a uniform share 1 - importance, each pixel's loss weighted back to an
+    # unbiased estimate (sampling.py); 0: the strided grid alone.
+    importance: float = 0.5
+    importance_power: float = 0.5
     # Per-tensor steps by measured distortion (allocate_steps) instead of one factor times each
     # tensor's rms: +0.18 dB on 4 crops at 0.6/1.0 bpp (benchmarks/NOTES.md #17).
     rd_steps: bool = True
@@ -348,6 +353,14 @@ class Fitter:
         self.step_scale = self.sparse_step_scale() if self.long_stages and not plain else 1.0
         self.lr, self.warmup = (cfg.plain_lr, cfg.plain_warmup) if plain else (cfg.lr * self.step_scale, cfg.warmup)
         self.subgrid = None  # built on first use: BatchFitter evaluates its stacked networks its own way
+        self.sampler = None
+        if cfg.importance and self.stride > 1 and not cfg.ssim_weight:  # SSIM needs the grid's neighbours
+            from .sampling import ImportanceSampler
+
+            self.sampler = ImportanceSampler(self.h, self.w, math.ceil(self.h / self.stride),
+                                             math.ceil(self.w / self.stride), cfg.importance,
+                                             cfg.importance_power, device, self.gen)
+        self.weights = None  # the loss weights of a drawn sample
 
     def sampled_share(self) -> float:
         """The share of the image a step samples, relative to cfg.decay_fraction (under 1: sparser than a
@@ -364,13 +377,18 @@ class Fitter:
     def axes(self, rows, cols):
         return pixel_axes(self.h, self.w, rows, cols, self.device)
 
-    def sample(self) -> tuple[range, range]:
-        """The rows and columns of one step: the whole image, or every s-th row and column from a random phase.
+    def sample(self, drawn: bool = False):
+        """The rows and columns of one step: the whole image, or every s-th row and column from a random phase,
+        or (`drawn`, where there is a sampler) rows and each row's columns drawn by error (sampling.py).
 
         A strided grid spreads the batch over the whole image, so each step's gradient is an
         unbiased estimate of the full-image one; random crops fit one region at a time and, measured
         on a 256x256 Kodak crop, lost 6 dB against full-image steps of the same compute.
         """
+        self.weights = None
+        if drawn and self.sampler is not None:
+            rows, cols, self.weights = self.sampler.draw()
+            return rows, cols
         s = self.stride
         if s == 1:
             return range(self.h), range(self.w)
@@ -386,13 +404,19 @@ class Fitter:
             self.subgrid = SubgridNetwork(self.model.arch, self.h, self.w, self.device)
             self.target_cm = self.target.permute(2, 0, 1).contiguous()
         pred = self.subgrid.forward(weights if weights is not None else dict(self.model.named_tensors()), rows, cols)
-        target = self.target_cm[:, as_slice(rows), as_slice(cols)]
+        if isinstance(rows, range):
+            target = self.target_cm[:, as_slice(rows), as_slice(cols)]
+        else:  # a drawn sample: row r's own columns
+            target = self.target_cm[:, rows[:, None], cols]
         return pred.reshape(target.shape).permute(1, 2, 0), target.permute(1, 2, 0)
 
-    def loss(self, rows: range, cols: range, weights=None):
+    def loss(self, rows, cols, weights=None):
         pred, target = self.predict(rows, cols, weights)
         terms = log_cosh_terms(pred - target)
         self.terms = terms.detach()  # the step's per-pixel losses, for image_losses
+        if self.weights is not None:  # a drawn sample
+            self.sampler.observe(rows, cols, self.terms.sum(2))
+            return (terms * self.weights[:, :, None]).mean()
         loss = terms.mean()
         if self.cfg.ssim_weight and min(target.shape[:2]) >= 7:
             loss = loss + self.cfg.ssim_weight * (1 - ssim(pred, target))
@@ -417,7 +441,7 @@ class Fitter:
             f = lr_factor(it, iters, warmup, hold, self.cfg.lr_floor)
             for g in opt.param_groups:
                 g["lr"] = lr * f
-            rows, cols = self.sample()
+            rows, cols = self.sample(drawn=weights_fn is None)  # the tuning's few steps keep the grid
             loss = self.loss(rows, cols, weights_fn() if weights_fn else None)
             opt.zero_grad()
             loss.backward()
