@@ -11,6 +11,15 @@ from test_model import ARCHS, trained_like
 H, W = 23, 17  # neither divisible by the strides below, so phases give sub-grids of different sizes
 
 
+def assert_same_gradients(m, got, ref, target):
+    """The parameters' gradients of the squared error through `got` equal those through the reference `ref`."""
+    params = list(m.parameters())
+    g_ref = torch.autograd.grad(((ref - target) ** 2).mean(), params)
+    g_got = torch.autograd.grad(((got - target) ** 2).mean(), params)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("stride,py,px", [(1, 0, 0), (3, 2, 1), (4, 0, 3)])
 def test_values_and_gradients_match_the_reference(arch, stride, py, px):
@@ -24,11 +33,7 @@ def test_values_and_gradients_match_the_reference(arch, stride, py, px):
     assert out.shape == (arch.channels, len(rows) * len(cols))
     got = out.T.reshape(ref.shape)
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
-    params = list(m.parameters())
-    g_ref = torch.autograd.grad(((ref - target) ** 2).mean(), params)
-    g_got = torch.autograd.grad(((got - target) ** 2).mean(), params)
-    for a, b in zip(g_got, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert_same_gradients(m, got, ref, target)
 
 
 def test_substituted_tensors_carry_their_gradient_to_the_parameters():
@@ -60,11 +65,7 @@ def test_a_drawn_sample_matches_the_reference_at_its_pixels(arch):
     got = net.forward(dict(m.named_tensors()), rows, cols).T
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
     target = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    params = list(m.parameters())
-    g_ref = torch.autograd.grad(((ref - target) ** 2).mean(), params)
-    g_got = torch.autograd.grad(((got - target) ** 2).mean(), params)
-    for a, b in zip(g_got, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert_same_gradients(m, got, ref, target)
 
 
 def test_both_ways_of_the_drawn_columns_gradient_agree():
