@@ -68,11 +68,31 @@ def test_draws_follow_the_seed():
     assert not torch.equal(da[1], dc[1])
 
 
+def test_draws_made_ahead_are_the_draws_made_one_by_one():
+    """The sampler draws up to its next refresh at once; the draws, and what is left of the generator after a
+    stage's `limit`, must be those of one draw at a time (a file must not depend on how the draws were batched)."""
+    ahead, single = sampler(seed=5, refresh=16), sampler(seed=5, refresh=16)
+    reference = torch.Generator().manual_seed(5)
+    for s in (ahead, single):
+        s.err = hot_map()
+    for stage in (21, 30):  # stages that end between refreshes
+        for left in range(stage, 0, -1):
+            a, b = ahead.draw(left), single.draw(1)
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+        # Each draw takes one random number for its rows and one per row for their columns, no more.
+        torch.rand(stage * (1 + 10), generator=reference, dtype=torch.float64)
+        after = torch.rand(3, generator=reference)
+        assert torch.equal(torch.rand(3, generator=ahead.gen), after)
+        assert torch.equal(torch.rand(3, generator=single.gen), after)
+        ahead.err = hot_map() * torch.rand(H, W, generator=torch.Generator().manual_seed(stage))
+        single.err = ahead.err.clone()  # a new map, weighed at the next refresh
+
+
 def test_observed_losses_steer_the_draws_from_the_next_refresh():
     s = sampler(share=1.0, power=1.0, refresh=2)
     rows, cols, weights = s.draw()
     assert torch.equal(s.err, torch.ones(H, W)) and torch.all(weights == 1)  # nothing measured yet: uniform
-    s.observe(torch.tensor([5]), torch.tensor([[7, 8]]), torch.tensor([[5000.0, -1e-8]]))
+    s.observe(torch.tensor([5 * W + 7, 5 * W + 8]), torch.tensor([[5000.0, -1e-8]]))  # flat indices
     assert float(s.err[5, 7]) == 5000.0 and float(s.err[5, 8]) == 0.0  # rounding below zero clamps
     rows, cols, weights = s.draw()  # still the map it weighed first, and its weights
     assert torch.all(weights == 1)

@@ -377,9 +377,10 @@ class Fitter:
     def axes(self, rows, cols):
         return pixel_axes(self.h, self.w, rows, cols, self.device)
 
-    def sample(self, drawn: bool = False):
+    def sample(self, drawn: bool = False, left: int | None = None):
         """The rows and columns of one step: the whole image, or every s-th row and column from a random phase,
-        or (`drawn`, where there is a sampler) rows and each row's columns drawn by error (sampling.py).
+        or (`drawn`, where there is a sampler) rows and each row's columns drawn by error (sampling.py; `left`:
+        the draws the stage will still take).
 
         A strided grid spreads the batch over the whole image, so each step's gradient is an
         unbiased estimate of the full-image one; random crops fit one region at a time and, measured
@@ -387,7 +388,7 @@ class Fitter:
         """
         self.weights = None
         if drawn and self.sampler is not None:
-            rows, cols, self.weights = self.sampler.draw()
+            rows, cols, self.weights = self.sampler.draw(left)
             return rows, cols
         s = self.stride
         if s == 1:
@@ -406,8 +407,10 @@ class Fitter:
         pred = self.subgrid.forward(weights if weights is not None else dict(self.model.named_tensors()), rows, cols)
         if isinstance(rows, range):
             target = self.target_cm[:, as_slice(rows), as_slice(cols)]
-        else:  # a drawn sample: row r's own columns
-            target = self.target_cm[:, rows[:, None], cols]
+        else:  # a drawn sample: row r's own columns, gathered by flat index (faster than by (rows, cols))
+            self.drawn_pixels = (rows[:, None] * self.w + cols).view(-1)
+            flat = self.target_cm.view(len(self.target_cm), -1)
+            target = flat.index_select(1, self.drawn_pixels).view(-1, *cols.shape)
         return pred.reshape(target.shape).permute(1, 2, 0), target.permute(1, 2, 0)
 
     def loss(self, rows, cols, weights=None):
@@ -415,7 +418,7 @@ class Fitter:
         terms = log_cosh_terms(pred - target)
         self.terms = terms.detach()  # the step's per-pixel losses, for image_losses
         if self.weights is not None:  # a drawn sample
-            self.sampler.observe(rows, cols, self.terms.sum(2))
+            self.sampler.observe(self.drawn_pixels, self.terms.sum(2))
             return (terms * self.weights[:, :, None]).mean()
         loss = terms.mean()
         if self.cfg.ssim_weight and min(target.shape[:2]) >= 7:
@@ -441,7 +444,7 @@ class Fitter:
             f = lr_factor(it, iters, warmup, hold, self.cfg.lr_floor)
             for g in opt.param_groups:
                 g["lr"] = lr * f
-            rows, cols = self.sample(drawn=weights_fn is None)  # the tuning's few steps keep the grid
+            rows, cols = self.sample(weights_fn is None, iters - it)  # the tuning's few steps keep the grid
             loss = self.loss(rows, cols, weights_fn() if weights_fn else None)
             opt.zero_grad()
             loss.backward()
