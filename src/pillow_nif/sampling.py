@@ -49,9 +49,10 @@ class ImportanceSampler:
     def _draw_ahead(self, limit: int | None) -> None:
         # Weighing the whole map takes ~8 ms at 768x512, a tenth of a step; a step changes 1/64 of it, so the
         # weights are refreshed every `refresh` draws (each draw's loss weights are from the map it drew from).
-        # The draws up to the next refresh are made at once: one by one, their small operations took 0.4 ms a
-        # step on a 256x256 crop. Their random numbers come in the one-by-one order, so the draws are the same,
-        # and `limit` keeps the generator's other users (the restarts, the tuning's grid) where they were.
+        # The draws up to the next refresh are made at once: one by one, their small operations (with the fit's
+        # gathers) took 0.66 ms a step on a 256x256 crop, at once 0.37 (NOTES.md round 40). Their random numbers
+        # come in the one-by-one order, so the draws are the same, and `limit` keeps the generator's other users
+        # (the restarts, the tuning's grid) where they were.
         if self.draws % self.refresh == 0:
             self._weigh()
         n = self.refresh - self.draws % self.refresh
