@@ -102,19 +102,26 @@ def test_observed_losses_steer_the_draws_from_the_next_refresh():
     assert torch.all(weights[hit] < 1) and torch.all(weights[~hit] > 1)
 
 
-def test_fitting_stages_draw_and_the_tuning_keeps_the_grid():
-    """96x96 at 1k pixels a step (stride 3): fitting steps draw; importance 0 and the tuning keep the grid."""
+def test_fitting_and_tuning_stages_draw_and_importance_0_keeps_the_grid():
+    """96x96 at 1k pixels a step (stride 3): fitting and tuning steps draw (NOTES.md #159, #160d); importance 0
+    keeps the strided grid."""
     rng = np.random.default_rng(0)
     target = rng.uniform(-1, 1, (96, 96, 3)).astype(np.float32)
     arch = fit.choose_architecture(96, 96, 3, 3000, fit.FitConfig())
     eff = dataclasses.replace(fit.EFFORTS[1], batch=1 << 10)
     f = fit.Fitter(target, arch, "cpu", eff, fit.FitConfig(), 0)
     assert f.stride == 3 and f.sampler is not None
-    rows, cols = f.sample(drawn=True)
+    rows, cols = f.sample(drawn=True, left=1)
     assert isinstance(cols, torch.Tensor) and cols.shape == (32, 32) and f.weights.shape == (32, 32)
     loss = f.loss(rows, cols)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in f.model.parameters())
-    assert isinstance(f.sample()[0], range) and f.weights is None  # the tuning's steps
+    # A fitting stage and a tuning stage (weights_fn: the weights the step sees) each take one draw a step and
+    # record its losses in the map; `limit` leaves no draw made ahead past a stage's end.
+    for weights_fn in (None, lambda: dict(f.model.named_tensors())):
+        before, seen = f.sampler.draws, f.sampler.err.clone()
+        f.run_stage(5, 1e-5, lambda n: None, weights_fn)
+        assert f.sampler.draws == before + 5 and not f.sampler.ahead
+        assert not torch.equal(f.sampler.err, seen)
     plain = fit.Fitter(target, arch, "cpu", eff, dataclasses.replace(fit.FitConfig(), importance=0.0), 0)
     assert plain.sampler is None and isinstance(plain.sample(drawn=True)[0], range)

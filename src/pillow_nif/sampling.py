@@ -52,7 +52,7 @@ class ImportanceSampler:
         # The draws up to the next refresh are made at once: one by one, their small operations (with the fit's
         # gathers) took 0.66 ms a step on a 256x256 crop, at once 0.37 (NOTES.md round 40). Their random numbers
         # come in the one-by-one order, so the draws are the same, and `limit` keeps the generator's other users
-        # (the restarts, the tuning's grid) where they were.
+        # (the restarts' weights) where they were.
         if self.draws % self.refresh == 0:
             self._weigh()
         n = self.refresh - self.draws % self.refresh
