@@ -445,7 +445,7 @@ class Fitter:
             for g in opt.param_groups:
                 g["lr"] = lr * f
             # The tuning draws too: +0.028 dB at 768x512, 1.0 bpp (6 of 6 images), +-0.01 elsewhere (NOTES.md #160d).
-            rows, cols = self.sample(True, iters - it)
+            rows, cols = self.sample(drawn=True, left=iters - it)
             loss = self.loss(rows, cols, weights_fn() if weights_fn else None)
             opt.zero_grad()
             loss.backward()
