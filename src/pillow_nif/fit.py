@@ -386,9 +386,11 @@ class Fitter:
         unbiased estimate of the full-image one; random crops fit one region at a time and, measured
         on a 256x256 Kodak crop, lost 6 dB against full-image steps of the same compute.
         """
-        self.weights = None
+        self.weights = self.drawn_pixels = None
         if drawn and self.sampler is not None:
             rows, cols, self.weights = self.sampler.draw(left)
+            # Flat indices row * w + column: the step gathers its targets and records its losses by them.
+            self.drawn_pixels = (rows[:, None] * self.w + cols).view(-1)
             return rows, cols
         s = self.stride
         if s == 1:
@@ -408,7 +410,6 @@ class Fitter:
         if isinstance(rows, range):
             target = self.target_cm[:, as_slice(rows), as_slice(cols)]
         else:  # a drawn sample: row r's own columns, gathered by flat index (faster than by (rows, cols))
-            self.drawn_pixels = (rows[:, None] * self.w + cols).view(-1)
             flat = self.target_cm.view(len(self.target_cm), -1)
             target = flat.index_select(1, self.drawn_pixels).view(-1, *cols.shape)
         return pred.reshape(target.shape).permute(1, 2, 0), target.permute(1, 2, 0)
