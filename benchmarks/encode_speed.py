@@ -97,11 +97,11 @@ def step_time(fitter: fit.Fitter, steps: int, device: str, repeats: int = 3) -> 
     return best
 
 
-def target_and_arch(im: Image.Image, bpp: float, cfg: fit.FitConfig):
+def target_and_arch(im: Image.Image, bpp: float, cfg: fit.FitConfig, eff: fit.Effort):
     """Network-space target and the architecture encode_image would pick (no metadata)."""
     from pillow_nif.batch import _arrays, _plan
 
-    job = _plan(0, im, bpp, "auto", {}, cfg)
+    job = _plan(0, im, bpp, "auto", {}, cfg, eff)
     return _arrays(job)[1], job.header.arch
 
 
@@ -119,8 +119,8 @@ def section_kodak(args, out: dict, tmp: str) -> None:
 def section_step(args, out: dict) -> None:
     cfg = fit.FitConfig()
     device = fit.resolve_device(args.device)
-    target, arch = target_and_arch(kodak_image(args.kodak), max(args.bpp), cfg)
     eff = fit.EFFORTS[args.effort]
+    target, arch = target_and_arch(kodak_image(args.kodak), max(args.bpp), cfg, eff)
     single = fit.Fitter(target, arch, device, eff, cfg, 0)
     res = {"arch": {"widths": arch.widths, "mod_widths": arch.mod_widths, "params": arch.num_params()},
            "device": device, "pixels_per_step": len(single.sample()[0]) * len(single.sample()[1])}
@@ -207,13 +207,16 @@ def section_forward(args, out: dict) -> None:
     cfg = fit.FitConfig()
     device = fit.resolve_device(args.device)
     ims = batch_images(args)
-    plans = [target_and_arch(im, args.batch_bpp, cfg) for im in ims]
-    targets, arch = [p[0] for p in plans], plans[0][1]
     eff = fit.EFFORTS[args.effort]
+    plans = [target_and_arch(im, args.batch_bpp, cfg, eff) for im in ims]
+    targets, arch = [p[0] for p in plans], plans[0][1]
     bmm = BatchFitter(targets, arch, device, eff, cfg, 0)
     vm = BatchFitter(targets, arch, device, eff, cfg, 0)
     vm.model = VmapNIF([bmm.model.unstack(i) for i in range(len(targets))]).to(device)
     singles = [fit.Fitter(t, arch, device, eff, cfg, 0) for t in targets]
+    for f in singles:
+        f.sampler = None
+    bmm.sampler = vm.sampler = None  # the three compared on the same strided grids (vmap's forward has no draws)
     # Interleaved rounds, best of each: the machine may be shared.
     rounds = {"bmm_s": [], "vmap_s": [], "one_by_one_s": []}
     for _ in range(3):

@@ -1,14 +1,16 @@
 """Batch encoding (pillow_nif.batch): like images fitted together, each file as encode would write it."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from conftest import JOLTS, Jolted, photo
 
 import pillow_nif
-from pillow_nif import bitstream
+from pillow_nif import bitstream, fit
 from pillow_nif.batch import BatchFitter, StackedNIF, encode_batch, encode_many
-from pillow_nif.fit import EFFORTS, FitConfig, encode_image
+from pillow_nif.fit import EFFORTS, FitConfig, Fitter, encode_image
 from pillow_nif.model import NIF
 from pillow_nif.render import decode_array
 
@@ -89,6 +91,74 @@ def test_stacked_forward_is_each_network():
         torch.testing.assert_close(out[:, :, i], net.forward_grid(ys, xs), rtol=1e-5, atol=1e-5)
         for (_, a), (_, b) in zip(stacked.unstack(i).named_tensors(), net.named_tensors()):
             assert torch.equal(a, b)
+
+
+def test_stacked_forward_on_drawn_pixels_is_each_network():
+    """Each image's own rows (B, R), and each row's own columns (B, R, K), as the stack's drawn steps use them."""
+    nets = [NIF(arch_with_modulation()).initialize(torch.Generator().manual_seed(s)) for s in range(3)]
+    g = torch.Generator().manual_seed(0)
+    ys, xs = torch.rand(3, 4, generator=g) * 2 - 1, torch.rand(3, 4, 5, generator=g) * 2 - 1
+    every = torch.linspace(-0.95, 0.95, 20)  # or every column's coordinate, and each pixel's column by index
+    cols = torch.randint(20, (3, 4, 5), generator=g)
+    for out, x in ((StackedNIF(nets)(ys, xs), xs), (StackedNIF(nets)(ys, every, cols=cols), every[cols])):
+        out = out.reshape(4, 5, 3, 3)
+        for i, net in enumerate(nets):
+            for r in range(4):
+                torch.testing.assert_close(out[r, :, i], net.forward_grid(ys[i, r : r + 1], x[i, r])[0],
+                                           rtol=1e-5, atol=1e-5)
+
+
+def drawn_stack():
+    """A stack of two 96x80 images at 1k pixels a step (stride 3), where steps draw their pixels."""
+    rng = np.random.default_rng(0)
+    targets = [rng.uniform(-1, 1, (80, 96, 3)).astype(np.float32) for _ in range(2)]
+    eff = dataclasses.replace(EFFORTS[1], batch=1 << 10)
+    return BatchFitter(targets, arch_with_modulation(), "cpu", eff, FitConfig(), 0), targets, eff
+
+
+def test_each_image_of_a_stack_draws_by_its_own_error():
+    f, targets, eff = drawn_stack()
+    assert f.stride == 3
+    alone = Fitter(targets[0], f.model.arch, "cpu", eff, FitConfig(), 0)  # encode_image's fit of image 0
+    # Image 0's error sits in the left half, image 1's in the right: each draws its columns there.
+    f.sampler.samplers[0].err[:, 48:] = 1e-6
+    f.sampler.samplers[1].err[:, :48] = 1e-6
+    alone.sampler.err.copy_(f.sampler.samplers[0].err)
+    rows, cols = f.sample(drawn=True, left=1)
+    assert rows.shape == (2, 27) and cols.shape == (2, 27, 32) and f.weights.shape == (2, 27, 32)
+    # Half of each weight is uniform (FitConfig.importance 0.5): ~3/4 of the draws fall in the half with the error.
+    assert float((cols[0] < 48).float().mean()) > 2 / 3 and float((cols[1] >= 48).float().mean()) > 2 / 3
+    # Image 0 drew what its own fit draws from the same map, from the same random numbers, and the generator
+    # is where that fit's is: the restarts' noise that follows is encode_image's.
+    rows0, cols0 = alone.sample(drawn=True, left=1)
+    assert torch.equal(rows[0], rows0) and torch.equal(cols[0], cols0) and torch.equal(f.weights[0], alone.weights)
+    assert torch.equal(f.gen.get_state(), alone.gen.get_state())
+
+
+def test_a_stack_steps_loss_on_drawn_pixels_is_each_images_own():
+    f, targets, _ = drawn_stack()
+    rows, cols = f.sample(drawn=True, left=1)
+    seen = [s.err.clone() for s in f.sampler.samplers]
+    loss = f.loss(rows, cols)
+    ys, xs = f.axes(rows, cols)
+    expected, nets = 0.0, [f.model.unstack(i) for i in range(2)]
+    for i, net in enumerate(nets):  # Fitter.loss of image i alone: its pixels' log-cosh losses weighted by 1 / chance
+        t = torch.from_numpy(targets[i])
+        pred = torch.cat([net.forward_grid(ys[i, r : r + 1], xs[i, r]) for r in range(len(ys[i]))])
+        terms = fit.log_cosh_terms(pred - t[rows[i][:, None], cols[i]])
+        expected = expected + (terms * f.weights[i][..., None]).mean()
+        # Its map now holds those losses at its own drawn pixels, and no others.
+        s, drawn = f.sampler.samplers[i], torch.zeros(80, 96, dtype=torch.bool)
+        drawn[rows[i][:, None], cols[i]] = True
+        torch.testing.assert_close(s.err[rows[i][:, None], cols[i]], terms.sum(2).detach(), rtol=1e-4, atol=1e-6)
+        assert torch.equal(s.err[~drawn], seen[i][~drawn])
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(f.image_losses(loss).sum(), expected.detach(), rtol=1e-4, atol=1e-6)
+    loss.backward()  # and so are its gradients: each image's are its own network's
+    expected.backward()
+    for i, net in enumerate(nets):
+        for (name, stacked), (_, own) in zip(f.model.named_tensors(), net.named_tensors()):
+            torch.testing.assert_close(stacked.grad[i], own.grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 def test_a_worse_stage_sends_only_that_image_back():

@@ -12,11 +12,12 @@ Each image follows the one-at-a-time recipe of fit.py with the same seed: the sa
 the same restart noise (scaled by its own weights), its own best-state
 tracking across restart stages; rate control per image; quantisation-aware tuning for the group at
 once, each image at its own quantisation steps; then each image's file. Files are in encode_image's format
-with its header, within the same budget, and within ~0.1 dB of its PSNR when both fitted on the same strided
-grids (measured); not bit-identical (the stacked network scales by omega inside the matmuls, and batched
-matmuls may round differently), but deterministic for a seed. Where a step samples part of the image, the
-stack's steps still share one strided grid, while encode_image draws each step's pixels by the image's own
-error (sampling.py), which fits such images better.
+with its header, within the same budget, and near its PSNR (4 crops of 256x256 at effort 5: +0.04 / +0.01 dB
+on the mean at 0.3 / 0.6 bpp, −0.09 … +0.14 per file; NOTES.md #162); not bit-identical (the stacked network
+scales by omega inside the matmuls, and batched matmuls may round differently), but deterministic for a seed.
+Where a step samples part of the image, each image draws its step's pixels by its own error as encode_image
+does (sampling.py): one sampler per image, all from the same random numbers, so each image's draws are those
+its own encode would make from its map.
 
 Measured (benchmarks/encode_speed.py, 2-core CPU, OMP_NUM_THREADS=1, effort 1, 4 Kodak crops at 0.6 bpp):
 a training step of 4 networks took 9.1 ms as hand-written batched matmuls, 10.4 ms with torch.func.vmap
@@ -216,10 +217,14 @@ class StackedNIF(nn.Module):
                 dst.copy_(src[i])
         return model
 
-    def forward(self, ys, xs, weights: dict | None = None):
+    def forward(self, ys, xs, weights: dict | None = None, cols=None):
+        """(R, K, B * C) on a grid, ys (R,) and xs (K,) shared by all B, or on drawn pixels: ys (B, R), image i's
+        rows, and xs (B, R, K), each row's own columns, or (`cols`) xs (W,), every column, and cols (B, R, K),
+        each row's own columns as indices into xs."""
         t = weights if weights is not None else dict(self.named_tensors())
         a, bsz = self.arch, self.count
-        hs, ws = len(ys), len(xs)
+        hs, ws = ys.shape[-1], (xs if cols is None else cols).shape[-1]
+        drawn = ys.dim() == 2
         sine = None
         if self.use_fused:
             from pillow_nif.kernels.sine_layer import sine_layer as sine
@@ -227,10 +232,20 @@ class StackedNIF(nn.Module):
         def first(prefix, freqs, scale=1.0):  # scale * model.first_layer_grid, batched
             w, b = t[f"{prefix}.0.weight"], t[f"{prefix}.0.bias"]
             ycols, xcols = axis_columns(freqs, w.device)
-            ry = torch.baddbmm(b[:, None, :], encode_axis(ys, freqs, a.pe_scale).expand(bsz, -1, -1),
-                               w[:, :, ycols].transpose(1, 2), beta=scale, alpha=scale)
-            rx = torch.matmul(encode_axis(xs, freqs, a.pe_scale), w[:, :, xcols].transpose(1, 2) * scale)
-            return (ry[:, :, None, :] + rx[:, None, :, :]).reshape(bsz, hs * ws, -1)
+            ey = encode_axis(ys.reshape(-1), freqs, a.pe_scale).view(*ys.shape, -1)
+            ry = torch.baddbmm(b[:, None, :], ey.expand(bsz, -1, -1), w[:, :, ycols].transpose(1, 2),
+                               beta=scale, alpha=scale)  # (B, R, width)
+            ex = encode_axis(xs.reshape(-1), freqs, a.pe_scale)  # (B * R * K, or K or W, features)
+            wx = w[:, :, xcols].transpose(1, 2) * scale
+            if cols is not None:  # each column's terms once, gathered by each pixel
+                rx = torch.matmul(ex, wx)  # (B, W, width)
+                at = (cols.reshape(bsz, -1) + torch.arange(bsz, device=cols.device)[:, None] * len(xs)).view(-1)
+                rx = rx.reshape(-1, rx.shape[-1]).index_select(0, at).view(bsz, hs, ws, -1)
+            elif drawn:
+                rx = torch.matmul(ex.view(bsz, hs * ws, -1), wx).view(bsz, hs, ws, -1)
+            else:
+                rx = torch.matmul(ex, wx)[:, None, :, :]
+            return (ry[:, :, None, :] + rx).reshape(bsz, hs * ws, -1)
 
         def linear(prefix, i, h, scale=1.0):  # scale * (h W^T + b): the scale rides on the matmul
             w, b = t[f"{prefix}.{i}.weight"], t[f"{prefix}.{i}.bias"]
@@ -270,6 +285,29 @@ class _ImageView:
         return self._tensors
 
 
+class _StackSampler:
+    """One sampling.ImportanceSampler per image of a stack, each with its own error map, all drawing from the
+    same random numbers: every draw takes the same count of them whatever the map, so each image's draws are
+    those its own encode_image would make from its map, and the shared generator moves on as one image's
+    would (the restarts' noise, drawn next, stays where encode_image draws it)."""
+
+    def __init__(self, samplers: list, generator):
+        self.samplers, self.gen = samplers, generator
+
+    def draw(self, limit: int | None = None):
+        """(rows (B, R), cols (B, R, K), loss weights (B, R, K))."""
+        start, out = self.gen.get_state(), []
+        for s in self.samplers:  # they draw ahead together, so either all take random numbers or none does
+            self.gen.set_state(start)
+            out.append(s.draw(limit))
+        return tuple(torch.stack(x) for x in zip(*out))
+
+    def observe(self, pixels: torch.Tensor, losses: torch.Tensor) -> None:
+        """pixels (B, N) flat indices, losses (R, K, B) with R * K = N."""
+        for i, s in enumerate(self.samplers):
+            s.observe(pixels[i], losses[..., i])
+
+
 class BatchFitter(fit.Fitter):
     """fit.Fitter over a stack of same-size images: the same sampling, schedule, restarts and stages.
 
@@ -284,16 +322,33 @@ class BatchFitter(fit.Fitter):
         # Fitter drew the initial weights from the seed, as it does for one image: every image starts there.
         self.count, self.channels = len(targets), targets[0].shape[2]
         self.model = StackedNIF([self.model] * self.count, use_fused).to(device)
-        # The stack shares one grid per step; drawing by error would give each image pixels of its own.
-        self.sampler = None
+        if self.sampler is not None:  # Fitter made one for an image of this size: each image gets its own
+            self.sampler = _StackSampler([self.new_sampler() for _ in range(self.count)], self.gen)
+        self.images = torch.arange(self.count, device=device)
 
-    def predict(self, rows: range, cols: range, weights=None):
-        """(prediction, target) on the grid, (rows, cols, B * C): the stacked networks side by side."""
-        pred = self.model(*self.axes(rows, cols), weights)
-        return pred, self.target[as_slice(rows), as_slice(cols)]
+    def predict(self, rows, cols, weights=None):
+        """(prediction, target), (R, K, B * C): the stacked networks side by side, on the grid rows x cols
+        or on each image's drawn pixels (rows (B, R), cols (B, R, K))."""
+        if isinstance(rows, range):
+            pred = self.model(*self.axes(rows, cols), weights)
+            return pred, self.target[as_slice(rows), as_slice(cols)]
+        if self.target.is_cuda:  # each pixel's own encoding: index_select's gradient sums with CUDA atomics, in a
+            pred = self.model(*self.axes(rows, cols), weights)  # varying order (as subgrid.drawn_columns_gradient)
+        else:  # each column's terms once, gathered: 35 against 43 ms a step (4 crops at 0.6 bpp, one thread)
+            pred = self.model(*self.axes(rows, range(self.w)), weights, cols)
+        flat = self.target.view(self.h * self.w, self.count, self.channels)
+        return pred, flat[self.drawn_pixels.T, self.images].reshape(pred.shape)  # image i's targets at its pixels
 
-    def loss(self, rows: range, cols: range, weights=None):
-        return self.count * super().loss(rows, cols, weights)
+    def loss(self, rows, cols, weights=None):
+        """The sum of the images' losses, each as Fitter.loss gives it for its image alone."""
+        if self.weights is None:  # the grid
+            return self.count * super().loss(rows, cols, weights)
+        pred, target = self.predict(rows, cols, weights)
+        terms = fit.log_cosh_terms(pred - target).view(*pred.shape[:2], self.count, self.channels)
+        self.sampler.observe(self.drawn_pixels, terms.detach().sum(3))
+        weighted = terms * self.weights.permute(1, 2, 0)[..., None]  # each image's pixels by its own chances
+        self.terms = weighted.detach()  # image_losses: each image's estimate of its loss, as its own fit has
+        return self.count * weighted.mean()
 
     def image_losses(self, loss):
         """Each image's share of the step's loss, so the collapse guard watches each image on its own."""

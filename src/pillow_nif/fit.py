@@ -353,14 +353,16 @@ class Fitter:
         self.step_scale = self.sparse_step_scale() if self.long_stages and not plain else 1.0
         self.lr, self.warmup = (cfg.plain_lr, cfg.plain_warmup) if plain else (cfg.lr * self.step_scale, cfg.warmup)
         self.subgrid = None  # built on first use: BatchFitter evaluates its stacked networks its own way
-        self.sampler = None
-        if cfg.importance and self.stride > 1 and not cfg.ssim_weight:  # SSIM needs the grid's neighbours
-            from .sampling import ImportanceSampler
-
-            self.sampler = ImportanceSampler(self.h, self.w, math.ceil(self.h / self.stride),
-                                             math.ceil(self.w / self.stride), cfg.importance,
-                                             cfg.importance_power, device, self.gen)
+        # SSIM needs the grid's neighbours
+        self.sampler = self.new_sampler() if cfg.importance and self.stride > 1 and not cfg.ssim_weight else None
         self.weights = None  # the loss weights of a drawn sample
+
+    def new_sampler(self):
+        """An importance sampler of this image's pixels, drawing from the fit's generator (sampling.py)."""
+        from .sampling import ImportanceSampler
+
+        return ImportanceSampler(self.h, self.w, math.ceil(self.h / self.stride), math.ceil(self.w / self.stride),
+                                 self.cfg.importance, self.cfg.importance_power, self.device, self.gen)
 
     def sampled_share(self) -> float:
         """The share of the image a step samples, relative to cfg.decay_fraction (under 1: sparser than a
@@ -389,8 +391,9 @@ class Fitter:
         self.weights = self.drawn_pixels = None
         if drawn and self.sampler is not None:
             rows, cols, self.weights = self.sampler.draw(left)
-            # Flat indices row * w + column: the step gathers its targets and records its losses by them.
-            self.drawn_pixels = (rows[:, None] * self.w + cols).view(-1)
+            # Flat indices row * w + column: the step gathers its targets and records its losses by them
+            # ((R * K,), or (B, R * K) for BatchFitter's stack).
+            self.drawn_pixels = (rows[..., None] * self.w + cols).flatten(-2)
             return rows, cols
         s = self.stride
         if s == 1:
