@@ -353,7 +353,8 @@ class Fitter:
         self.step_scale = self.sparse_step_scale() if self.long_stages and not plain else 1.0
         self.lr, self.warmup = (cfg.plain_lr, cfg.plain_warmup) if plain else (cfg.lr * self.step_scale, cfg.warmup)
         self.subgrid = None  # built on first use: BatchFitter evaluates its stacked networks its own way
-        # SSIM needs the grid's neighbours
+        # Steps that sample part of the image draw their pixels (sample), except for SSIM, which needs the grid's
+        # neighbours.
         self.sampler = self.new_sampler() if cfg.importance and self.stride > 1 and not cfg.ssim_weight else None
         self.weights = None  # the loss weights of a drawn sample
 
