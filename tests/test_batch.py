@@ -121,9 +121,9 @@ def test_each_image_of_a_stack_draws_by_its_own_error():
     assert f.stride == 3
     alone = Fitter(targets[0], f.model.arch, "cpu", eff, FitConfig(), 0)  # encode_image's fit of image 0
     # Image 0's error sits in the left half, image 1's in the right: each draws its columns there.
-    f.sampler.samplers[0].err[:, 48:] = 1e-6
-    f.sampler.samplers[1].err[:, :48] = 1e-6
-    alone.sampler.err.copy_(f.sampler.samplers[0].err)
+    f.sampler.err[0, :, 48:] = 1e-6
+    f.sampler.err[1, :, :48] = 1e-6
+    alone.sampler.err.copy_(f.sampler.err[0])
     rows, cols = f.sample(drawn=True, left=1)
     assert rows.shape == (2, 27) and cols.shape == (2, 27, 32) and f.weights.shape == (2, 27, 32)
     # Half of each weight is uniform (FitConfig.importance 0.5): ~3/4 of the draws fall in the half with the error.
@@ -138,7 +138,7 @@ def test_each_image_of_a_stack_draws_by_its_own_error():
 def test_a_stack_steps_loss_on_drawn_pixels_is_each_images_own():
     f, targets, _ = drawn_stack()
     rows, cols = f.sample(drawn=True, left=1)
-    seen = [s.err.clone() for s in f.sampler.samplers]
+    seen = f.sampler.err.clone()
     loss = f.loss(rows, cols)
     ys, xs = f.axes(rows, cols)
     expected, nets = 0.0, [f.model.unstack(i) for i in range(2)]
@@ -148,10 +148,10 @@ def test_a_stack_steps_loss_on_drawn_pixels_is_each_images_own():
         terms = fit.log_cosh_terms(pred - t[rows[i][:, None], cols[i]])
         expected = expected + (terms * f.weights[i][..., None]).mean()
         # Its map now holds those losses at its own drawn pixels, and no others.
-        s, drawn = f.sampler.samplers[i], torch.zeros(80, 96, dtype=torch.bool)
+        err, drawn = f.sampler.err[i], torch.zeros(80, 96, dtype=torch.bool)
         drawn[rows[i][:, None], cols[i]] = True
-        torch.testing.assert_close(s.err[rows[i][:, None], cols[i]], terms.sum(2).detach(), rtol=1e-4, atol=1e-6)
-        assert torch.equal(s.err[~drawn], seen[i][~drawn])
+        torch.testing.assert_close(err[rows[i][:, None], cols[i]], terms.sum(2).detach(), rtol=1e-4, atol=1e-6)
+        assert torch.equal(err[~drawn], seen[i][~drawn])
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(f.image_losses(loss).sum(), expected.detach(), rtol=1e-4, atol=1e-6)
     loss.backward()  # and so are its gradients: each image's are its own network's

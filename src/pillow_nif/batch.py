@@ -16,8 +16,8 @@ with its header, within the same budget, and near its PSNR (4 crops of 256x256 a
 on the mean at 0.3 / 0.6 bpp, −0.09 … +0.14 per file; NOTES.md #162); not bit-identical (the stacked network
 scales by omega inside the matmuls, and batched matmuls may round differently), but deterministic for a seed.
 Where a step samples part of the image, each image draws its step's pixels by its own error as encode_image
-does (sampling.py): one sampler per image, all from the same random numbers, so each image's draws are those
-its own encode would make from its map.
+does (sampling.py): each image from its own error map, all from the same random numbers, so each image's draws
+are those its own encode would make from its map.
 
 Measured (benchmarks/encode_speed.py, 2-core CPU, OMP_NUM_THREADS=1, effort 1, 4 Kodak crops at 0.6 bpp):
 a training step of 4 networks took 9.1 ms as hand-written batched matmuls, 10.4 ms with torch.func.vmap
@@ -285,29 +285,6 @@ class _ImageView:
         return self._tensors
 
 
-class _StackSampler:
-    """One sampling.ImportanceSampler per image of a stack, each with its own error map, all drawing from the
-    same random numbers: every draw takes the same count of them whatever the map, so each image's draws are
-    those its own encode_image would make from its map, and the shared generator moves on as one image's
-    would (the restarts' noise, drawn next, stays where encode_image draws it)."""
-
-    def __init__(self, samplers: list, generator):
-        self.samplers, self.gen = samplers, generator
-
-    def draw(self, limit: int | None = None):
-        """(rows (B, R), cols (B, R, K), loss weights (B, R, K))."""
-        start, out = self.gen.get_state(), []
-        for s in self.samplers:  # they draw ahead together, so either all take random numbers or none does
-            self.gen.set_state(start)
-            out.append(s.draw(limit))
-        return tuple(torch.stack(x) for x in zip(*out))
-
-    def observe(self, pixels: torch.Tensor, losses: torch.Tensor) -> None:
-        """pixels (B, N) flat indices, losses (R, K, B) with R * K = N."""
-        for i, s in enumerate(self.samplers):
-            s.observe(pixels[i], losses[..., i])
-
-
 class BatchFitter(fit.Fitter):
     """fit.Fitter over a stack of same-size images: the same sampling, schedule, restarts and stages.
 
@@ -323,7 +300,7 @@ class BatchFitter(fit.Fitter):
         self.count, self.channels = len(targets), targets[0].shape[2]
         self.model = StackedNIF([self.model] * self.count, use_fused).to(device)
         if self.sampler is not None:  # Fitter made one for an image of this size: each image gets its own
-            self.sampler = _StackSampler([self.new_sampler() for _ in range(self.count)], self.gen)
+            self.sampler = self.new_sampler(self.count)
         self.images = torch.arange(self.count, device=device)
 
     def predict(self, rows, cols, weights=None):
@@ -345,7 +322,7 @@ class BatchFitter(fit.Fitter):
             return self.count * super().loss(rows, cols, weights)
         pred, target = self.predict(rows, cols, weights)
         terms = fit.log_cosh_terms(pred - target).view(*pred.shape[:2], self.count, self.channels)
-        self.sampler.observe(self.drawn_pixels, terms.detach().sum(3))
+        self.sampler.observe(self.drawn_pixels, terms.detach().sum(3).permute(2, 0, 1))
         weighted = terms * self.weights.permute(1, 2, 0)[..., None]  # each image's pixels by its own chances
         self.terms = weighted.detach()  # image_losses: each image's estimate of its loss, as its own fit has
         return self.count * weighted.mean()

@@ -358,12 +358,13 @@ class Fitter:
         self.sampler = self.new_sampler() if cfg.importance and self.stride > 1 and not cfg.ssim_weight else None
         self.weights = None  # the loss weights of a drawn sample
 
-    def new_sampler(self):
-        """An importance sampler of this image's pixels, drawing from the fit's generator (sampling.py)."""
+    def new_sampler(self, count: int | None = None):
+        """An importance sampler of this image's pixels (or of `count` images' at once), drawing from the fit's
+        generator (sampling.py)."""
         from .sampling import ImportanceSampler
 
         return ImportanceSampler(self.h, self.w, math.ceil(self.h / self.stride), math.ceil(self.w / self.stride),
-                                 self.cfg.importance, self.cfg.importance_power, self.device, self.gen)
+                                 self.cfg.importance, self.cfg.importance_power, self.device, self.gen, count=count)
 
     def sampled_share(self) -> float:
         """The share of the image a step samples, relative to cfg.decay_fraction (under 1: sparser than a
