@@ -80,8 +80,8 @@ class ImportanceSampler:
         cols = torch.searchsorted(self.col_cdf[ib, rows.view(b, -1)], within.view(b, n * r, k), right=True)
         cols = cols.clamp_(max=self.w - 1).view(b, n, r, k)
         # 1 / (chance x pixels): the chance of pixel (r, c) in one draw is q[r, c] / total.
-        chance = self.q[ib.view(b, 1, 1, 1), rows[..., None], cols]
-        weights = (total / (self.h * self.w)).float().view(b, 1, 1, 1) / chance
+        q = self.q[ib.view(b, 1, 1, 1), rows[..., None], cols]  # the drawn pixels' weights
+        weights = (total / (self.h * self.w)).float().view(b, 1, 1, 1) / q
         one = self.count is None  # a single image's draws drop the image axis
         self.ahead = [(rows[0, i], cols[0, i], weights[0, i]) if one else (rows[:, i], cols[:, i], weights[:, i])
                       for i in range(n - 1, -1, -1)]  # popped from the end
