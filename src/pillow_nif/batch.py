@@ -295,13 +295,15 @@ class BatchFitter(fit.Fitter):
 
     def __init__(self, targets: list[np.ndarray], arch: Architecture, device: str, effort: fit.Effort,
                  cfg: fit.FitConfig, seed: int, use_fused: bool = False):
+        self.count, self.channels = len(targets), targets[0].shape[2]  # before Fitter's new_sampler reads count
         super().__init__(np.concatenate(targets, axis=2), arch, device, effort, cfg, seed)
         # Fitter drew the initial weights from the seed, as it does for one image: every image starts there.
-        self.count, self.channels = len(targets), targets[0].shape[2]
         self.model = StackedNIF([self.model] * self.count, use_fused).to(device)
-        if self.sampler is not None:  # Fitter made one for an image of this size: each image gets its own
-            self.sampler = self.new_sampler(self.count)
         self.images = torch.arange(self.count, device=device)
+
+    def new_sampler(self):
+        """One sampler for the stack: each image's own error map, all drawing from the same random numbers."""
+        return super().new_sampler(self.count)
 
     def predict(self, rows, cols, weights=None):
         """(prediction, target), (R, K, B * C): the stacked networks side by side, on the grid rows x cols
