@@ -254,8 +254,8 @@ def fold(model: NIF, colour: int, maxval: float, weights: dict[str, torch.Tensor
         mod.append((W * s, b * s + (a.omega if last else 0.0)))
     n = len(a.widths)
     genesis = [(w[f"genesis.{i}.weight"].T, w[f"genesis.{i}.bias"]) for i in range(n)]
-    A, c = output_affine(a.channels, colour, maxval)
     W, b = w[f"genesis.{n}.weight"].T, w[f"genesis.{n}.bias"]
+    A, c = (t.to(W.device) for t in output_affine(a.channels, colour, maxval))  # float64 on the CPU
     out = (W @ A.T, b @ A.T + c)
     f32 = lambda layers: [(x.float().contiguous(), y.float().contiguous()) for x, y in layers]  # noqa: E731
     return FoldedNetwork(a.pe_freqs, a.pe_scale, a.mod_freqs, a.omega, f32(mod), f32(genesis), f32([out])[0], maxval)
