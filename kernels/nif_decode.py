@@ -17,7 +17,9 @@ Design
 - Sines inline CUDA sinf's fast path (<= 1.5 ulp; cos is one more quadrant) when pack proves every argument
   below 1e5, else tl.sin, whose inlined slow path would otherwise be a third of the code.
 - The layer structure is a tuple of tl.constexpr descriptors, unrolled with tl.static_range: one kernel is
-  compiled per architecture, for any depth (sm_90: ~5-30 s; Triton caches it on disk). Weights are packed
+  compiled per architecture, for any depth (sm_90: ~5-30 s; Triton caches it on disk). Each descriptor is a flat
+  tuple of ints, and functions get the whole tuple and an index: Triton 3.6's compiler takes tuples two deep
+  only, and no inner tuple as an argument (3.9 and the interpreter take both). Weights are packed
   once per device into one zero-padded float32 buffer, cached on the FoldedNetwork.
 """
 
@@ -42,7 +44,8 @@ BLOCK_M = 32  # pixels per program (tl.dot M); lowered when an activation must e
 NUM_WARPS = 8
 INTERPRET_BLOCK_M = 512  # the interpreter's cost is per operation, so it wants few, large tiles
 
-# Layer descriptor: (w_off, b_off, n_pad, in_pieces, out_pieces, mode, act, n_chunks); pieces are ((off, size), ...).
+# Layer descriptor: (w_off, b_off, n_pad, in_n, in_16, out_n, out_16, mode, act, n_chunks). An activation is n tiles
+# (_pieces): tile p starts at p * CHUNK and is CHUNK wide, but 16 where p is the last and the flag _16 is set.
 WHOLE, STREAM, FUSED = 0, 1, 2  # FUSED: the layer after a STREAM one, evaluated inside its loop
 ACT_NONE, ACT_PERIOD, ACT_SINE = 0, 1, 2  # output layer | genesis: sin(period * z) | modulation: sin(z)
 
@@ -112,43 +115,59 @@ def _tile(ptr, row0, ROWS: tl.constexpr, col0, COLS: tl.constexpr, STRIDE: tl.co
 
 
 @triton.jit
-def _whole(hs, period, buf, L: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
-    """One layer, input and output held whole as tuples of tiles."""
+def _whole(
+    hs, period, buf, LAYERS: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
+    FAST: tl.constexpr,
+):  # fmt: skip
+    """Layer I, input and output held whole as tuples of tiles. (Tile widths are spelt out, CHUNK = 32: a
+    constexpr cannot be reassigned in an unrolled loop.)"""
+    L: tl.constexpr = LAYERS[I]
+    N_IN: tl.constexpr = L[3]  # (Triton 3.6: an element of a constexpr tuple is no constexpr until named one)
+    N_OUT: tl.constexpr = L[5]
     out = ()
-    for q in tl.static_range(len(L[4])):
-        acc = tl.zeros((BLOCK_M, L[4][q][1]), tl.float32)
-        for p in tl.static_range(len(L[3])):
-            w = _tile(buf + L[0], L[3][p][0], L[3][p][1], L[4][q][0], L[4][q][1], L[2])
+    for q in tl.static_range(N_OUT):
+        acc = tl.zeros((BLOCK_M, 32 - 16 * L[6] * (q == L[5] - 1)), tl.float32)
+        for p in tl.static_range(N_IN):
+            w = _tile(
+                buf + L[0], p * 32, 32 - 16 * L[4] * (p == L[3] - 1), q * 32, 32 - 16 * L[6] * (q == L[5] - 1), L[2]
+            )
             acc = tl.dot(hs[p], w, acc, input_precision=PREC)
-        b = tl.load(buf + L[1] + L[4][q][0] + tl.arange(0, L[4][q][1]))
-        out = out + (_act(acc + b[None, :], period, L[6], FAST),)
+        b = tl.load(buf + L[1] + q * 32 + tl.arange(0, 32 - 16 * L[6] * (q == L[5] - 1)))
+        out = out + (_act(acc + b[None, :], period, L[8], FAST),)
     return out
 
 
 @triton.jit
 def _streamed(
-    hs, period, buf, A: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr
-):
-    """Layer A in CHUNK-column steps, each accumulated at once into layer B: A's output is never whole."""
-    CH: tl.constexpr = A[2] // A[7]
+    hs, period, buf, LAYERS: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
+    FAST: tl.constexpr,
+):  # fmt: skip
+    """Layer A = I in CHUNK-column steps, each accumulated at once into layer B = I + 1: A's output is never
+    whole."""
+    A: tl.constexpr = LAYERS[I]
+    B: tl.constexpr = LAYERS[I + 1]
+    CH: tl.constexpr = A[2] // A[9]
+    N_IN: tl.constexpr = A[3]
+    N_OUT: tl.constexpr = B[5]
     accs = ()
-    for q in tl.static_range(len(B[4])):
-        accs = accs + (tl.zeros((BLOCK_M, B[4][q][1]), tl.float32),)
-    for c in range(A[7]):
+    for q in tl.static_range(N_OUT):
+        accs = accs + (tl.zeros((BLOCK_M, 32 - 16 * B[6] * (q == B[5] - 1)), tl.float32),)
+    for c in range(A[9]):
         c0 = c * CH
         z = tl.zeros((BLOCK_M, CH), tl.float32)
-        for p in tl.static_range(len(A[3])):
-            z = tl.dot(hs[p], _tile(buf + A[0], A[3][p][0], A[3][p][1], c0, CH, A[2]), z, input_precision=PREC)
-        a = _act(z + tl.load(buf + A[1] + c0 + tl.arange(0, CH))[None, :], period, A[6], FAST)
+        for p in tl.static_range(N_IN):
+            w = _tile(buf + A[0], p * 32, 32 - 16 * A[4] * (p == A[3] - 1), c0, CH, A[2])
+            z = tl.dot(hs[p], w, z, input_precision=PREC)
+        a = _act(z + tl.load(buf + A[1] + c0 + tl.arange(0, CH))[None, :], period, A[8], FAST)
         new = ()
-        for q in tl.static_range(len(B[4])):
-            w = _tile(buf + B[0], c0, CH, B[4][q][0], B[4][q][1], B[2])
+        for q in tl.static_range(N_OUT):
+            w = _tile(buf + B[0], c0, CH, q * 32, 32 - 16 * B[6] * (q == B[5] - 1), B[2])
             new = new + (tl.dot(a, w, accs[q], input_precision=PREC),)
         accs = new
     out = ()
-    for q in tl.static_range(len(B[4])):
-        b = tl.load(buf + B[1] + B[4][q][0] + tl.arange(0, B[4][q][1]))
-        out = out + (_act(accs[q] + b[None, :], period, B[6], FAST),)
+    for q in tl.static_range(N_OUT):
+        b = tl.load(buf + B[1] + q * 32 + tl.arange(0, 32 - 16 * B[6] * (q == B[5] - 1)))
+        out = out + (_act(accs[q] + b[None, :], period, B[8], FAST),)
     return out
 
 
@@ -158,14 +177,15 @@ def _mlp(
     FREQS: tl.constexpr, LAYERS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """Encode (y, x), run the layers; returns the output layer's tiles."""
+    N_IN: tl.constexpr = LAYERS[0][3]
     hs = ()
-    for p in tl.static_range(len(LAYERS[0][3])):
-        hs = hs + (_encode(y, x, buf, LAYERS[0][3][p][0], LAYERS[0][3][p][1], FREQS, FAST),)
+    for p in tl.static_range(N_IN):
+        hs = hs + (_encode(y, x, buf, p * 32, 32 - 16 * LAYERS[0][4] * (p == LAYERS[0][3] - 1), FREQS, FAST),)
     for i in tl.static_range(len(LAYERS)):
-        if LAYERS[i][5] == 0:
-            hs = _whole(hs, period, buf, LAYERS[i], BLOCK_M, PREC, FAST)
-        elif LAYERS[i][5] == 1:
-            hs = _streamed(hs, period, buf, LAYERS[i], LAYERS[i + 1], BLOCK_M, PREC, FAST)
+        if LAYERS[i][7] == 0:
+            hs = _whole(hs, period, buf, LAYERS, i, BLOCK_M, PREC, FAST)
+        elif LAYERS[i][7] == 1:
+            hs = _streamed(hs, period, buf, LAYERS, i, BLOCK_M, PREC, FAST)
     return hs
 
 
@@ -266,16 +286,23 @@ def _pack_layers(layers, in_dim, hidden_act, parts, offset):
         bp[: dims[i + 1]] = b
         mode = STREAM if stream[i] else FUSED if i and stream[i - 1] else WHOLE
         act = ACT_NONE if i == len(layers) - 1 else hidden_act
-        descs.append((offset, offset + wp.numel(), n_pad, pieces, out, mode, act, n_pad // CHUNK if stream[i] else 0))
+        descs.append((offset, offset + wp.numel(), n_pad, *_tiles(pieces), *_tiles(out), mode, act,
+                      n_pad // CHUNK if stream[i] else 0))
         parts += [wp.reshape(-1), bp]
         offset += wp.numel() + n_pad
         pieces, k_pad = out, n_pad
     return tuple(descs), offset
 
 
+def _tiles(pieces) -> tuple[int, int]:
+    """(n, 16): how the kernel spells pieces (see the descriptor's comment)."""
+    return len(pieces), int(bool(pieces) and pieces[-1][1] == 16)
+
+
 def _describe(descs) -> tuple[int, int]:
-    widest = max([sum(s for _, s in d[3]) for d in descs] + [d[2] for d in descs if d[5] != STREAM])
-    macs = sum(descs[i - 1][2] * d[2] if i else sum(s for _, s in d[3]) * d[2] for i, d in enumerate(descs))
+    first = descs[0][3] * CHUNK - 16 * descs[0][4]  # the padded encoding
+    widest = max([first] + [d[2] for d in descs if d[7] != STREAM])
+    macs = sum(descs[i - 1][2] * d[2] if i else first * d[2] for i, d in enumerate(descs))
     return widest, macs
 
 
@@ -312,6 +339,13 @@ def pack(net: FoldedNetwork) -> _Packed:
     packed = _Packed(buf, gen, mod, (net.pe_freqs, net.mod_pe_freqs), widest, macs, _max_sine_arg(net, freqs) < 1e5)
     cache[str(dev)] = packed
     return packed
+
+
+def gpu_block_m(pk: _Packed) -> int:
+    """Pixels per program on a GPU: BLOCK_M, shrunk (to a power of two) when some activation must be held whole
+    beyond WHOLE_MAX, to bound registers."""
+    block_m = max(16, min(BLOCK_M, BLOCK_M * WHOLE_MAX // pk.widest))
+    return 1 << (block_m.bit_length() - 1)
 
 
 def _interpreting() -> bool:
@@ -354,8 +388,7 @@ def render_band(
     pk = pack(net)
     if block_m is None:
         # Shrink the tile when some activation must be held whole beyond WHOLE_MAX, to bound registers.
-        block_m = INTERPRET_BLOCK_M if _interpreting() else max(16, min(BLOCK_M, BLOCK_M * WHOLE_MAX // pk.widest))
-        block_m = 1 << (block_m.bit_length() - 1)
+        block_m = INTERPRET_BLOCK_M if _interpreting() else gpu_block_m(pk)
     # Pixel indices are int32 in the kernel: split bands of more than 2**31 pixels.
     step = max(1, (2**31 - 1 - block_m) // width)
     for r in range(row0, row1, step):

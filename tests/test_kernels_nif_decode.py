@@ -153,7 +153,7 @@ def test_wide_deep_and_extreme():
     # A streamed 400-wide first layer, 8 genesis and 8 modulation layers, 24 frequencies.
     arch = Architecture(4, (400, 150, 70, 40, 33, 17, 16, 5), 24, 1.4, 30.0, (48, 32, 16, 16, 8, 8, 8, 4), 6, 30.0, 3.0)
     net = trained_like(arch, 1, 255, SEED)
-    assert any(d[5] == 1 for d in pack(net).gen)  # the first layer is streamed, never held whole
+    assert any(d[7] == 1 for d in pack(net).gen)  # the first layer is streamed, never held whole
     check(net, 29, 17)
     # No encoding (raw coordinates) and a single genesis layer, no modulation.
     check(trained_like(Architecture(2, (1,), 0, 1.4, 30.0), 0, 255, SEED), 31, 9)
@@ -199,6 +199,15 @@ def test_packing_is_cached_per_device():
     assert pack(net) is pack(net)
     render_band(net, 4, 4, 0, 4, block_m=BLOCK_M)
     assert list(net._triton_decode) == [str(pack(net).buf.device)]
+
+
+def test_layer_descriptors_are_flat_tuples_of_ints():
+    """Triton 3.6 compiles constexpr tuples two deep only (the kernel's tuple of descriptors), and every GPU decode
+    failed when a descriptor held tuples of tiles; the interpreter and Triton 3.9 take any depth."""
+    net = trained_like(Architecture(3, (360, 150, 70), 8, 1.4, 30.0, (32, 16), 4, 30.0, 10.0), 0, 255, SEED)
+    pk = pack(net)
+    for desc in pk.gen + pk.mod:
+        assert type(desc) is tuple and len(desc) == 10 and all(type(v) is int for v in desc), desc
 
 
 def test_rejects_bad_arguments():
