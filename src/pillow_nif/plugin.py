@@ -34,8 +34,8 @@ class NifImageFile(ImageFile.ImageFile):
             raise SyntaxError("not a NIF file")
         self._nif_data = data
         header = bitstream.read_header(data)
-        Image._decompression_bomb_check((header.width, header.height), error_only=True)
         self._nif_header = header
+        # Image.open checks this size against MAX_IMAGE_PIXELS as _open returns; nothing is allocated before.
         self._size = (header.width, header.height)
         self._mode = header.mode
         self._render_size = self._size
