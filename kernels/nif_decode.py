@@ -295,7 +295,9 @@ def _pack_layers(layers, in_dim, hidden_act, parts, offset):
 
 
 def _tiles(pieces) -> tuple[int, int]:
-    """(n, 16): how the kernel spells pieces (see the descriptor's comment)."""
+    """(n, 16): how the kernel spells pieces (see the descriptor's comment), which it can only if every tile but
+    the last is CHUNK = 32 wide (the width its functions spell out) and they follow one another."""
+    assert CHUNK == 32 and all(p == (i * CHUNK, CHUNK) for i, p in enumerate(pieces[:-1])), pieces
     return len(pieces), int(bool(pieces) and pieces[-1][1] == 16)
 
 
