@@ -20,6 +20,7 @@ import torch
 from pillow_nif.bitstream import Architecture
 from pillow_nif.model import NIF, evaluate_folded, fold, pixel_grid, to_pixels
 from pillow_nif.render import render
+from rd import machine_info  # benchmarks/rd.py, beside this script
 
 # Roughly 0.3, 1.0 and 2.0 bits per pixel at 768x512 (about 8 bits per quantised parameter).
 MODELS = {
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "machine": machine_info("cuda" if torch.cuda.is_available() else "cpu"),
         "results": [],
     }
     if not torch.cuda.is_available():

@@ -47,6 +47,7 @@ from pillow_nif import fit
 from pillow_nif.batch import BatchFitter
 from pillow_nif.cli import write_atomic
 from pillow_nif.render import decode_array
+from rd import machine_info  # benchmarks/rd.py, beside this script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # ../shared, or where PILLOW_NIF_SHARED points (a GPU machine gets it as a carried folder: benchmarks/gpu_session.sh).
@@ -270,6 +271,7 @@ def main(argv=None) -> int:
         "cpu_threads": torch.get_num_threads(),
         "device": device,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "machine": machine_info(device),  # versions (Triton's too), the commit and the source hash
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name in SECTIONS:

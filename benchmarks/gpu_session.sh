@@ -3,7 +3,8 @@
 # no internet there, no ../shared, 10 minutes a call, 15 minutes a session). Every part writes under $OUT as it
 # goes, so a call cut short still returns what it finished.
 #
-#   benchmarks/gpu_session.sh stage     here: .whl/ (constriction) and .gpu-data/shared/ (Kodak, the anchors)
+#   benchmarks/gpu_session.sh stage     here: .whl/ (constriction, pytorch-msssim) and .gpu-data/shared/ (Kodak,
+#                                       the anchors)
 #   then, with the device tool, carry [".whl", ".gpu-data"], timeout_s 590:
 #   bash benchmarks/gpu_session.sh check    the GPU tests (kernels, decoding, fitting), decode_speed.py, then
 #                                           encode_speed.py's kodak and step sections (session 45 on an H200:
@@ -34,7 +35,8 @@ cap() {  # left, at most $1
 
 if [[ $part == stage ]]; then
     set -e
-    ls .whl/constriction-*.whl > /dev/null 2>&1 || ../shared/gpu/fetch-wheels.sh
+    # constriction for the codec; pytorch-msssim for rd.py's MS-SSIM (the device's image has neither)
+    ls .whl/constriction-*.whl .whl/pytorch_msssim-*.whl > /dev/null 2>&1 || ../shared/gpu/fetch-wheels.sh pytorch-msssim
     mkdir -p .gpu-data/shared/datasets .gpu-data/shared/anchors
     cp -r ../shared/datasets/kodak .gpu-data/shared/datasets/
     cp ../shared/anchors/kodak_published.json .gpu-data/shared/anchors/

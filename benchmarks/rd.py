@@ -315,6 +315,7 @@ def machine_info(device: str) -> dict:
             "pillow": Image.__version__,
             "numpy": np.__version__,
             "pytorch_msssim": _dist_version("pytorch-msssim"),
+            "triton": _dist_version("triton"),
         },
     }
 
