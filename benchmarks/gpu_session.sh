@@ -36,7 +36,8 @@ cap() {  # left, at most $1
 if [[ $part == stage ]]; then
     set -e
     # constriction for the codec; pytorch-msssim for rd.py's MS-SSIM (the device's image has neither)
-    ls .whl/constriction-*.whl .whl/pytorch_msssim-*.whl > /dev/null 2>&1 || ../shared/gpu/fetch-wheels.sh pytorch-msssim
+    ls .whl/constriction-*.whl .whl/pytorch_msssim-*.whl > /dev/null 2>&1 ||
+        ../shared/gpu/fetch-wheels.sh pytorch-msssim
     mkdir -p .gpu-data/shared/datasets .gpu-data/shared/anchors
     cp -r ../shared/datasets/kodak .gpu-data/shared/datasets/
     cp ../shared/anchors/kodak_published.json .gpu-data/shared/anchors/
