@@ -77,7 +77,8 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
 
     Every option means what it means to encode_image and applies to every image; `metadata`, a list of
     dicts with keys icc_profile/exif/xmp, gives per-image metadata instead (as the CLI needs).
-    `use_fused` trains with the Triton sine-layer kernel (CUDA, or TRITON_INTERPRET=1).
+    `use_fused` trains with the Triton sine-layer kernel (CUDA, or TRITON_INTERPRET=1): 2.2x slower than torch's
+    step on an H200 (benchmarks/NOTES.md round 43), so off by default.
     `on_result(index, result)` is called as each image is done (groups finish in order of first image).
     """
     target_bpp, effort, device = fit.check_encode_options(bpp, quality, effort, device, seed, colour)
