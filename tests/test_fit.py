@@ -18,12 +18,12 @@ def test_bad_options(bad):
 
 def test_a_higher_effort_never_spends_less():
     # A user who raises the effort waits longer and must never get a smaller fit: steps, pixels per step
-    # (CPU and CUDA) and tuning steps never shrink from one level to the next. Equal pixel-steps are not
+    # and tuning steps never shrink from one level to the next. Equal pixel-steps are not
     # enough: 2 x 1250 steps of 8k pixels fitted worse than 2 x 2000 of 4k (benchmarks/NOTES.md #62).
     from pillow_nif.fit import EFFORTS
 
     def work(e):
-        return (e.stages * e.iters, e.batch, e.gpu_batch, e.qat_stages * e.qat_iters)
+        return (e.stages * e.iters, e.batch, e.qat_stages * e.qat_iters)
 
     levels = [work(EFFORTS[k]) for k in sorted(EFFORTS)]
     for lower, higher in zip(levels, levels[1:]):
