@@ -138,7 +138,7 @@ def _groups(jobs: list[_Job], device: str, eff: fit.Effort) -> list[list[_Job]]:
         by_key.setdefault((j.header.arch, j.header.height, j.header.width), []).append(j)
     out = []
     for (arch, h, w), js in by_key.items():
-        stride = max(1, math.ceil(math.sqrt(h * w / max(eff.batch, h * w // 64))))  # as Fitter
+        stride = fit.step_stride(h, w, eff)  # as Fitter
         pixels = math.ceil(h / stride) * math.ceil(w / stride)
         units = sum(arch.widths) + sum(arch.mod_widths) + arch.channels
         per_image = max(1, 4 * pixels * units)  # saved activations of a training step

@@ -199,6 +199,13 @@ def resolve_device(device: str) -> str:
     raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
+def step_stride(h: int, w: int, effort: Effort) -> int:
+    """The stride of a training step's subgrid: about effort.batch pixels, at least 1/64 of a large image (so that
+    huge images are still sampled densely). The same on every device: the recipe was tuned on these steps, and the
+    GPU's own 256k a step fitted kodim23 0.71 / 0.58 dB worse at 0.3 / 1.0 bpp on an H200 (benchmarks/NOTES.md #163)."""
+    return max(1, math.ceil(math.sqrt(h * w / max(effort.batch, h * w // 64))))
+
+
 def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tuple[float, int]:
     """Validate user options before any work; return (target bpp, effort)."""
     if bpp is not None:
@@ -342,11 +349,7 @@ class Fitter:
         self.gen = torch.Generator().manual_seed(seed)  # every random draw of the fit comes from here
         self.model = NIF(arch).initialize(self.gen).to(device)
         plain = not arch.mod_widths
-        # The same pixels a step on every device: the recipe was tuned on these, and the GPU's 256k a step fitted
-        # kodim23 0.71 / 0.58 dB worse at 0.3 / 1.0 bpp on an H200 than the CPU's steps (benchmarks/NOTES.md round 43).
-        # At least 1/64 of a large image per step, so that huge images are still sampled densely.
-        batch = max(effort.batch, self.h * self.w // 64)
-        self.stride = max(1, math.ceil(math.sqrt(self.h * self.w / batch)))
+        self.stride = step_stride(self.h, self.w, effort)
         # The decays of the input layer and the modulation, and the sparse steps' rate, were measured with long
         # stages only; short ones (efforts 1-4) keep the rates and decays they were tuned with.
         self.long_stages = effort.iters >= cfg.matrix_decay_iters
