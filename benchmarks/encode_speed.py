@@ -8,9 +8,10 @@ Sections (each can be skipped with --skip NAME,NAME):
   kodak:    one whole call per target (--bpp, default 0.3 and 1.0): pillow_nif.encode of a Kodak image (768x512)
             at --effort on --device, the file written to disk; bytes, bpp and PSNR of the decoded file.
   step:     time of one training step (sample, forward, loss, backward, optimiser) on that image's network for the
-            largest --bpp: fit.Fitter's (subgrid.SubgridNetwork, channel-major), the batch encoder's StackedNIF (B=1) in torch, and StackedNIF with
-            the fused Triton sine layer (CUDA only; skipped without it). Best of 3 interleaved runs of --steps
-            steps each, after warm-up.
+            largest --bpp: fit.Fitter's (subgrid.SubgridNetwork, channel-major) launched from Python, the batch
+            encoder's StackedNIF (B=1) in torch, StackedNIF with the fused Triton sine layer, and (the encoder's
+            default on CUDA) fit.Fitter's replayed from CUDA graphs (stepgraph.py; per step net of the capture).
+            The last two need CUDA. Best of 3 interleaved runs of --steps steps each, after warm-up.
   batch:    --batch-n centre crops of --batch-size px from different Kodak images at --batch-bpp:
             pillow_nif.encode_many against one pillow_nif.encode per image (the first --single-n of them, default
             all: on a GPU 64 single encodes outlast a device call); images/s of each, their ratio, and the mean
@@ -29,6 +30,7 @@ to the cores you really have: torch's OpenMP threads spin under oversubscription
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -98,6 +100,21 @@ def step_time(fitter: fit.Fitter, steps: int, device: str, repeats: int = 3) -> 
     return best
 
 
+def graphed_step_time(fitter: fit.Fitter, steps: int, device: str) -> float:
+    """Seconds per step of a stage replayed from CUDA graphs (stepgraph.py), net of the stage's set-up (its warm
+    steps and the capture): the difference between a stage of 10 x `steps` steps and one of `steps`, over their
+    difference in steps."""
+    def stage(n):
+        sync(device)
+        t = time.perf_counter()
+        fitter.run_stage(n, fitter.lr, lambda n: None)
+        sync(device)
+        return time.perf_counter() - t
+
+    stage(steps)  # warm-up
+    return (stage(10 * steps) - stage(steps)) / (9 * steps)
+
+
 def target_and_arch(im: Image.Image, bpp: float, cfg: fit.FitConfig, eff: fit.Effort):
     """Network-space target and the architecture encode_image would pick (no metadata)."""
     from pillow_nif.batch import _arrays, _plan
@@ -122,23 +139,30 @@ def section_step(args, out: dict) -> None:
     device = fit.resolve_device(args.device)
     eff = fit.EFFORTS[args.effort]
     target, arch = target_and_arch(kodak_image(args.kodak), max(args.bpp), cfg, eff)
-    single = fit.Fitter(target, arch, device, eff, cfg, 0)
+    eager = dataclasses.replace(cfg, step_graph=False)  # the steps launched one by one from Python
+    single = fit.Fitter(target, arch, device, eff, eager, 0)
     res = {"arch": {"widths": arch.widths, "mod_widths": arch.mod_widths, "params": arch.num_params()},
            "device": device, "pixels_per_step": len(single.sample()[0]) * len(single.sample()[1])}
-    fitters = {"torch_nif_s": single, "torch_stacked_s": BatchFitter([target], arch, device, eff, cfg, 0)}
-    if device.startswith("cuda"):
-        fitters["fused_stacked_s"] = BatchFitter([target], arch, device, eff, cfg, 0, use_fused=True)
+    fitters = {"torch_nif_s": single, "torch_stacked_s": BatchFitter([target], arch, device, eff, eager, 0)}
+    cuda = device.startswith("cuda")
+    if cuda:
+        fitters["fused_stacked_s"] = BatchFitter([target], arch, device, eff, eager, 0, use_fused=True)
+        fitters["graphed_nif_s"] = fit.Fitter(target, arch, device, eff, cfg, 0)  # the encoder's default on CUDA
     rounds = {k: [] for k in fitters}
     for _ in range(3):  # interleaved rounds, best of each: the machine may be shared
         for k, f in fitters.items():
-            rounds[k].append(step_time(f, args.steps, device, 1))
+            timer = graphed_step_time if k == "graphed_nif_s" else lambda f, n, d: step_time(f, n, d, 1)
+            rounds[k].append(timer(f, args.steps, device))
     res.update({k: min(v) for k, v in rounds.items()})
-    if device.startswith("cuda"):
+    if cuda:
         res["fused_speedup_vs_torch_nif"] = res["torch_nif_s"] / res["fused_stacked_s"]
         res["fused_speedup_vs_torch_stacked"] = res["torch_stacked_s"] / res["fused_stacked_s"]
+        res["graphed_speedup_vs_torch_nif"] = res["torch_nif_s"] / res["graphed_nif_s"]
+        # 6 float operations per parameter per pixel (forward 2, backward 4), against the device's fp32 rate
+        res["graphed_tflops"] = 6 * arch.num_params() * res["pixels_per_step"] / res["graphed_nif_s"] / 1e12
     else:
-        res["fused_stacked_s"] = None
-        res["note"] = "no CUDA: the fused Triton step is skipped"
+        res["fused_stacked_s"] = res["graphed_nif_s"] = None
+        res["note"] = "no CUDA: the fused Triton step and the CUDA-graph step are skipped"
     out["step"] = res
     print(json.dumps(res), file=sys.stderr)
 

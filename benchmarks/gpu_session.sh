@@ -65,13 +65,14 @@ check)
     # The kernels' tests run compiled on the GPU, not in the interpreter; decoding and fitting tests run on CUDA.
     timeout "$(cap 120)" python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_kernels_sine_layer.py \
         tests/test_kernels_nif_decode.py tests/test_render.py tests/test_plugin.py tests/test_fit.py \
+        tests/test_stepgraph.py \
         > "$OUT/pytest.txt" 2>&1
     echo "pytest: exit $?, $(tail -1 "$OUT/pytest.txt")"
     timeout "$(cap 60)" python3 benchmarks/decode_speed.py --no-cpu --models 0.3bpp,1.0bpp \
         --out "$OUT/decode_speed.json" > "$OUT/decode_speed.log" 2>&1
     echo "decode_speed: exit $?"
     # Issue 5's figures (the JSON is rewritten after each section): whole-call encodes of 768x512 at 0.3 and
-    # 1.0 bpp, then the step of each path (torch, the stacked torch step, the fused Triton layer).
+    # 1.0 bpp, then the step of each path (torch, the stacked torch step, the fused Triton layer, CUDA graphs).
     timeout "$(left)" python3 benchmarks/encode_speed.py --device cuda --skip batch,forward,cpu \
         --out "$OUT/encode_speed.json" > "$OUT/encode_speed.log" 2>&1
     echo "encode_speed: exit $?"

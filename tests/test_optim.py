@@ -256,3 +256,32 @@ def test_collapse_guard_sees_the_state_of_both_optimisers():
     assert len(state) == len(saved) == 2 * len(params) - len(f.model.arch.widths)
     assert all(any(t is u for u in saved) for t in state)
     assert all(len(o.state) == sum(len(g["params"]) for g in o.param_groups) for o in opt.optimizers)
+
+
+@pytest.mark.parametrize("make", [lambda ps: Muon(ps, lr=1.0, weight_decay=1.0),
+                                  lambda ps: AdamW(ps, lr=1.0, weight_decay=0.5)], ids=["muon", "adamw"])
+def test_a_rate_on_the_device_steps_as_the_float_rate_and_is_read_at_every_step(make):
+    # A CUDA graph's step (stepgraph.py) bakes Python floats in; it reads the rate from a tensor filled in place.
+    g = torch.Generator().manual_seed(3)
+    shapes = [(8, 5), (3, 6), (2, 7, 4)]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(6)]
+    rates = [1e-3 * (i + 1) for i in range(6)]
+
+    def run(on_device: bool):
+        ps = [torch.ones(s, requires_grad=True) for s in shapes]
+        opt = make(ps)
+        lr = torch.zeros(())
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for rate, gs in zip(rates, grads):
+            lr.fill_(rate)  # set once above: each step must read the tensor's current value
+            if not on_device:
+                for group in opt.param_groups:
+                    group["lr"] = rate
+            for p, gr in zip(ps, gs):
+                p.grad = gr.clone()
+            opt.step()
+        return [p.detach() for p in ps]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -171,6 +171,9 @@ class FitConfig:
     # Per-tensor steps by measured distortion (allocate_steps) instead of one factor times each
     # tensor's rms: +0.18 dB on 4 crops at 0.6/1.0 bpp (benchmarks/NOTES.md #17).
     rd_steps: bool = True
+    # Fitting steps replayed from CUDA graphs (stepgraph.py): None on CUDA only, True also on the CPU (uncaptured, the
+    # same buffers: for tests), False never (the eager loop).
+    step_graph: bool | None = None
 
 
 @dataclasses.dataclass
@@ -395,16 +398,20 @@ class Fitter:
         """
         self.weights = self.drawn_pixels = None
         if drawn and self.sampler is not None:
-            rows, cols, self.weights = self.sampler.draw(left)
-            # Flat indices row * w + column: the step gathers its targets and records its losses by them
-            # ((R * K,), or (B, R * K) for BatchFitter's stack).
-            self.drawn_pixels = (rows[..., None] * self.w + cols).flatten(-2)
-            return rows, cols
+            return self.use_draw(*self.sampler.draw(left))
         s = self.stride
         if s == 1:
             return range(self.h), range(self.w)
         py, px = torch_randint(self.gen, s), torch_randint(self.gen, s)
         return range(py, self.h, s), range(px, self.w, s)
+
+    def use_draw(self, rows, cols, weights):
+        """Makes a draw of the sampler (rows, cols, loss weights) the step's pixels; returns (rows, cols)."""
+        self.weights = weights
+        # Flat indices row * w + column: the step gathers its targets and records its losses by them
+        # ((R * K,), or (B, R * K) for BatchFitter's stack).
+        self.drawn_pixels = (rows[..., None] * self.w + cols).flatten(-2)
+        return rows, cols
 
     def predict(self, rows: range, cols: range, weights=None):
         """(prediction, target) on the grid rows x cols, each (rows, cols, channels): subgrid.SubgridNetwork,
@@ -449,8 +456,15 @@ class Fitter:
         if weights_fn is None and self.sampled_share() < 1:  # not the tuning's tiny rate
             warmup = max(warmup, min(self.cfg.min_warmup_steps / iters, 0.5))
         guard = CollapseGuard(params, opt)
+        graph = self.step_graph(opt, weights_fn)
         for it in range(iters):
             f = lr_factor(it, iters, warmup, hold, self.cfg.lr_floor)
+            if graph is not None:  # the same step, replayed from CUDA graphs (stepgraph.py)
+                guard.step(graph.gradients(lr * f, iters - it))
+                with guard.paced():
+                    graph.update()
+                tick(1)
+                continue
             for g in opt.param_groups:
                 g["lr"] = lr * f
             # The tuning draws too: +0.028 dB at 768x512, 1.0 bpp (6 of 6 images), +-0.01 elsewhere (NOTES.md #160d).
@@ -463,6 +477,17 @@ class Fitter:
             with guard.paced():
                 opt.step()
             tick(1)
+        opt.zero_grad()  # a graph's gradients live in its memory pool: let it go with the stage
+
+    def step_graph(self, opt, weights_fn=None):
+        """A stepgraph.StepGraph for a stage's steps where cfg.step_graph asks for one (None: on CUDA) and every
+        step has the same shapes; captured on CUDA, run uncaptured on the CPU (tests)."""
+        from .stepgraph import StepGraph
+
+        wanted = self.target.is_cuda if self.cfg.step_graph is None else self.cfg.step_graph
+        if not wanted or not StepGraph.graphable(self):
+            return None
+        return StepGraph(self, opt, capture=self.target.is_cuda, weights_fn=weights_fn)
 
     def optimizer(self, lr: float, decay: float, tuning: bool):
         """Fitting stages: the weight matrices decay strongly, since smaller weights quantise with smaller phase

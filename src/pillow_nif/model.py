@@ -54,8 +54,10 @@ def encode_axis(t: torch.Tensor, freqs: int, scale: float) -> torch.Tensor:
 def axis_columns(freqs: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Columns of the positional encoding that depend on y, and those that depend on x."""
     i = torch.arange(freqs, device=device)
-    ycols = torch.cat([torch.tensor([0], device=device), torch.stack([2 + 4 * i, 3 + 4 * i], 1).reshape(-1)])
-    xcols = torch.cat([torch.tensor([1], device=device), torch.stack([4 + 4 * i, 5 + 4 * i], 1).reshape(-1)])
+    # No torch.tensor([0], device=...): a copy from host memory, which a CUDA graph's capture refuses (stepgraph.py).
+    zero = torch.zeros(1, dtype=i.dtype, device=device)
+    ycols = torch.cat([zero, torch.stack([2 + 4 * i, 3 + 4 * i], 1).reshape(-1)])
+    xcols = torch.cat([zero + 1, torch.stack([4 + 4 * i, 5 + 4 * i], 1).reshape(-1)])
     return ycols, xcols
 
 

@@ -206,8 +206,13 @@ class Muon(_Optimiser):
             if decay:
                 torch._foreach_mul_(ps, 1 - lr * decay)
             # An orthogonal (m, n) update has RMS 1/sqrt(max(m, n)); 0.2 sqrt(max) brings it to AdamW's ~0.2.
-            torch._foreach_add_(ps, torch._foreach_mul([next(updates) for _ in ps],
-                                                       [-lr * 0.2 * math.sqrt(max(p.shape[-2:])) for p in ps]))
+            ups = [next(updates) for _ in ps]
+            if isinstance(lr, torch.Tensor):  # a rate on the device (stepgraph.py): read at each graph replay
+                scaled = torch._foreach_mul(ups, [0.2 * math.sqrt(max(p.shape[-2:])) for p in ps])
+                torch._foreach_mul_(scaled, -lr)
+            else:
+                scaled = torch._foreach_mul(ups, [-lr * 0.2 * math.sqrt(max(p.shape[-2:])) for p in ps])
+            torch._foreach_add_(ps, scaled)
 
 
 class AdamW(_Optimiser):
