@@ -159,6 +159,45 @@ def test_an_encode_through_uncaptured_graph_steps_is_the_eager_encode():
     assert graphed.data == eager.data
 
 
+# Operations a CUDA graph's capture refuses or silently freezes: reading a value on the host (a sync), and making a
+# tensor from Python data (a copy from host memory).
+_HOST = {"aten._local_scalar_dense", "aten.lift_fresh", "aten.nonzero", "aten.masked_select", "aten._unique2",
+         "aten.unique_consecutive", "aten.is_nonzero", "aten.equal"}
+
+
+@pytest.mark.parametrize("kind", ["fit", "stack", "tuning"])
+def test_a_captured_body_neither_reads_the_device_nor_copies_from_the_host(kind):
+    # What capture on a GPU would reject, seen on the CPU: every operation of the bodies after the warm steps.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    class Recorded(StepGraph):
+        def _forward_backward(self):
+            with Record() if self.steps >= self.WARM else contextlib.nullcontext():
+                super()._forward_backward()
+
+        def update(self):
+            with Record() if self.steps >= self.WARM else contextlib.nullcontext():
+                super().update()
+
+    seen = set()
+    cls = BatchFitter if kind == "stack" else fit.Fitter
+    fitter_cls = type("RecordedFitter", (cls,), dict(
+        step_graph=lambda self, opt, weights_fn=None: Recorded(self, opt, capture=False, device_rate=True,
+                                                                weights_fn=weights_fn)))
+    targets = [_target(128, 96), _target(128, 96, 1)] if kind == "stack" else _target(128, 96)
+    f = _stage(targets, 8000, True, steps=0 if kind == "tuning" else 6, cls=fitter_cls)
+    if kind == "tuning":
+        codings = [types.SimpleNamespace(step=1e-3, qmax=1000) for _ in f.model.named_tensors()]
+        f.run_stage(6, 1e-5, lambda n: None, lambda: fit.fake_quantized(f.model, codings))
+    assert "aten.mm" in seen or "aten.bmm" in seen  # the bodies ran under the recorder
+    assert not seen & _HOST, seen & _HOST
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["fit", "stack", "tuning"])
 def test_the_captured_step_replays_the_uncaptured_one_on_cuda(kind):

@@ -673,12 +673,16 @@ def per_image(m, t):
 
 
 def pixel_axes(h: int, w: int, rows, cols, device):
-    """Pixel-centre coordinates (float32, as model.pixel_grid) of row and column index ranges."""
+    """Pixel-centre coordinates (float32, as model.pixel_grid) of row and column indices (ranges or tensors)."""
     import torch
 
-    y = (2 * torch.as_tensor(rows, device=device, dtype=torch.float64) + 1) / h - 1
-    x = (2 * torch.as_tensor(cols, device=device, dtype=torch.float64) + 1) / w - 1
-    return y.float(), x.float()
+    def centres(idx, n):
+        # A range made on the device, not copied from a Python list: a CUDA graph's capture refuses host copies.
+        t = (torch.arange(idx.start, idx.stop, idx.step, device=device, dtype=torch.float64) if isinstance(idx, range)
+             else torch.as_tensor(idx, device=device, dtype=torch.float64))
+        return ((2 * t + 1) / n - 1).float()
+
+    return centres(rows, h), centres(cols, w)
 
 
 def image_mse(model, target, weights=None, stride: int = 1) -> float:
