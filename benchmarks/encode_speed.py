@@ -6,7 +6,8 @@
 
 Sections (each can be skipped with --skip NAME,NAME):
   kodak:    one whole call per target (--bpp, default 0.3 and 1.0): pillow_nif.encode of a Kodak image (768x512)
-            at --effort on --device, the file written to disk; bytes, bpp and PSNR of the decoded file.
+            at --effort on --device, the file written to disk; bytes, bpp and PSNR of the decoded file, and the
+            seconds of each stage of the encode (PHASES: fitting, quantisation, tuning, post-filter, scoring).
   step:     time of one training step (sample, forward, loss, backward, optimiser) on that image's network for the
             largest --bpp: fit.Fitter's (subgrid.SubgridNetwork, channel-major) launched from Python, the batch
             encoder's StackedNIF (B=1) in torch, StackedNIF with the fused Triton sine layer, and (the encoder's
@@ -82,6 +83,43 @@ def timed_encode(im: Image.Image, path: str, **opts) -> tuple[float, bytes]:
     return time.perf_counter() - t, data
 
 
+# The stages of fit.encode_image, timed inside the kodak section's whole calls: where a GPU encode's seconds go.
+PHASES = (("fit", fit.Fitter, "fit"), ("quantise", fit, "quantise"), ("tune", fit, "tune_and_code"),
+          ("post_filter", fit, "add_post_filter"), ("render_and_score", fit, "score"))
+
+
+def timed_phases(device: str):
+    """A context in which PHASES' functions add their wall time (the device synchronised around each) to a dict."""
+    import contextlib
+    import functools
+
+    @contextlib.contextmanager
+    def ctx():
+        spent, saved = {}, []
+        for name, owner, attr in PHASES:
+            f = getattr(owner, attr)
+            saved.append((owner, attr, f))
+
+            @functools.wraps(f)
+            def timed(*a, _f=f, _name=name, **k):
+                sync(device)
+                t = time.perf_counter()
+                try:
+                    return _f(*a, **k)
+                finally:
+                    sync(device)
+                    spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - t
+
+            setattr(owner, attr, timed)
+        try:
+            yield spent
+        finally:
+            for owner, attr, f in saved:
+                setattr(owner, attr, f)
+
+    return ctx()
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -127,9 +165,10 @@ def section_kodak(args, out: dict, tmp: str) -> None:
     im = kodak_image(args.kodak)
     res = []
     for bpp in args.bpp:
-        s, data = timed_encode(im, os.path.join(tmp, "k.nif"), bpp=bpp, effort=args.effort, device=args.device)
+        with timed_phases(fit.resolve_device(args.device)) as phases:
+            s, data = timed_encode(im, os.path.join(tmp, "k.nif"), bpp=bpp, effort=args.effort, device=args.device)
         res.append({"target_bpp": bpp, "seconds": s, "bytes": len(data), "bpp": len(data) * 8 / (im.width * im.height),
-                    "psnr": psnr(data, im)})
+                    "psnr": psnr(data, im), "phases_s": phases})
         print(json.dumps(res[-1]), file=sys.stderr)
     out["kodak"] = {"image": args.kodak, "size": list(im.size), "effort": args.effort, "results": res}
 
