@@ -226,3 +226,34 @@ def test_the_captured_step_replays_the_uncaptured_one_on_cuda(kind):
     # The same kernels, launched one by one: the replays must compute what they would (up to cuBLAS's choices).
     eager = run(type("RateOnDevice", (cls,), dict(step_graph=_RateOnDevice.step_graph)))
     _close(_weights(captured), _weights(eager), 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_capture_leaves_other_threads_decoding():
+    # A thread that decodes (and so copies pixels to the host) while another captures its steps must not fail.
+    import threading
+
+    import pillow_nif
+
+    data = pillow_nif.encode(photo(64, 48), bpp=2.0, effort=1, device="cpu")
+    errors, done = [], threading.Event()
+
+    def decode():
+        while not done.is_set():
+            try:
+                pillow_nif.decode(data, device="cuda")
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+                return
+
+    worker = threading.Thread(target=decode)
+    worker.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for _ in range(3):  # three captures
+                _stage(_target(256, 192), 8000, None, steps=20, device="cuda")
+    finally:
+        done.set()
+        worker.join()
+    assert not errors

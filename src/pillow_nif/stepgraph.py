@@ -134,9 +134,11 @@ class StepGraph:
         self.opt.zero_grad()
         try:
             backward, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with torch.cuda.graph(backward):
+            # thread_local: the capture forbids host syncs in this thread only. torch's default ("global") would
+            # fail any other thread's sync meanwhile, such as a decode's copy of its pixels to the host.
+            with torch.cuda.graph(backward, capture_error_mode="thread_local"):
                 self._forward_backward()
-            with torch.cuda.graph(update, pool=backward.pool()):
+            with torch.cuda.graph(update, pool=backward.pool(), capture_error_mode="thread_local"):
                 self.opt.step()
         except Exception as e:  # noqa: BLE001  (any failure to capture: the stage goes on uncaptured)
             warnings.warn(f"pillow_nif: the training step could not be captured as a CUDA graph ({e!r}); "
