@@ -2,9 +2,10 @@
 
 A NIF training step is ~150 small kernels: the sine layers and their written-out backward (subgrid.py), the loss,
 gradient clipping, Muon's Newton-Schulz iterations and AdamW. Each does microseconds of work and costs more than
-that to launch from Python: on an H200 a step of the 1.0 bpp kodim23 network took 5.60 ms over 98k pixels and
-about as long over fewer, so effort 5's 8000 steps were launch-bound (benchmarks/NOTES.md round 43). A CUDA graph
-records the kernels once and replays them with one call, with no Python between them.
+that to launch from Python: on an H200 a step of the 1.0 bpp kodim23 network took 5.60 ms over 98k pixels, ~13 %
+of the GPU's fp32 rate, so effort 5's 8000 steps were bound by launches rather than arithmetic (an inference: no
+profile was taken; benchmarks/NOTES.md round 43). A CUDA graph records the kernels once and replays them with one
+call, with no Python between them.
 
 A graph replays fixed kernels on fixed memory, so whatever changes between steps lives in tensors made once: the
 drawn rows, columns and loss weights (sampling.py) are copied into buffers before each replay, and the learning
