@@ -445,3 +445,25 @@ def test_a_stage_that_samples_little_of_the_image_warms_its_rate_up_slowly():
 
     assert rates(256, 512)[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # 1/36 a step: half the stage
     assert rates(256, 256)[:6] == pytest.approx([(i + 1) / 6 for i in range(6)])  # plain_warmup: 30 %
+
+
+def test_saving_does_not_decode_what_it_wrote(monkeypatch, tmp_path):
+    # Image.save and pillow_nif.encode keep only the bytes: the PSNRs' render and decode are skipped (on CUDA the
+    # decode compiles a Triton kernel per architecture), and the file is the one encode_image measures.
+    from pillow_nif import batch, fit, render
+
+    im = photo(48, 32)
+    measured = encode_image(im, bpp=2.0, effort=1, device="cpu")
+    assert measured.psnr > 20 and measured.fit_psnr > 20
+
+    def refuse(*a, **k):
+        raise AssertionError("decoded during an encode that keeps only the bytes")
+
+    stacked = batch.encode_batch([im], bpp=2.0, effort=1, device="cpu")[0]  # its own arithmetic, its own file
+    assert stacked.psnr > 20
+    monkeypatch.setattr(render, "decode_array", refuse)
+    monkeypatch.setattr(fit, "_render_model", refuse)
+    assert pillow_nif.encode(im, bpp=2.0, effort=1, device="cpu") == measured.data
+    im.save(tmp_path / "x.nif", bpp=2.0, effort=1, device="cpu")
+    assert (tmp_path / "x.nif").read_bytes() == measured.data
+    assert pillow_nif.encode_many([im], bpp=2.0, effort=1, device="cpu") == [stacked.data]

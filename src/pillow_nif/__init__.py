@@ -29,7 +29,7 @@ def encode(image, **options) -> bytes:
     """
     from .fit import encode_image
 
-    return encode_image(_as_image(image), **options).data
+    return encode_image(_as_image(image), **options, measure=False).data
 
 
 def encode_many(images, **options) -> list[bytes]:

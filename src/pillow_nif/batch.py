@@ -66,13 +66,14 @@ class _Job:
 
 def encode_many(images, **options) -> list[bytes]:
     """Encode several images with the same options; like-sized images are fitted together."""
-    return [r.data for r in encode_batch(images, **options)]
+    return [r.data for r in encode_batch(images, **options, measure=False)]
 
 
 def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0, progress=False,
                  icc_profile=None, exif=None, xmp=None, colour="auto", config: fit.FitConfig | None = None,
                  metadata: list[dict] | None = None, use_fused: bool = False,
-                 on_result: Callable[[int, fit.EncodeResult], None] | None = None) -> list[fit.EncodeResult]:
+                 on_result: Callable[[int, fit.EncodeResult], None] | None = None,
+                 measure: bool = True) -> list[fit.EncodeResult]:
     """encode_image for a list of PIL images (or arrays), fitting like images together.
 
     Every option means what it means to encode_image and applies to every image; `metadata`, a list of
@@ -80,6 +81,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     `use_fused` trains with the Triton sine-layer kernel (CUDA, or TRITON_INTERPRET=1): 2.2x slower than torch's
     step on an H200 (benchmarks/NOTES.md round 43), so off by default.
     `on_result(index, result)` is called as each image is done (groups finish in order of first image).
+    `measure`: the results' PSNRs, as encode_image's (encode_many keeps only the bytes).
     """
     target_bpp, effort, device = fit.check_encode_options(bpp, quality, effort, device, seed, colour)
     if use_fused and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
@@ -98,7 +100,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     try:
         for group in _groups(jobs, device, eff):
             t0 = time.perf_counter()
-            done = _encode_group(group, device, eff, cfg, seed, use_fused, bar)
+            done = _encode_group(group, device, eff, cfg, seed, use_fused, bar, measure)
             seconds = (time.perf_counter() - t0) / len(group)  # the group's time, shared out evenly
             for job, r in zip(group, done):
                 r.seconds = seconds
@@ -148,7 +150,7 @@ def _groups(jobs: list[_Job], device: str, eff: fit.Effort) -> list[list[_Job]]:
 
 
 def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitConfig, seed: int,
-                  use_fused: bool, bar) -> list[fit.EncodeResult]:
+                  use_fused: bool, bar, measure: bool = True) -> list[fit.EncodeResult]:
     """encode_image for a group of like images: fit together, rate-control each, tune together, code each."""
     arrays = [_arrays(j) for j in group]
     fitter = BatchFitter([a[1] for a in arrays], group[0].header.arch, device, eff, cfg, seed, use_fused)
@@ -156,7 +158,7 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
     fit_pixels, codings, files = [], [], []
     for i, (job, (_, _, maxval)) in enumerate(zip(group, arrays)):
         model = fitter.model.unstack(i)
-        fit_pixels.append(fit._render_model(model, job.header, maxval))
+        fit_pixels.append(fit._render_model(model, job.header, maxval) if measure else None)
         target = torch.from_numpy(arrays[i][1]).float().to(device)
         data, coding = fit.quantise(model, target, job.plan, cfg)
         codings.append(coding)

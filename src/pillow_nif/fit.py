@@ -180,9 +180,9 @@ class FitConfig:
 class EncodeResult:
     data: bytes
     bpp: float
-    psnr: float  # of the quantised network against the input, at the input's bit depth
+    psnr: float | None  # of the quantised network against the input, at the input's bit depth (None: not measured)
     seconds: float
-    fit_psnr: float  # of the network before quantisation (what quantisation cost: fit_psnr - psnr)
+    fit_psnr: float | None  # of the network before quantisation (what quantisation cost: fit_psnr - psnr)
     arch: Architecture
 
 
@@ -1033,20 +1033,27 @@ def tune_and_code(fitter: Fitter, plan: Plan, codings: list[TensorCoding], untun
     return untuned
 
 
-def score(data: bytes, pixels: np.ndarray, maxval: int, fit_pixels: np.ndarray, device: str, seconds: float,
+def score(data: bytes, pixels: np.ndarray, maxval: int, fit_pixels: np.ndarray | None, device: str, seconds: float,
           arch: Architecture) -> EncodeResult:
-    """The EncodeResult of a finished file: PSNR of what a decoder will see, at the input's bit depth."""
+    """The EncodeResult of a finished file: PSNR of what a decoder will see, at the input's bit depth (fit_pixels
+    None: not measured, no decode)."""
     from .render import decode_array
 
     h, w = pixels.shape[:2]
+    if fit_pixels is None:
+        return EncodeResult(data, len(data) * 8 / (w * h), None, seconds, None, arch)
     ref = np.round(pixels * maxval)
     psnr = _psnr(decode_array(data, device=device), ref, maxval)
     return EncodeResult(data, len(data) * 8 / (w * h), psnr, seconds, _psnr(fit_pixels, ref, maxval), arch)
 
 
 def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0, progress=False,
-                 icc_profile=None, exif=None, xmp=None, colour="auto", config: FitConfig | None = None) -> EncodeResult:
-    """Fit, quantise and code `image` (a PIL image); the result's `data` is the .nif file."""
+                 icc_profile=None, exif=None, xmp=None, colour="auto", config: FitConfig | None = None,
+                 measure: bool = True) -> EncodeResult:
+    """Fit, quantise and code `image` (a PIL image); the result's `data` is the .nif file. `measure`: also render
+    the fit and decode the file for the result's PSNRs. Callers that keep only the bytes (pillow_nif.encode,
+    Image.save) skip both: at 768x512 on this project's CPU 0.8-1.8 s of each encode, and on CUDA the decode's
+    Triton kernel is compiled for each new architecture."""
     target_bpp, effort, device = check_encode_options(bpp, quality, effort, device, seed, colour)
     cfg = config or FitConfig()
     t0 = time.perf_counter()
@@ -1060,7 +1067,7 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     try:
         fitter = Fitter(to_network_space(pixels, header.colour), header.arch, device, eff, cfg, seed)
         fitter.fit(bar.update)
-        fit_pixels = _render_model(fitter.model, header, maxval)
+        fit_pixels = _render_model(fitter.model, header, maxval) if measure else None
         # Quantisation-aware tuning at the steps the rate control picks, then a final rate check.
         data, codings = quantise(fitter.model, fitter.target, plan, cfg)
         if eff.qat_stages:

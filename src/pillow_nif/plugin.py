@@ -97,7 +97,7 @@ def _save(im: Image.Image, fp, filename) -> None:
         opts["xmp"] = opts["xmp"].encode()
     from .fit import encode_image
 
-    result = encode_image(im, **opts)
+    result = encode_image(im, **opts, measure=False)
     fp.write(result.data)
     if hasattr(fp, "flush"):
         fp.flush()
