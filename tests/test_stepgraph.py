@@ -223,9 +223,10 @@ def test_the_captured_step_replays_the_uncaptured_one_on_cuda(kind):
         m.setattr(StepGraph, "_capture", spy)
         captured = run(cls)
     assert held == [True]
-    # The same kernels, launched one by one: the replays must compute what they would (up to cuBLAS's choices).
+    # The same kernels launched one by one: the replays compute what they would, up to cuBLAS's choice of
+    # algorithm inside a capture, whose rounding the fit then carries on (a stale buffer is 0.47-23 apart).
     eager = run(type("RateOnDevice", (cls,), dict(step_graph=_RateOnDevice.step_graph)))
-    _close(_weights(captured), _weights(eager), 1e-4)
+    _close(_weights(captured), _weights(eager), 1e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
