@@ -685,23 +685,62 @@ def pixel_axes(h: int, w: int, rows, cols, device):
     return centres(rows, h), centres(cols, w)
 
 
+def _bands(target, stride: int):
+    """(ys, xs, target) of image_mse's bands of rows: every `stride`-th row and column, ~64k pixels a band."""
+    h, w = target.shape[:2]
+    cols = range(0, w, stride)
+    rows = max(1, (1 << 16) // len(cols))
+    for r0 in range(0, h, rows * stride):
+        r1 = min(h, r0 + rows * stride)
+        yield *pixel_axes(h, w, range(r0, r1, stride), cols, target.device), target[r0:r1:stride, ::stride]
+
+
 def image_mse(model, target, weights=None, stride: int = 1) -> float:
     """MSE of `model` against `target` (H, W, C) in network units, over every `stride`-th row and
     column, in bands of rows to bound memory."""
     import torch
 
-    h, w = target.shape[:2]
-    cols = range(0, w, stride)
-    rows = max(1, (1 << 16) // len(cols))
     total, n = 0.0, 0
     with torch.no_grad():
-        for r0 in range(0, h, rows * stride):
-            r1 = min(h, r0 + rows * stride)
-            t = target[r0:r1:stride, ::stride]
-            pred = model(*pixel_axes(h, w, range(r0, r1, stride), cols, target.device), weights)
+        for ys, xs, t in _bands(target, stride):
+            pred = model(ys, xs, weights)
             total += float(((pred - t) ** 2).sum())
             n += t.numel()
     return total / n
+
+
+class _OneTensorMSE:
+    """image_mse of `model` with one tensor replaced, evaluated from that tensor's layer on: the layers before it
+    are the model's own, kept per band from one pass (model.grid_layers; the same operations, so the same values).
+    The step allocation measures every tensor at up to 31 steps; a tensor after the genesis network's wide first
+    layers then costs a fraction of a whole pass."""
+
+    def __init__(self, model, target, stride: int):
+        import torch
+
+        from .model import grid_layers
+
+        self.arch, self.tensors = model.arch, dict(model.named_tensors())
+        self.bands = []
+        with torch.no_grad():
+            for ys, xs, t in _bands(target, stride):
+                inputs: list = []
+                grid_layers(self.arch, self.tensors, ys, xs, inputs=inputs)
+                self.bands.append((ys, xs, t, inputs))
+
+    def __call__(self, name: str, tensor) -> float:
+        import torch
+
+        from .model import grid_layers, layer_index
+
+        k, p = layer_index(self.arch, name), {**self.tensors, name: tensor}
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for ys, xs, t, inputs in self.bands:
+                pred = grid_layers(self.arch, p, ys, xs, k, *inputs[k])
+                total += float(((pred - t) ** 2).sum())
+                n += t.numel()
+        return total / n
 
 
 def torch_randint(gen, high: int) -> int:
@@ -824,6 +863,7 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
     h, w = target.shape[:2]
     stride = max(1, math.ceil(math.sqrt(h * w / (1 << 15))))  # ~32k pixels per measurement
     base = image_mse(model, target, stride=stride)
+    one_tensor_mse = _OneTensorMSE(model, target, stride)
     # 1/32 .. 8 times the uniform step: small tensors (biases, the output layer) go fine. Tensors of a few values
     # cost a few bits at any step and go on down to 1/4096 while rounding them still costs something: the period's
     # offset (one scalar, scaled into every sine) at 1/32 alone cost 8 % of one fit's MSE (kodim02 crop, 0.6 bpp;
@@ -832,7 +872,6 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
     first_large = list(mults).index(1 / 32)  # where the ladder of tensors over SMALL_TENSOR values starts
     n, k = len(named), len(mults)
     dist, bits, steps = np.full((n, k), np.inf), np.full((n, k), np.inf), np.ones((n, k))
-    weights = dict(named)
     for i, (name, t) in enumerate(named):
         a = t.detach().double().cpu().numpy()
         if not np.any(a):
@@ -844,9 +883,8 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
             first -= 1
             steps[i, first], qmax, sym = _quantise_tensor(a, uniform * mults[first])
             bits[i, first] = _coding(i, sym, steps[i, first], qmax)[1]
-            weights[name] = torch.from_numpy(sym * steps[i, first]).to(t.dtype).to(t.device)
-            dist[i, first] = image_mse(model, target, weights, stride) - base
-        weights[name] = t
+            quantised = torch.from_numpy(sym * steps[i, first]).to(t.dtype).to(t.device)
+            dist[i, first] = one_tensor_mse(name, quantised) - base
         # Coarser never helps: make distortion non-decreasing in the step (measurement noise).
         dist[i, first:] = np.maximum.accumulate(np.maximum(dist[i, first:], 0.0))
     # Plus the bits the neurons' arrangement carries (all of them unless neurons tie, which is rare).

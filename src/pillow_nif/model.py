@@ -111,6 +111,39 @@ def _sin_of_product_(z: torch.Tensor, p) -> torch.Tensor:
     return z.mul_(p).sin_()
 
 
+def layer_index(arch: Architecture, name: str) -> int:
+    """The position in grid_layers' order (the modulation's layers, then the genesis') of a tensor's layer."""
+    net, i, _ = name.split(".")
+    return int(i) + (len(arch.mod_widths) + 1 if arch.mod_widths and net == "genesis" else 0)
+
+
+def grid_layers(arch: Architecture, p: dict, ys, xs, start: int = 0, h=None, period=None, inputs: list | None = None):
+    """NIF.forward_grid with the tensors `p` (by name), from layer `start` on (layer_index's order), given that
+    layer's input h and the period (None: omega, the period before the modulation's last layer); `inputs` gets
+    each layer's (h, period) as it starts, so that a later call can start there (fit.allocate_steps)."""
+    import torch.nn.functional as F
+
+    a = arch
+    act = sin_of_product if torch.is_grad_enabled() else _sin_of_product_  # every z below is a fresh temporary
+    nm = len(a.mod_widths) + 1 if a.mod_widths else 0
+    n = nm + len(a.widths) + 1
+    period = a.omega if period is None else period
+    for k in range(start, n):
+        if inputs is not None:
+            inputs.append((h, period))
+        net, i, omega = ("modulation", k, a.mod_omega) if k < nm else ("genesis", k - nm, period)
+        w, b = p[f"{net}.{i}.weight"], p[f"{net}.{i}.bias"]
+        if k == nm - 1:  # the modulation's output is the period
+            period, h = a.omega + a.mod_sigma * F.linear(h, w, b), None
+        elif k == n - 1:
+            h = F.linear(h, w, b)
+        elif i == 0:
+            h = act(first_layer_grid(w, b, ys, xs, a.mod_freqs if k < nm else a.pe_freqs, a.pe_scale), omega)
+        else:
+            h = act(F.linear(h, w, b), omega)
+    return h
+
+
 class NIF(nn.Module):
     """Genesis + Modulation networks built from an Architecture (trainable, unfolded parameters)."""
 
@@ -159,21 +192,7 @@ class NIF(nn.Module):
 
     def forward_grid(self, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """The network on the grid ys x xs (1-D coordinate vectors): (len(ys), len(xs), channels)."""
-        a = self.arch
-        act = sin_of_product if torch.is_grad_enabled() else _sin_of_product_  # every z below is a fresh temporary
-        if len(self.modulation):
-            m = self.modulation
-            h = act(first_layer_grid(m[0].weight, m[0].bias, ys, xs, a.mod_freqs, a.pe_scale), a.mod_omega)
-            for lin in m[1:-1]:
-                h = act(lin(h), a.mod_omega)
-            period = a.omega + a.mod_sigma * m[-1](h)
-        else:
-            period = a.omega
-        g = self.genesis
-        h = act(first_layer_grid(g[0].weight, g[0].bias, ys, xs, a.pe_freqs, a.pe_scale), period)
-        for lin in g[1:-1]:
-            h = act(lin(h), period)
-        return g[-1](h)
+        return grid_layers(self.arch, dict(self.named_tensors()), ys, xs)
 
     def forward(self, ys: torch.Tensor, xs: torch.Tensor, weights: dict[str, torch.Tensor] | None = None):
         """Grid evaluation; `weights` substitutes tensors (e.g. fake-quantised ones) by name."""
