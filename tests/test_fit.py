@@ -469,8 +469,9 @@ def test_saving_does_not_decode_what_it_wrote(monkeypatch, tmp_path):
     assert pillow_nif.encode_many([im], bpp=2.0, effort=1, device="cpu") == [stacked.data]
 
 
+@pytest.mark.parametrize("keep", [True, False])  # its layers' inputs kept, or (a huge image) whole passes
 @pytest.mark.parametrize("budget", [600, 8000])  # plain, modulated
-def test_one_tensor_mse_from_its_layer_on_is_the_whole_pass(budget):
+def test_one_tensor_mse_from_its_layer_on_is_the_whole_pass(budget, keep, monkeypatch):
     # The step allocation measures each tensor rounded alone, starting from that tensor's layer: any tensor, any
     # change, it must be image_mse's value to the bit (the file depends on it).
     import torch
@@ -480,7 +481,10 @@ def test_one_tensor_mse_from_its_layer_on_is_the_whole_pass(budget):
     cfg = FitConfig()
     target = np.random.default_rng(2).uniform(-1, 1, (61, 75, 3))
     f = Fitter(target, choose_architecture(75, 61, 3, budget, cfg), "cpu", EFFORTS[1], cfg, 0)
+    if not keep:
+        monkeypatch.setattr(_OneTensorMSE, "KEEP", 0)
     one = _OneTensorMSE(f.model, f.target, 2)
+    assert bool(one.bands[0][3]) == keep
     g = torch.Generator().manual_seed(0)
     for name, t in f.model.named_tensors():
         changed = t.detach() + (0.3 * t.detach().abs().mean() + 0.01) * torch.randn(t.shape, generator=g)

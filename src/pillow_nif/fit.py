@@ -713,7 +713,10 @@ class _OneTensorMSE:
     """image_mse of `model` with one tensor replaced, evaluated from that tensor's layer on: the layers before it
     are the model's own, kept per band from one pass (model.grid_layers; the same operations, so the same values).
     The step allocation measures every tensor at up to 31 steps; a tensor after the genesis network's wide first
-    layers then costs a fraction of a whole pass."""
+    layers then costs a fraction of a whole pass. Past KEEP kept floats (a huge image's wide network) every
+    measurement is a whole pass, as image_mse's."""
+
+    KEEP = 1 << 26  # 256 MB of float32 activations
 
     def __init__(self, model, target, stride: int):
         import torch
@@ -722,10 +725,14 @@ class _OneTensorMSE:
 
         self.arch, self.tensors = model.arch, dict(model.named_tensors())
         self.bands = []
+        h, w = target.shape[:2]
+        width = sum(self.arch.widths) + sum(self.arch.mod_widths) + 1
+        keep = math.ceil(h / stride) * math.ceil(w / stride) * width <= self.KEEP
         with torch.no_grad():
             for ys, xs, t in _bands(target, stride):
                 inputs: list = []
-                grid_layers(self.arch, self.tensors, ys, xs, inputs=inputs)
+                if keep:
+                    grid_layers(self.arch, self.tensors, ys, xs, inputs=inputs)
                 self.bands.append((ys, xs, t, inputs))
 
     def __call__(self, name: str, tensor) -> float:
@@ -733,11 +740,12 @@ class _OneTensorMSE:
 
         from .model import grid_layers, layer_index
 
-        k, p = layer_index(self.arch, name), {**self.tensors, name: tensor}
+        p = {**self.tensors, name: tensor}
+        k = layer_index(self.arch, name) if self.bands[0][3] else 0
         total, n = 0.0, 0
         with torch.no_grad():
             for ys, xs, t, inputs in self.bands:
-                pred = grid_layers(self.arch, p, ys, xs, k, *inputs[k])
+                pred = grid_layers(self.arch, p, ys, xs, k, *(inputs[k] if inputs else (None, None)))
                 total += float(((pred - t) ** 2).sum())
                 n += t.numel()
         return total / n
