@@ -7,7 +7,7 @@
 Sections (each can be skipped with --skip NAME,NAME):
   kodak:    one whole call per target (--bpp, default 0.3 and 1.0): pillow_nif.encode of a Kodak image (768x512)
             at --effort on --device, the file written to disk; bytes, bpp and PSNR of the decoded file, and the
-            seconds of each stage of the encode (PHASES: fitting, quantisation, tuning, post-filter, scoring).
+            seconds of each stage of the encode (PHASES: fitting, quantisation, tuning, post-filter, result).
   step:     time of one training step (sample, forward, loss, backward, optimiser) on that image's network for the
             largest --bpp: fit.Fitter's (subgrid.SubgridNetwork, channel-major) launched from Python, the batch
             encoder's StackedNIF (B=1) in torch, StackedNIF with the fused Triton sine layer, and (the encoder's
@@ -85,7 +85,7 @@ def timed_encode(im: Image.Image, path: str, **opts) -> tuple[float, bytes]:
 
 # The stages of fit.encode_image, timed inside the kodak section's whole calls: where a GPU encode's seconds go.
 PHASES = (("fit", fit.Fitter, "fit"), ("quantise", fit, "quantise"), ("tune", fit, "tune_and_code"),
-          ("post_filter", fit, "add_post_filter"), ("render_and_score", fit, "score"))
+          ("post_filter", fit, "add_post_filter"), ("result", fit, "score"))  # result: ~0, encode measures no PSNR
 
 
 def timed_phases(device: str):
