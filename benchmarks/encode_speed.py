@@ -125,32 +125,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def stage_seconds(fitter: fit.Fitter, steps: int, device: str) -> float:
+    """Wall time of one Fitter.run_stage (the encoder's own loop) of `steps` steps, the device synchronised."""
+    sync(device)
+    t = time.perf_counter()
+    fitter.run_stage(steps, fitter.lr, lambda n: None)
+    sync(device)
+    return time.perf_counter() - t
+
+
 def step_time(fitter: fit.Fitter, steps: int, device: str, repeats: int = 3) -> float:
-    """Seconds per step of Fitter.run_stage (the encoder's own loop): the best of `repeats` runs of `steps`."""
+    """Seconds per step of Fitter.run_stage: the best of `repeats` runs of `steps`."""
     fitter.run_stage(3, fitter.lr, lambda n: None)  # warm-up (and Triton compilation)
-    best = math.inf
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fitter.run_stage(steps, fitter.lr, lambda n: None)
-        sync(device)
-        best = min(best, (time.perf_counter() - t) / steps)
-    return best
+    return min(stage_seconds(fitter, steps, device) / steps for _ in range(repeats))
 
 
 def graphed_step_time(fitter: fit.Fitter, steps: int, device: str) -> float:
     """Seconds per step of a stage replayed from CUDA graphs (stepgraph.py), net of the stage's set-up (its warm
     steps and the capture): the difference between a stage of 10 x `steps` steps and one of `steps`, over their
     difference in steps."""
-    def stage(n):
-        sync(device)
-        t = time.perf_counter()
-        fitter.run_stage(n, fitter.lr, lambda n: None)
-        sync(device)
-        return time.perf_counter() - t
-
-    stage(steps)  # warm-up
-    return (stage(10 * steps) - stage(steps)) / (9 * steps)
+    stage_seconds(fitter, steps, device)  # warm-up
+    return (stage_seconds(fitter, 10 * steps, device) - stage_seconds(fitter, steps, device)) / (9 * steps)
 
 
 def target_and_arch(im: Image.Image, bpp: float, cfg: fit.FitConfig, eff: fit.Effort):

@@ -484,7 +484,8 @@ def test_one_tensor_mse_from_its_layer_on_is_the_whole_pass(budget, keep, monkey
     if not keep:
         monkeypatch.setattr(_OneTensorMSE, "KEEP", 0)
     one = _OneTensorMSE(f.model, f.target, 2)
-    assert bool(one.bands[0][3]) == keep
+    assert (one.bands[0][3] is not None) == keep
+    assert one.base == image_mse(f.model, f.target, stride=2)
     g = torch.Generator().manual_seed(0)
     for name, t in f.model.named_tensors():
         changed = t.detach() + (0.3 * t.detach().abs().mean() + 0.01) * torch.randn(t.shape, generator=g)

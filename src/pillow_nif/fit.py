@@ -695,18 +695,22 @@ def _bands(target, stride: int):
         yield *pixel_axes(h, w, range(r0, r1, stride), cols, target.device), target[r0:r1:stride, ::stride]
 
 
+def _mean_square(pairs) -> float:
+    """The MSE over (prediction, target) pairs of bands, summed band by band in float64 on the host."""
+    total, n = 0.0, 0
+    for pred, t in pairs:
+        total += float(((pred - t) ** 2).sum())
+        n += t.numel()
+    return total / n
+
+
 def image_mse(model, target, weights=None, stride: int = 1) -> float:
     """MSE of `model` against `target` (H, W, C) in network units, over every `stride`-th row and
     column, in bands of rows to bound memory."""
     import torch
 
-    total, n = 0.0, 0
     with torch.no_grad():
-        for ys, xs, t in _bands(target, stride):
-            pred = model(ys, xs, weights)
-            total += float(((pred - t) ** 2).sum())
-            n += t.numel()
-    return total / n
+        return _mean_square((model(ys, xs, weights), t) for ys, xs, t in _bands(target, stride))
 
 
 class _OneTensorMSE:
@@ -724,16 +728,16 @@ class _OneTensorMSE:
         from .model import grid_layers
 
         self.arch, self.tensors = model.arch, dict(model.named_tensors())
-        self.bands = []
+        self.bands, preds = [], []
         h, w = target.shape[:2]
         width = sum(self.arch.widths) + sum(self.arch.mod_widths) + 1
         keep = math.ceil(h / stride) * math.ceil(w / stride) * width <= self.KEEP
         with torch.no_grad():
             for ys, xs, t in _bands(target, stride):
-                inputs: list = []
-                if keep:
-                    grid_layers(self.arch, self.tensors, ys, xs, inputs=inputs)
+                inputs: list | None = [] if keep else None
+                preds.append((grid_layers(self.arch, self.tensors, ys, xs, inputs=inputs), t))
                 self.bands.append((ys, xs, t, inputs))
+        self.base = _mean_square(preds)  # the model's own MSE, image_mse's value, from the same pass
 
     def __call__(self, name: str, tensor) -> float:
         import torch
@@ -741,14 +745,10 @@ class _OneTensorMSE:
         from .model import grid_layers, layer_index
 
         p = {**self.tensors, name: tensor}
-        k = layer_index(self.arch, name) if self.bands[0][3] else 0
-        total, n = 0.0, 0
+        k = layer_index(self.arch, name) if self.bands[0][3] is not None else 0
         with torch.no_grad():
-            for ys, xs, t, inputs in self.bands:
-                pred = grid_layers(self.arch, p, ys, xs, k, *(inputs[k] if inputs else (None, None)))
-                total += float(((pred - t) ** 2).sum())
-                n += t.numel()
-        return total / n
+            return _mean_square((grid_layers(self.arch, p, ys, xs, k, *(inputs[k] if inputs else (None, None))), t)
+                                for ys, xs, t, inputs in self.bands)
 
 
 def torch_randint(gen, high: int) -> int:
@@ -870,8 +870,8 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
     named = model.named_tensors()
     h, w = target.shape[:2]
     stride = max(1, math.ceil(math.sqrt(h * w / (1 << 15))))  # ~32k pixels per measurement
-    base = image_mse(model, target, stride=stride)
     one_tensor_mse = _OneTensorMSE(model, target, stride)
+    base = one_tensor_mse.base
     # 1/32 .. 8 times the uniform step: small tensors (biases, the output layer) go fine. Tensors of a few values
     # cost a few bits at any step and go on down to 1/4096 while rounding them still costs something: the period's
     # offset (one scalar, scaled into every sine) at 1/32 alone cost 8 % of one fit's MSE (kodim02 crop, 0.6 bpp;
