@@ -14,8 +14,10 @@
 #   bash benchmarks/gpu_session.sh batch    encode_speed.py's batch section alone: 64 crops at once against one at a
 #                                           time (after the check's 280 s it had not finished in the 245 s left)
 #   bash benchmarks/gpu_session.sh rd       full Kodak, NIF at effort 5 on CUDA, 0.3 / 0.5 / 1.0 bpp, resuming
-#                                           benchmarks/results/kodak/rd_nif-e5-cuda-s0.json (copy $OUT/rd/ back;
-#                                           50-60 s an encode on an H200, so 8-10 encodes a call)
+#                                           benchmarks/results/kodak/rd_nif-e5-cuda-s0.json (copy $OUT/rd/ back):
+#                                           NIF_RD_JOBS (default 8) encodes at once, two cores each, since one
+#                                           encode leaves the GPU mostly idle and its host stages need the CPU
+#                                           (50-60 s an encode on an H200 in session 45, eager steps, one at a time)
 #
 # NIF_GPU_BUDGET (seconds, default 540) bounds each call's parts together, leaving time to send $OUT back.
 # A machine starts in ~30 s; a session has 15 minutes of device time, so check and one other part fit one session.
@@ -97,7 +99,8 @@ rd)
     cp benchmarks/results/kodak/rd_nif-e5-cuda-s0.json "$OUT/rd/" 2>/dev/null  # resume earlier sessions' records
     # The classical codecs' records are in the file already (encoded on a CPU): listed so that the tables have them.
     timeout "$(left)" python3 benchmarks/rd.py --dataset kodak --bpp 0.3 0.5 1.0 --codecs nif,jpeg,webp,avif,jxl \
-        --effort 5 --device cuda --out "$OUT/rd" --name rd_nif-e5-cuda-s0 > "$OUT/rd/log.txt" 2>&1
+        --effort 5 --device cuda --jobs "${NIF_RD_JOBS:-8}" --out "$OUT/rd" --name rd_nif-e5-cuda-s0 \
+        > "$OUT/rd/log.txt" 2>&1
     echo "rd: exit $?"
     tr '\r' '\n' < "$OUT/rd/log.txt" | tail -5
     ;;

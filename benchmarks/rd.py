@@ -4,7 +4,7 @@
     python benchmarks/rd.py --dataset kodak-crop256 --bpp 0.3 0.6 1.0
     python benchmarks/rd.py --dataset kodak --codecs nif,webp,avif --effort 5 --device cuda
     python benchmarks/rd.py --dataset path/to/pngs --only img1,img2 --codecs jpeg,jxl
-    python benchmarks/rd.py --dataset kodak-crop256 --jobs 2          # images in 2 processes
+    python benchmarks/rd.py --dataset kodak-crop256 --jobs 2          # 2 processes
 
 Datasets: `kodak` (../shared/datasets/kodak, 768x512), `kodak-crop256` (their 256x256 centre crops) or a folder of
 PNGs; every image is converted to RGB first.  Every codec writes a real file and its rate is the file's size on disk * 8 / (w * h).  pillow-nif is driven through
@@ -24,8 +24,9 @@ quadratic through the points.  Negative BD-rate / positive BD-PSNR means better 
 
 Outputs, in --out (default benchmarks/results/<dataset>/), named <name>.json / .md / .png:
   JSON: machine, versions, git commit, options, one record per (image, codec, target), aggregates, BD tables.
-        It is rewritten after every image; a rerun with the same --name (default from NIF's effort, device, seed)
-        skips the records already there, so an interrupted run resumes and more images/targets/codecs can be added.
+        It is rewritten after every (image, target); a rerun with the same --name (default from NIF's effort,
+        device, seed) skips the records already there, so an interrupted run (Ctrl-C, SIGTERM) resumes and more
+        images/targets/codecs can be added.
   PNG:  PSNR and MS-SSIM against bpp, one line per codec; on full-size `kodak` also published anchors (dashed)
         from ../shared/anchors/kodak_published.json.
   MD:   per codec and target: bpp, PSNR (both averages), MS-SSIM, enc/dec time; then the BD tables.
@@ -34,7 +35,6 @@ Outputs, in --out (default benchmarks/results/<dataset>/), named <name>.json / .
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import hashlib
 import io
 import json
@@ -42,6 +42,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -473,7 +474,8 @@ def parse_args(argv):
     p.add_argument("--name", help="run file stem (default rd, or rd_nif-e<effort>-<device>-s<seed> with nif); reruns resume it")
     p.add_argument("--fresh", action="store_true", help="ignore records already in the run file")
     p.add_argument("--jobs", type=int, default=1,
-                   help="images encoded in parallel processes, the cores shared out (timings then share the machine)")
+                   help="(image, target) units encoded in parallel processes, the cores shared out (timings then "
+                        "share the machine)")
     args = p.parse_args(argv)
     if unknown := set(args.codecs) - set(CODECS):
         p.error(f"unknown codecs: {', '.join(sorted(unknown))}")
@@ -486,6 +488,17 @@ def _worker_init(threads: int, device: str) -> None:
 
     torch.set_num_threads(threads)
     _import_nif().register(device=device)
+
+
+def _stop(signum, frame) -> None:
+    """SIGTERM (timeout(1), a device call's limit) unwinds like Ctrl-C, so that the worker processes are stopped
+    and the records kept. Once: timeout(1) signals the process and then its group, workers and all."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _run_unit(unit: tuple) -> tuple[str, dict, list]:
+    return run_image(*unit)
 
 
 def run_image(image: str, img: Image.Image, todo: list, source: str, where: dict) -> tuple[str, dict, list]:
@@ -574,17 +587,20 @@ def main(argv=None) -> int:
         print(f"warning: {len(stale)} nif records were encoded by other code than src/ and kernels/ now hold; "
               "use --fresh (or another --name) to re-encode them", file=sys.stderr)
 
-    work = [(image, img, [(c, t) for c in codecs for t in args.bpp if key(image, c.name, t) not in records])
-            for image, img in dataset.items()]
-    work = [w for w in work if w[2]]
-    with tqdm(total=len(dataset), initial=len(dataset) - len(work), unit="img") as bar:
+    # One unit per (image, target), submitted image by image: a run cut short (a lent GPU's time limit) keeps
+    # whole targets done, and with --jobs the processes share out targets rather than whole images.
+    units = [(image, img, todo, source, where) for image, img in dataset.items() for t in args.bpp
+             if (todo := [(c, t) for c in codecs if key(image, c.name, t) not in records])]
+    total = len(dataset) * len(args.bpp)
+    signal.signal(signal.SIGTERM, _stop)
+    with tqdm(total=total, initial=total - len(units), unit="target") as bar:
         if args.jobs > 1:
-            # Images in parallel processes, each with its share of the cores (torch's threads would fight).
-            pool = cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                          initargs=(max(1, (os.cpu_count() or 1) // args.jobs), args.device))
-            done = (f.result() for f in cf.as_completed([pool.submit(run_image, *w, source, where) for w in work]))
+            # Units in parallel processes, each with its share of the cores (torch's threads would fight).
+            pool = mp.get_context("spawn").Pool(args.jobs, _worker_init,
+                                                (max(1, (os.cpu_count() or 1) // args.jobs), args.device))
+            done = pool.imap_unordered(_run_unit, units)
         else:
-            pool, done = None, (run_image(*w, source, where) for w in work)
+            pool, done = None, (run_image(*u) for u in units)
         try:
             for image, new, errs in done:
                 records.update(new)
@@ -595,9 +611,14 @@ def main(argv=None) -> int:
                 write_json(json_path, run)
                 bar.set_postfix_str(image)
                 bar.update()
+        except KeyboardInterrupt:
+            write_json(json_path, run)
+            tqdm.write(f"interrupted: {len(records)} records kept in {json_path}; rerun to resume", file=sys.stderr)
+            return 130
         finally:
             if pool is not None:
-                pool.shutdown(cancel_futures=True)
+                pool.terminate()  # every unit is done, or the run was interrupted: no worker is left running
+                pool.join()
 
     run["aggregates"] = aggregate(records, list(dataset), names, args.bpp)
     write_json(json_path, run)
