@@ -77,7 +77,8 @@ check)
     # The kernels' tests run compiled on the GPU, not in the interpreter; decoding and fitting tests run on CUDA.
     timeout "$(cap 120)" python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_kernels_sine_layer.py \
         tests/test_kernels_nif_decode.py tests/test_render.py tests/test_plugin.py tests/test_fit.py \
-        tests/test_stepgraph.py \
+        tests/test_stepgraph.py tests/test_postfilter.py::test_the_least_squares_sums_on_torch_tensors_are_numpys \
+        tests/test_postfilter.py::test_on_device_moves_the_arrays_to_cuda_only \
         > "$OUT/pytest.txt" 2>&1
     echo "pytest: exit $?, $(tail -1 "$OUT/pytest.txt")"
     timeout "$(cap 60)" python3 benchmarks/decode_speed.py --no-cpu --models 0.3bpp,1.0bpp \

@@ -261,6 +261,52 @@ def test_version_7_header_fields_are_checked(edit, message):
         bs.loads(_with_payload(data, b"NHDR", edit(_payload(data, b"NHDR"))))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_the_least_squares_sums_on_torch_tensors_are_numpys(device):
+    """On CUDA the encoder's post-filter sums (postfilter.on_device) run in torch on the GPU; CPU tensors take the
+    same path. Activity and classes come out bit for bit (the same float64 operations, one at a time); the
+    normal equations and errors to the rounding of another summation order; so the neighbours and thresholds the
+    encoder picks are the same."""
+    u = smooth_image(41, 33, 3)
+    coef = random_filter(3, 5, classes=3)
+    dirs = tuple(postfilter.OFFSETS[i] for i in (0, 3, 9, 17, 30))
+    cls = postfilter.classes(u, postfilter.thresholds_for(u, 3))
+    target = postfilter.apply_numpy(u, *coef, dirs, cls) + 0.003 * np.random.default_rng(2).standard_normal(u.shape)
+    ut, tt = (torch.from_numpy(a).to(device) for a in (u, target))
+    assert postfilter.thresholds_for(ut, 5) == postfilter.thresholds_for(u, 5)
+    clt = postfilter.classes(ut, postfilter.thresholds_for(u, 3))
+    assert isinstance(clt, torch.Tensor) and np.array_equal(clt.cpu().numpy(), cls)
+    np.testing.assert_array_equal(postfilter.activity(ut).cpu().numpy(), postfilter.activity(u))
+    for c, k, bp in ((None, 1, 300), (cls, 3, 300), (cls, 4, 1 << 16)):  # a class with no pixel: count 4
+        want = postfilter.normal_equations(u, target, postfilter.OFFSETS, c, k, bp)
+        got = postfilter.normal_equations(ut, tt, postfilter.OFFSETS, None if c is None else clt, k, bp)
+        for a, b in zip(got, want):
+            assert isinstance(a, np.ndarray)
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert postfilter.select(ut, tt, 5, clt, 3)[0] == postfilter.select(u, target, 5, cls, 3)[0] == dirs
+    assert postfilter.split(ut, tt, dirs, 3, bins=12) == postfilter.split(u, target, dirs, 3, bins=12)
+    assert postfilter.clear_of_pixels(ut, (0.05, 0.2)) == postfilter.clear_of_pixels(u, (0.05, 0.2))
+    candidates = [random_filter(3, 5, seed=s, classes=3) for s in range(4)]
+    np.testing.assert_allclose(postfilter.squared_errors(ut, tt, candidates, 255, dirs, clt, band_pixels=200),
+                               postfilter.squared_errors(u, target, candidates, 255, dirs, cls), rtol=1e-9)
+
+
+def test_on_device_moves_the_arrays_to_cuda_only():
+    u, t = np.zeros((2, 3, 3)), np.ones((2, 3, 3))
+    assert postfilter.on_device(u, t, "cpu") == (u, t)  # the CPU keeps numpy (and its bytes)
+    if torch.cuda.is_available():
+        got = postfilter.on_device(u, t[:, ::-1], "cuda")
+        assert all(a.is_cuda and a.dtype == torch.float64 for a in got)
+
+
+def test_an_encode_through_the_torch_sums_writes_the_same_file(filtered_file, monkeypatch):
+    """The whole post-filter stage on tensors (CUDA's path, here on CPU tensors) gives the numpy path's file."""
+    im, r = filtered_file
+    monkeypatch.setattr(postfilter, "on_device", lambda u, t, device: (torch.from_numpy(u), torch.from_numpy(t)))
+    assert fit.encode_image(im, bpp=1.5, effort=1, seed=3).data == r.data
+
+
 @pytest.fixture(scope="module")
 def filtered_file():
     """A 1.5 bpp encode of a 256x192 piece of the example (a 5x5 filter's budget), effort 1."""

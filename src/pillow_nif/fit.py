@@ -1005,16 +1005,17 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
         return data
     f = bitstream.loads(data)
     u = render(load_network(f, device), f.header.width, f.header.height, raw=True).astype(np.float64) / maxval
+    u, target = postfilter.on_device(u, pixels, device)  # on CUDA the least-squares sums are made there
     thresholds = postfilter.thresholds_for(u, plan.filter_classes) if plan.filter_classes > 1 else ()
     cls = postfilter.classes(u, thresholds) if thresholds else None
-    dirs, (mix, taps, offset) = postfilter.select(u, pixels, plan.filter_taps, cls, len(thresholds) + 1)
+    dirs, (mix, taps, offset) = postfilter.select(u, target, plan.filter_taps, cls, len(thresholds) + 1)
     if thresholds:  # neighbours chosen on equal classes; classes split where they help most, clear of pixels
-        thresholds = postfilter.clear_of_pixels(u, postfilter.split(u, pixels, dirs, plan.filter_classes))
+        thresholds = postfilter.clear_of_pixels(u, postfilter.split(u, target, dirs, plan.filter_classes))
         cls = postfilter.classes(u, thresholds)
-        mix, taps, offset = postfilter.fit(u, pixels, dirs, cls, len(thresholds) + 1)
+        mix, taps, offset = postfilter.fit(u, target, dirs, cls, len(thresholds) + 1)
     quantised = [[_quantise_tensor(t, s) for t, s in zip((mix, taps, offset), steps)] for steps in FILTER_STEPS]
     zero = [np.zeros_like(t) for t in (mix, taps, offset)]  # no filter: the error to beat
-    errors = postfilter.squared_errors(u, pixels, [zero] + [[sym * step for step, _, sym in q] for q in quantised],
+    errors = postfilter.squared_errors(u, target, [zero] + [[sym * step for step, _, sym in q] for q in quantised],
                                        maxval, dirs, cls)
     arch = dataclasses.replace(f.header.arch, filter_mask=postfilter.mask_of(dirs), filter_thresholds=thresholds)
     header = dataclasses.replace(f.header, arch=arch)

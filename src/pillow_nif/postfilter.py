@@ -20,6 +20,9 @@ their own filter (+0.07-0.16 dB over one filter on 768x512 Kodak at 1.0 bpp, NOT
 are nearly uncorrelated with the centre and with each other, so the least-squares coefficients are small and
 survive coarse rounding (plain tap weights, equivalent in exact arithmetic, are large with opposite signs). The
 filter belongs to the stored size: decoding at any other size evaluates the network alone.
+
+The encoder's least-squares sums take numpy arrays, or on CUDA float64 torch tensors on the GPU (on_device()),
+where the rest of the encode is: the same choices, the sums in another order.
 """
 
 from __future__ import annotations
@@ -76,21 +79,36 @@ def _channel_sum(u):
     return s
 
 
-def activity(u: np.ndarray) -> np.ndarray:
+def _host(a) -> np.ndarray:
+    """A numpy array of a (numpy, or a torch tensor on any device)."""
+    return a if isinstance(a, np.ndarray) else a.cpu().numpy()
+
+
+def activity(u):
     """(H, W) local activity of normalised samples u (H, W, C): the sum over the 3x3 neighbourhood of the absolute
-    horizontal and vertical second differences of the channels' sum, edges repeated."""
-    return _activity(np.pad(_channel_sum(u.astype(np.float64)), 2, mode="edge"))
+    horizontal and vertical second differences of the channels' sum, edges repeated. numpy in, numpy out; a torch
+    tensor in, a tensor on its device out (the same bits: the same float64 operations, one at a time)."""
+    if isinstance(u, np.ndarray):
+        return _activity(np.pad(_channel_sum(u.astype(np.float64)), 2, mode="edge"))
+    import torch.nn.functional as F
+
+    return _activity(F.pad(_channel_sum(u.double())[None, None], (2, 2, 2, 2), mode="replicate")[0, 0])
 
 
-def classes(u: np.ndarray, thresholds) -> np.ndarray:
-    """(H, W) class of each pixel of u: how many thresholds are at or below its activity."""
-    return np.searchsorted(np.asarray(thresholds, np.float64), activity(u), side="right")
+def classes(u, thresholds):
+    """(H, W) class of each pixel of u: how many thresholds are at or below its activity (as activity(): numpy or
+    a torch tensor, as u is)."""
+    if isinstance(u, np.ndarray):
+        return np.searchsorted(np.asarray(thresholds, np.float64), activity(u), side="right")
+    import torch
+
+    return torch.bucketize(activity(u), torch.tensor(thresholds, dtype=torch.float64, device=u.device), right=True)
 
 
-def thresholds_for(u: np.ndarray, count: int) -> tuple[float, ...]:
+def thresholds_for(u, count: int) -> tuple[float, ...]:
     """Up to count - 1 float32 thresholds that split u's pixels into `count` classes of about equal size (fewer
     where the quantiles coincide, as on a flat image)."""
-    q = np.quantile(activity(u), np.arange(1, count) / count).astype(np.float32)
+    q = np.quantile(_host(activity(u)), np.arange(1, count) / count).astype(np.float32)
     return tuple(float(v) for v in np.unique(q[q > 0]))
 
 
@@ -134,19 +152,28 @@ def apply(x, weight, bias, thresholds=()):
     return out.permute(1, 2, 0)  # (rows, W, C)
 
 
-def _columns(u: np.ndarray, r0: int, r1: int, dirs) -> np.ndarray:
+def _columns(u, r0: int, r1: int, dirs):
     """Least-squares design rows of image rows [r0, r1): the channels, their second differences, a constant.
     Neighbours come from slices of the band padded by its edge pixels, written into one array: 4x faster than
     gathering clipped columns and stacking them (1.0 against 0.24 s for a 768x512 image's 40 offsets), the same
-    values."""
+    values. u: numpy, or a float64 torch tensor (the rows are then a tensor on its device)."""
     h, w, c = u.shape
     rad = radius(dirs)
-    x = u[np.clip(np.arange(r0 - rad, r1 + rad), 0, h - 1)]
-    if rad:
-        x = np.pad(x, ((0, 0), (rad, rad), (0, 0)), mode="edge")
     d = len(dirs)
+    shape = (r1 - r0, w, c + c * d + 1)
+    if isinstance(u, np.ndarray):
+        x = u[np.clip(np.arange(r0 - rad, r1 + rad), 0, h - 1)]
+        if rad:
+            x = np.pad(x, ((0, 0), (rad, rad), (0, 0)), mode="edge")
+        out = np.empty(shape)
+    else:
+        import torch
+
+        x = u[torch.arange(r0 - rad, r1 + rad, device=u.device).clamp(0, h - 1)]
+        if rad:
+            x = torch.cat([x[:, :1].expand(-1, rad, -1), x, x[:, -1:].expand(-1, rad, -1)], 1)
+        out = torch.empty(shape, dtype=u.dtype, device=u.device)
     # [channels | for each channel c', its D differences | 1], matching taps[c, c' * D + d]
-    out = np.empty((r1 - r0, w, c + c * d + 1))
     centre = x[rad : rad + r1 - r0, rad : rad + w]
     out[..., :c] = centre
     twice = 2 * centre
@@ -158,14 +185,19 @@ def _columns(u: np.ndarray, r0: int, r1: int, dirs) -> np.ndarray:
     return out.reshape((r1 - r0) * w, -1)
 
 
-def normal_equations(u: np.ndarray, target: np.ndarray, dirs, cls=None, count: int = 1,
-                     band_pixels: int = 1 << 16):
+def normal_equations(u, target, dirs, cls=None, count: int = 1, band_pixels: int = 1 << 16):
     """The least-squares problem's Gram matrices (K, k, k) and right-hand sides (K, k, C), one per class, for
     decoded samples u and the target, both (H, W, C) in [0, 1]; cls: (H, W) classes in [0, count) or None (one
-    class). Summed band by band so that memory stays bounded for any image size."""
+    class). Summed band by band so that memory stays bounded for any image size. u, target and cls may be torch
+    tensors (float64, and cls integer) on one device, where the sums are made (on_device()); the result is numpy."""
     h, w, c = u.shape
     k = c + c * len(dirs) + 1
-    gram, cross = np.zeros((count, k, k)), np.zeros((count, k, c))
+    if isinstance(u, np.ndarray):
+        gram, cross = np.zeros((count, k, k)), np.zeros((count, k, c))
+    else:
+        import torch
+
+        gram, cross = (torch.zeros(s, dtype=torch.float64, device=u.device) for s in ((count, k, k), (count, k, c)))
     rows = max(1, band_pixels // w)
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
@@ -177,15 +209,35 @@ def normal_equations(u: np.ndarray, target: np.ndarray, dirs, cls=None, count: i
             continue
         # The band's pixels grouped by class in their own order (a stable sort): each class a slice, the same rows
         # as a mask would take, without a pass over the band per class (split() has 48 classes).
-        band = cls[r0:r1].ravel()
-        order = np.argsort(band, kind="stable")
+        order, ends = _by_class(cls[r0:r1].reshape(-1), count)
         a, y = a[order], y[order]
-        ends = np.searchsorted(band[order], np.arange(count + 1))
         for j in range(count):
             m = slice(ends[j], ends[j + 1])
             gram[j] += a[m].T @ a[m]
             cross[j] += a[m].T @ y[m]
-    return gram, cross
+    return _host(gram), _host(cross)
+
+
+def _by_class(band, count: int):
+    """The order that groups a band's pixels by class, stably, and where each class's run of it ends."""
+    if isinstance(band, np.ndarray):
+        order = np.argsort(band, kind="stable")
+        return order, np.searchsorted(band[order], np.arange(count + 1))
+    import torch
+
+    ordered, order = torch.sort(band, stable=True)
+    return order, torch.searchsorted(ordered, torch.arange(count + 1, device=band.device)).tolist()
+
+
+def on_device(u: np.ndarray, target: np.ndarray, device: str):
+    """u and target as float64 torch tensors on a CUDA device, where normal_equations(), split(), select(), fit()
+    and squared_errors() then do their sums (the encoder's post-filter stage: at 768x512 ~1.5 s of numpy on a
+    2-core CPU, the rest of the encode being on the GPU); on any other device, the numpy arrays themselves."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return u, target
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device, torch.float64) for a in (u, target))
 
 
 def _least_squares(g, x):
@@ -282,7 +334,7 @@ def clear_of_pixels(u: np.ndarray, thresholds, window: float = 1 / 256) -> tuple
     Placed by split() alone, that file's thresholds had 12 pixels within 2.2e-5 and 2 pixels changed class between
     the two decoders; moved, none (NOTES.md #142), and moving a threshold past 0.4 % of the pixels changed PSNR by
     -0.0000 to +0.0035 dB."""
-    a = np.sort(activity(u), axis=None)
+    a = np.sort(_host(activity(u)), axis=None)
     n, reach = a.size, max(1, int(window * a.size))
     out: list[float] = []
     for k, t in enumerate(thresholds):
@@ -307,8 +359,10 @@ def _outputs(u, r0: int, r1: int, dirs, coef, cls, n_out: int) -> np.ndarray:
     v = (_columns(u, r0, r1, dirs) @ coef).reshape(-1, n_out, coef.shape[1] // (n_out * c), c)
     if cls is None:
         v = v[:, :, 0]
-    else:
+    elif isinstance(v, np.ndarray):
         v = np.take_along_axis(v, cls[r0:r1].reshape(-1, 1, 1, 1), 2)[:, :, 0]
+    else:
+        v = v.gather(2, cls[r0:r1].reshape(-1, 1, 1, 1).expand(-1, n_out, 1, c))[:, :, 0]
     return v + u[r0:r1].reshape(-1, 1, c)
 
 
@@ -329,15 +383,24 @@ def apply_numpy(u: np.ndarray, mix, taps, offset, dirs, cls=None, band_pixels: i
     return out
 
 
-def squared_errors(u: np.ndarray, target: np.ndarray, candidates, peak: int, dirs, cls=None,
-                   band_pixels: int = 1 << 16) -> np.ndarray:
+def squared_errors(u, target, candidates, peak: int, dirs, cls=None, band_pixels: int = 1 << 16) -> np.ndarray:
     """Summed squared error against the target of the rounded output, at P = peak, of each candidate filter
     (mix, taps, offset) on the offsets `dirs` with pixel classes cls: each band's design is built once for all of
-    them (the encoder's step search)."""
+    them (the encoder's step search). u, target and cls may be torch tensors on one device (on_device())."""
     h, w, c = u.shape
     coef = np.concatenate([_coef(*f) for f in candidates], 1)  # (k, n K C)
-    out = np.zeros(len(candidates))
     rows = max(1, band_pixels // w)
+    if not isinstance(u, np.ndarray):
+        import torch
+
+        coef, total = torch.from_numpy(coef).to(u.device), 0
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            v = _outputs(u, r0, r1, dirs, coef, cls, len(candidates))
+            err = (v.clip(0, 1) * peak + 0.5).floor() / peak - target[r0:r1].reshape(-1, 1, c)
+            total = total + (err * err).sum((0, 2))
+        return total.cpu().numpy()
+    out = np.zeros(len(candidates))
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
         v = _outputs(u, r0, r1, dirs, coef, cls, len(candidates))
