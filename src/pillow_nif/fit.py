@@ -49,7 +49,8 @@ class Effort:
 # +0.14 dB over 4 x 450 on 4 crops at 0.6/1.0 bpp; each stage re-warms the learning rate).
 # Effort 5, the default, is at or over the CPU target (a 256x256 image in a minute on 2 cores): the README's 0.5 bpp
 # encode took 62-69 s on an idle 2-core AMD EPYC before the step's rework (NOTES.md #105-#106: 0.72x, then 0.91x of
-# the step time), and 82-124 s on a slower VM after it. A shorter second stage lost 0.08-0.10 dB (#107). Each raise paid, at 0.3 /
+# the step time), and 82-124 s on a slower VM after it; in fresh-clone CI runs 67.7-72.8 s (session 46) and 32.5 s
+# (session 47: these VMs differ ~2x). A shorter second stage lost 0.08-0.10 dB (#107). Each raise paid, at 0.3 /
 # 0.6 / 1.0 bpp on 8 crops: 2 x 1250 over 2 x 900 +0.20 dB (NOTES.md #33), 2 x 2000 +0.13 / +0.29 / +0.28 (#62),
 # 2 x 3000 +0.19 / +0.10 / +0.28 (#69), 2 x 4000 +0.17 / +0.15 / +0.22 (#97; +0.11 / +0.14 / +0.22 on all 24
 # crops). More steps of 4k pixels beat fewer of 8k (#62), so from effort 5 up every stage has 4000 steps and the
