@@ -17,7 +17,10 @@
 #                                           benchmarks/results/kodak/rd_nif-e5-cuda-s0.json (copy $OUT/rd/ back):
 #                                           NIF_RD_JOBS (default 8) encodes at once, two cores each, since one
 #                                           encode leaves the GPU mostly idle and its host stages need the CPU
-#                                           (50-60 s an encode on an H200 in session 45, eager steps, one at a time)
+#                                           (50-60 s an encode on an H200 in session 45, eager steps, one at a time);
+#                                           or NIF_RD_BATCH=N: up to N images a call of encode_many (one process,
+#                                           like-sized images fitted as one stacked network; unmeasured on a GPU,
+#                                           so only once check's batch part has shown that it runs)
 #
 # NIF_GPU_BUDGET (seconds, default 540) bounds each call's parts together, leaving time to send $OUT back.
 # A machine starts in ~30 s; a session has 15 minutes of device time, so check and one other part fit one session.
@@ -97,11 +100,13 @@ batch)
     ;;
 rd)
     mkdir -p "$OUT/rd"
-    cp benchmarks/results/kodak/rd_nif-e5-cuda-s0.json "$OUT/rd/" 2>/dev/null  # resume earlier sessions' records
+    # resume earlier sessions' records (a batch run has its own file, seeded with the classical codecs' records)
+    cp benchmarks/results/kodak/rd_nif-e5-cuda-s0.json "$OUT/rd/rd_nif-e5-cuda-s0${NIF_RD_BATCH:+-batch}.json"
+    [[ -z ${NIF_RD_BATCH:-} ]] || cp benchmarks/results/kodak/rd_nif-e5-cuda-s0-batch.json "$OUT/rd/" 2>/dev/null
     # The classical codecs' records are in the file already (encoded on a CPU): listed so that the tables have them.
     timeout "$(left)" python3 benchmarks/rd.py --dataset kodak --bpp 0.3 0.5 1.0 --codecs nif,jpeg,webp,avif,jxl \
-        --effort 5 --device cuda --jobs "${NIF_RD_JOBS:-8}" --out "$OUT/rd" --name rd_nif-e5-cuda-s0 \
-        > "$OUT/rd/log.txt" 2>&1
+        --effort 5 --device cuda --jobs "${NIF_RD_JOBS:-8}" --batch "${NIF_RD_BATCH:-0}" --out "$OUT/rd" \
+        --name "rd_nif-e5-cuda-s0${NIF_RD_BATCH:+-batch}" > "$OUT/rd/log.txt" 2>&1
     echo "rd: exit $?"
     tr '\r' '\n' < "$OUT/rd/log.txt" | tail -5
     ;;

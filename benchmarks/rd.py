@@ -5,6 +5,7 @@
     python benchmarks/rd.py --dataset kodak --codecs nif,webp,avif --effort 5 --device cuda
     python benchmarks/rd.py --dataset path/to/pngs --only img1,img2 --codecs jpeg,jxl
     python benchmarks/rd.py --dataset kodak-crop256 --jobs 2          # 2 processes
+    python benchmarks/rd.py --dataset kodak --device cuda --batch 12  # NIF by encode_many, 12 images a call
 
 Datasets: `kodak` (../shared/datasets/kodak, 768x512), `kodak-crop256` (their 256x256 centre crops) or a folder of
 PNGs; every image is converted to RGB first.  Every codec writes a real file and its rate is the file's size on disk * 8 / (w * h).  pillow-nif is driven through
@@ -180,8 +181,10 @@ class NIF(Codec):
 
     name, ext = "nif", ".nif"
 
-    def __init__(self, effort: int, device: str, seed: int):
-        self.params = {"effort": effort, "device": device, "seed": seed}
+    def __init__(self, effort: int, device: str, seed: int, batch: int = 0):
+        self.options = {"effort": effort, "device": device, "seed": seed}  # Image.save's and encode_many's
+        # batch: up to that many images of a target encoded by one pillow_nif.encode_many call (run_batch)
+        self.params = {**self.options, **({"batch": batch} if batch else {})}
 
     def unavailable(self):
         try:
@@ -196,7 +199,7 @@ class NIF(Codec):
 
     def encode(self, img, bpp, path):
         t0 = time.perf_counter()
-        img.save(path, bpp=bpp, **self.params)
+        img.save(path, bpp=bpp, **self.options)
         return {"enc_s": time.perf_counter() - t0}
 
     def decode(self, path):
@@ -473,6 +476,9 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<dataset>/)")
     p.add_argument("--name", help="run file stem (default rd, or rd_nif-e<effort>-<device>-s<seed> with nif); reruns resume it")
     p.add_argument("--fresh", action="store_true", help="ignore records already in the run file")
+    p.add_argument("--batch", type=int, default=0, metavar="N",
+                   help="NIF: up to N images of a target in one pillow_nif.encode_many call (like-sized images fitted "
+                        "as one stacked network, for a GPU), in the main process; 0: one Image.save per image")
     p.add_argument("--jobs", type=int, default=1,
                    help="(image, target) units encoded in parallel processes, the cores shared out (timings then "
                         "share the machine)")
@@ -504,32 +510,60 @@ def _run_unit(unit: tuple) -> tuple[str, dict, list]:
 def run_image(image: str, img: Image.Image, todo: list, source: str, where: dict) -> tuple[str, dict, list]:
     """Encode and decode one image with each (codec, target) of `todo`; its records and errors."""
     records, errors = {}, []
-    ref = np.array(img)
     with tempfile.TemporaryDirectory() as tmp:
         for codec, t in todo:
-            k = key(image, codec.name, t)
             path = Path(tmp) / f"{image}_{t:g}{codec.ext}"
             try:
                 info = codec.encode(img, t, path)
-                t0 = time.perf_counter()
-                dec = codec.decode(path)
-                dec_s = time.perf_counter() - t0
-                if dec.size != img.size:
-                    raise RuntimeError(f"decoded size {dec.size} != {img.size}")
             except Exception as e:
-                errors.append({"key": k, "error": f"{type(e).__name__}: {e}"})
+                errors.append({"key": key(image, codec.name, t), "error": f"{type(e).__name__}: {e}"})
                 continue
-            out_arr = np.array(dec)
-            size = path.stat().st_size
-            m = mse(ref, out_arr)
-            records[k] = {
-                "image": image, "codec": codec.name, "target_bpp": t, "width": img.width, "height": img.height,
-                "bytes": size, "bpp": size * 8 / (img.width * img.height),
-                "over_target": size > math.floor(t * img.width * img.height / 8),
-                "mse": m, "psnr": psnr(m), "ms_ssim": ms_ssim(ref, out_arr), "dec_s": dec_s, **info,
-                "source": source, "machine": where.get(codec.name, where["cpu"]),
-            }
+            _measure(image, img, codec, t, path, info, source, where, records, errors)
     return image, records, errors
+
+
+def run_batch(codec: NIF, items: list, t: float, source: str, where: dict) -> tuple[dict, list]:
+    """NIF at target t for several (name, image) pairs in one pillow_nif.encode_many call, which fits like-sized
+    images as one stacked network (one GPU kept busy by many networks, where one encode leaves it mostly idle);
+    each file then written and decoded as run_image's are. The call's time is shared out evenly (enc_s)."""
+    records, errors = {}, []
+    t0 = time.perf_counter()
+    try:
+        files = _import_nif().encode_many([img for _, img in items], bpp=t, **codec.options)
+    except Exception as e:
+        return {}, [{"key": key(image, codec.name, t), "error": f"{type(e).__name__}: {e}"} for image, _ in items]
+    info = {"enc_s": (time.perf_counter() - t0) / len(items), "encode_many": len(items)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for (image, img), data in zip(items, files):
+            path = Path(tmp) / f"{image}_{t:g}{codec.ext}"
+            path.write_bytes(data)
+            _measure(image, img, codec, t, path, info, source, where, records, errors)
+    return records, errors
+
+
+def _measure(image: str, img: Image.Image, codec: Codec, t: float, path: Path, info: dict, source: str, where: dict,
+             records: dict, errors: list) -> None:
+    """Decode `path`, codec's file of `image` at target t, into a record (or an error)."""
+    k = key(image, codec.name, t)
+    try:
+        t0 = time.perf_counter()
+        dec = codec.decode(path)
+        dec_s = time.perf_counter() - t0
+        if dec.size != img.size:
+            raise RuntimeError(f"decoded size {dec.size} != {img.size}")
+    except Exception as e:
+        errors.append({"key": k, "error": f"{type(e).__name__}: {e}"})
+        return
+    ref, out_arr = np.array(img), np.array(dec)
+    size = path.stat().st_size
+    m = mse(ref, out_arr)
+    records[k] = {
+        "image": image, "codec": codec.name, "target_bpp": t, "width": img.width, "height": img.height,
+        "bytes": size, "bpp": size * 8 / (img.width * img.height),
+        "over_target": size > math.floor(t * img.width * img.height / 8),
+        "mse": m, "psnr": psnr(m), "ms_ssim": ms_ssim(ref, out_arr), "dec_s": dec_s, **info,
+        "source": source, "machine": where.get(codec.name, where["cpu"]),
+    }
 
 
 def main(argv=None) -> int:
@@ -545,7 +579,7 @@ def main(argv=None) -> int:
 
     codecs = []
     for name in args.codecs:
-        codec = CODECS[name](args.effort, args.device, args.seed) if name == "nif" else CODECS[name]()
+        codec = CODECS[name](args.effort, args.device, args.seed, args.batch) if name == "nif" else CODECS[name]()
         if reason := codec.unavailable():
             print(f"skipping {name}: {reason}", file=sys.stderr)
         else:
@@ -587,38 +621,54 @@ def main(argv=None) -> int:
         print(f"warning: {len(stale)} nif records were encoded by other code than src/ and kernels/ now hold; "
               "use --fresh (or another --name) to re-encode them", file=sys.stderr)
 
+    # --batch: NIF's records by encode_many, a target at a time, like-sized images in the same call (run_batch).
+    batched = next((c for c in codecs if c.name == "nif"), None) if args.batch else None
+    batches = []
+    for t in args.bpp if batched else ():
+        todo = [i for _, i in sorted((img.size, i) for i, img in dataset.items() if key(i, "nif", t) not in records)]
+        batches += [(t, todo[k : k + args.batch]) for k in range(0, len(todo), args.batch)]
     # One unit per (image, target), submitted image by image: a run cut short (a lent GPU's time limit) keeps
     # whole targets done, and with --jobs the processes share out targets rather than whole images.
     units = [(image, img, todo, source, where) for image, img in dataset.items() for t in args.bpp
-             if (todo := [(c, t) for c in codecs if key(image, c.name, t) not in records])]
+             if (todo := [(c, t) for c in codecs if c is not batched and key(image, c.name, t) not in records])]
     total = len(dataset) * len(args.bpp)
+
+    def keep(new: dict, errs: list) -> None:
+        records.update(new)
+        errors.extend(errs)
+        for e in errs:
+            tqdm.write(f"{e['key']}: {e['error']}", file=sys.stderr)
+        run["aggregates"] = aggregate(records, list(dataset), names, args.bpp)
+        write_json(json_path, run)
+
     signal.signal(signal.SIGTERM, _stop)
-    with tqdm(total=total, initial=total - len(units), unit="target") as bar:
-        if args.jobs > 1:
-            # Units in parallel processes, each with its share of the cores (torch's threads would fight).
-            pool = mp.get_context("spawn").Pool(args.jobs, _worker_init,
-                                                (max(1, (os.cpu_count() or 1) // args.jobs), args.device))
-            done = pool.imap_unordered(_run_unit, units)
-        else:
-            pool, done = None, (run_image(*u) for u in units)
-        try:
+    pool = None
+    try:
+        for t, chunk in batches:
+            t0 = time.perf_counter()
+            keep(*run_batch(batched, [(i, dataset[i]) for i in chunk], t, source, where))
+            tqdm.write(f"nif at {t:g} bpp: {', '.join(chunk)} by encode_many in {time.perf_counter() - t0:.1f} s",
+                       file=sys.stderr)
+        with tqdm(total=total, initial=total - len(units), unit="target") as bar:
+            if args.jobs > 1:
+                # Units in parallel processes, each with its share of the cores (torch's threads would fight).
+                pool = mp.get_context("spawn").Pool(args.jobs, _worker_init,
+                                                    (max(1, (os.cpu_count() or 1) // args.jobs), args.device))
+                done = pool.imap_unordered(_run_unit, units)
+            else:
+                done = (run_image(*u) for u in units)
             for image, new, errs in done:
-                records.update(new)
-                errors.extend(errs)
-                for e in errs:
-                    tqdm.write(f"{e['key']}: {e['error']}", file=sys.stderr)
-                run["aggregates"] = aggregate(records, list(dataset), names, args.bpp)
-                write_json(json_path, run)
+                keep(new, errs)
                 bar.set_postfix_str(image)
                 bar.update()
-        except KeyboardInterrupt:
-            write_json(json_path, run)
-            tqdm.write(f"interrupted: {len(records)} records kept in {json_path}; rerun to resume", file=sys.stderr)
-            return 130
-        finally:
-            if pool is not None:
-                pool.terminate()  # every unit is done, or the run was interrupted: no worker is left running
-                pool.join()
+    except KeyboardInterrupt:
+        write_json(json_path, run)
+        tqdm.write(f"interrupted: {len(records)} records kept in {json_path}; rerun to resume", file=sys.stderr)
+        return 130
+    finally:
+        if pool is not None:
+            pool.terminate()  # every unit is done, or the run was interrupted: no worker is left running
+            pool.join()
 
     run["aggregates"] = aggregate(records, list(dataset), names, args.bpp)
     write_json(json_path, run)
