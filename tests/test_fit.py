@@ -492,3 +492,49 @@ def test_one_tensor_mse_from_its_layer_on_is_the_whole_pass(budget, keep, monkey
         whole = image_mse(f.model, f.target, {**dict(f.model.named_tensors()), name: changed}, 2)
         assert one(name, changed) == whole, name
         assert whole != image_mse(f.model, f.target, stride=2), name  # the change shows
+
+
+def _corner(box=(0, 0, 96, 64)):
+    """A 96x64 piece of the example; its top left corner is smooth (out of focus), and its default network at
+    2 bpp rounds badly."""
+    from PIL import Image
+
+    from conftest import ROOT
+
+    return Image.open(ROOT / "examples" / "kodim23-crop.png").convert("RGB").crop(box)
+
+
+def test_a_network_too_large_for_its_bits_is_fitted_again_smaller():
+    # Small smooth images at high rates fit far better than 5.5 bits a parameter can round: this corner's network
+    # (2117 parameters at effort 3) lost 2.5 dB to rounding; at 7 bits a smaller one lost 0.2 (NOTES.md #170).
+    im = _corner()
+    once = encode_image(im, bpp=2.0, effort=3, config=FitConfig(refit_loss=float("inf")))
+    ticks = []
+    r = encode_image(im, bpp=2.0, effort=3, progress=lambda done, total: ticks.append((done, total)))
+    assert r.arch.num_params() < once.arch.num_params() and len(r.data) <= 96 * 64 * 2 // 8
+    assert r.psnr > once.psnr + 1.0
+    steps = 2 * 400 + 80  # effort 3's fitting and tuning steps, twice: the bar counts both fits
+    assert ticks[-1] == (2 * steps, 2 * steps)
+
+
+@pytest.mark.parametrize("bits", [7.0, 3.5])
+def test_the_refit_keeps_the_better_file(bits):
+    # The refit forced (any rounding loss), at more bits a parameter (a smaller network: better on this piece at
+    # effort 2) and at fewer (a larger one, rounded worse): the file is whichever decodes better.
+    im = _corner((160, 0, 256, 64))
+    a, b = (encode_image(im, bpp=2.0, effort=2, config=FitConfig(bits_per_param=x, refit_loss=float("inf")))
+            for x in (5.5, bits))
+    assert a.arch != b.arch and a.psnr != b.psnr
+    forced = FitConfig(refit_loss=-float("inf"), refit_bits=bits - 5.5)
+    assert encode_image(im, bpp=2.0, effort=2, config=forced).data == max(a, b, key=lambda x: x.psnr).data
+
+
+def test_encode_many_refits_as_encode_does():
+    # In a stack, the image whose network rounded badly is fitted again alone; the other keeps its stacked fit.
+    from pillow_nif.batch import encode_batch
+
+    ims = [_corner(), _corner((80, 96, 176, 160))]
+    results = encode_batch(ims, bpp=2.0, effort=3)
+    assert results[0].arch == encode_image(ims[0], bpp=2.0, effort=3).arch
+    assert results[0].arch.num_params() < results[1].arch.num_params()
+    assert all(len(r.data) <= 96 * 64 * 2 // 8 for r in results)

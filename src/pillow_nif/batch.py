@@ -95,12 +95,17 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     # Every image is checked (mode, budget) before any fitting starts.
     jobs = [_plan(i, _as_image(im), target_bpp, colour, metadata[i] if metadata is not None else common, cfg, eff)
             for i, im in enumerate(images)]
+
+    def replan(job: _Job, c: fit.FitConfig) -> fit.Plan:  # the plan of a refit (fit.refit)
+        return _plan(job.index, job.image, target_bpp, colour, metadata[job.index] if metadata is not None else common,
+                     c, eff).plan
+
     bar = fit._progress(progress, len(jobs) * (eff.stages * eff.iters + eff.qat_stages * eff.qat_iters))
     results: list[fit.EncodeResult | None] = [None] * len(jobs)
     try:
         for group in _groups(jobs, device, eff):
             t0 = time.perf_counter()
-            done = _encode_group(group, device, eff, cfg, seed, use_fused, bar, measure)
+            done = _encode_group(group, device, eff, cfg, seed, use_fused, bar, measure, replan)
             seconds = (time.perf_counter() - t0) / len(group)  # the group's time, shared out evenly
             for job, r in zip(group, done):
                 r.seconds = seconds
@@ -150,11 +155,13 @@ def _groups(jobs: list[_Job], device: str, eff: fit.Effort) -> list[list[_Job]]:
 
 
 def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitConfig, seed: int,
-                  use_fused: bool, bar, measure: bool = True) -> list[fit.EncodeResult]:
-    """encode_image for a group of like images: fit together, rate-control each, tune together, code each."""
+                  use_fused: bool, bar, measure: bool = True, replan=None) -> list[fit.EncodeResult]:
+    """encode_image for a group of like images: fit together, rate-control each, tune together, code each; an image
+    whose network rounded badly is fitted again alone, as encode_image would (fit.refit; replan(job, cfg) is its
+    plan for a config)."""
     arrays = [_arrays(j) for j in group]
     fitter = BatchFitter([a[1] for a in arrays], group[0].header.arch, device, eff, cfg, seed, use_fused)
-    fitter.fit(lambda n: bar.update(n * len(group)))
+    fit_mses = fitter.fit(lambda n: bar.update(n * len(group)))
     fit_pixels, codings, files = [], [], []
     for i, (job, (_, _, maxval)) in enumerate(zip(group, arrays)):
         model = fitter.model.unstack(i)
@@ -174,10 +181,15 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
                 alone.model.load_state_dict(model.state_dict())
                 data = fit.tune_and_code(alone, plan, codings[i], files[i], fit_states[i], tuned=True)
             files[i] = data
-    files = [fit.add_post_filter(data, pixels, maxval, job.plan, device)
-             for job, data, (pixels, _, maxval) in zip(group, files, arrays)]
-    return [fit.score(data, pixels, maxval, fp, device, 0.0, job.header.arch)
-            for job, data, fp, (pixels, _, maxval) in zip(group, files, fit_pixels, arrays)]
+    results = []
+    for i, (job, data, (pixels, target, maxval)) in enumerate(zip(group, files, arrays)):
+        target = torch.from_numpy(target).float().to(device)
+        loss = fit.rounding_loss(data, fitter.model.unstack(i), target, float(fit_mses[i]))
+        data = fit.add_post_filter(data, pixels, maxval, job.plan, device)
+        data, fp, plan = fit.refit(data, fit_pixels[i], loss, job.plan, lambda c: replan(job, c), pixels, maxval,
+                                   device, eff, cfg, seed, bar, measure) if replan else (data, fit_pixels[i], job.plan)
+        results.append(fit.score(data, pixels, maxval, fp, device, 0.0, plan.header.arch))
+    return results
 
 
 # ---- the stacked network -----------------------------------------------------------------------------
