@@ -538,3 +538,25 @@ def test_encode_many_refits_as_encode_does():
     assert results[0].arch == encode_image(ims[0], bpp=2.0, effort=3).arch
     assert results[0].arch.num_params() < results[1].arch.num_params()
     assert all(len(r.data) <= 96 * 64 * 2 // 8 for r in results)
+
+
+def test_the_rounding_loss_is_that_of_the_stored_network():
+    # fit.rounding_loss reads the weights back from the file (neurons in the file's order, steps as stored): the
+    # network a decoder evaluates, which must be the one the rate control rounded.
+    import math
+
+    from pillow_nif import fit
+    from pillow_nif.colour import to_network_space
+    from pillow_nif.imaging import prepare_image
+
+    im, cfg, eff = photo(32, 24), FitConfig(), fit.EFFORTS[1]
+    plan = fit.plan_encode(im, 4.0, "auto", {}, cfg, eff)
+    pixels, _, _ = prepare_image(im)
+    fitter = fit.Fitter(to_network_space(pixels, plan.header.colour), plan.header.arch, "cpu", eff, cfg, 0)
+    fit_mse = fitter.fit(lambda n: None)
+    data, codings = fit.quantise(fitter.model, fitter.target, plan, cfg)
+    want = fitter.mse(fit.fake_quantized(fitter.model, codings))
+    assert fit.image_mse(fitter.model, fitter.target, fit._file_weights(data, fitter.model)) == pytest.approx(
+        want, rel=1e-5)
+    assert fit.rounding_loss(data, fitter.model, fitter.target, fit_mse) == pytest.approx(
+        10 * math.log10(want / fit_mse), abs=1e-4) and want > fit_mse
