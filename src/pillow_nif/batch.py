@@ -93,12 +93,11 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     common = dict(icc_profile=icc_profile, exif=exif, xmp=xmp)
     eff = fit.EFFORTS[effort]
     # Every image is checked (mode, budget) before any fitting starts.
-    jobs = [_plan(i, _as_image(im), target_bpp, colour, metadata[i] if metadata is not None else common, cfg, eff)
-            for i, im in enumerate(images)]
+    meta = [metadata[i] if metadata is not None else common for i in range(len(images))]
+    jobs = [_plan(i, _as_image(im), target_bpp, colour, meta[i], cfg, eff) for i, im in enumerate(images)]
 
     def replan(job: _Job, c: fit.FitConfig) -> fit.Plan:  # the plan of a refit (fit.refit)
-        return _plan(job.index, job.image, target_bpp, colour, metadata[job.index] if metadata is not None else common,
-                     c, eff).plan
+        return _plan(job.index, job.image, target_bpp, colour, meta[job.index], c, eff).plan
 
     bar = fit._progress(progress, len(jobs) * (eff.stages * eff.iters + eff.qat_stages * eff.qat_iters))
     results: list[fit.EncodeResult | None] = [None] * len(jobs)
@@ -155,7 +154,7 @@ def _groups(jobs: list[_Job], device: str, eff: fit.Effort) -> list[list[_Job]]:
 
 
 def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitConfig, seed: int,
-                  use_fused: bool, bar, measure: bool = True, replan=None) -> list[fit.EncodeResult]:
+                  use_fused: bool, bar, measure: bool, replan) -> list[fit.EncodeResult]:
     """encode_image for a group of like images: fit together, rate-control each, tune together, code each; an image
     whose network rounded badly is fitted again alone, as encode_image would (fit.refit; replan(job, cfg) is its
     plan for a config)."""
@@ -163,11 +162,11 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
     fitter = BatchFitter([a[1] for a in arrays], group[0].header.arch, device, eff, cfg, seed, use_fused)
     fit_mses = fitter.fit(lambda n: bar.update(n * len(group)))
     fit_pixels, codings, files = [], [], []
+    targets = [torch.from_numpy(a[1]).float().to(device) for a in arrays]
     for i, (job, (_, _, maxval)) in enumerate(zip(group, arrays)):
         model = fitter.model.unstack(i)
         fit_pixels.append(fit._render_model(model, job.header, maxval) if measure else None)
-        target = torch.from_numpy(arrays[i][1]).float().to(device)
-        data, coding = fit.quantise(model, target, job.plan, cfg)
+        data, coding = fit.quantise(model, targets[i], job.plan, cfg)
         codings.append(coding)
         files.append(data)
     if eff.qat_stages:  # as fit.tune_and_code, the tuning for the whole group at once
@@ -182,12 +181,11 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
                 data = fit.tune_and_code(alone, plan, codings[i], files[i], fit_states[i], tuned=True)
             files[i] = data
     results = []
-    for i, (job, data, (pixels, target, maxval)) in enumerate(zip(group, files, arrays)):
-        target = torch.from_numpy(target).float().to(device)
-        loss = fit.rounding_loss(data, fitter.model.unstack(i), target, float(fit_mses[i]))
+    for i, (job, data, (pixels, _, maxval)) in enumerate(zip(group, files, arrays)):
+        loss = fit.rounding_loss(data, fitter.model.unstack(i), targets[i], float(fit_mses[i]))
         data = fit.add_post_filter(data, pixels, maxval, job.plan, device)
         data, fp, plan = fit.refit(data, fit_pixels[i], loss, job.plan, lambda c: replan(job, c), pixels, maxval,
-                                   device, eff, cfg, seed, bar, measure) if replan else (data, fit_pixels[i], job.plan)
+                                   device, eff, cfg, seed, bar, measure)
         results.append(fit.score(data, pixels, maxval, fp, device, 0.0, plan.header.arch))
     return results
 
