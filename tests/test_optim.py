@@ -225,6 +225,56 @@ def test_sparse_steps_fit_at_a_lower_rate_with_the_same_shrinkage_a_step():
     assert {g["weight_decay"] for g in tuning.param_groups} == {0.0}
 
 
+def test_sparse_steps_end_with_a_polishing_stage_and_tune_longer():
+    # 768x512 (1/64 of the image a step): the large networks were short of converged, a stage of half a stage's
+    # steps at lr / 10 after the last one fitted 0.2-0.3 dB better, and twice the tuning at 0.7 x its rate rounded
+    # 0.06 dB better (NOTES.md #172); crops, short stages and plain networks keep the recipe they were tuned with
+    cfg = FitConfig()
+    arch = choose_architecture(768, 512, 3, 20000, cfg)
+
+    def schedule(h, w, effort=fit.EFFORTS[5], arch=arch):
+        f = fit.Fitter(np.zeros((h, w, 3), np.float32), arch, "cpu", effort, cfg, 0)
+        return f.polish_iters, f.qat_iters, f.qat_lr
+
+    e = fit.EFFORTS[5]
+    assert schedule(512, 768) == (e.iters // 2, 2 * e.qat_iters, pytest.approx(0.7 * cfg.qat_lr))
+    assert schedule(256, 256) == (0, e.qat_iters, cfg.qat_lr)
+    polish, qat_iters, qat_lr = schedule(384, 384)  # between the measured shares: between their schedules
+    assert 0 < polish < e.iters // 2 and e.qat_iters < qat_iters < 2 * e.qat_iters and 0.7 * cfg.qat_lr < qat_lr
+    e3 = fit.EFFORTS[3]
+    assert schedule(512, 768, e3) == (0, e3.qat_iters, cfg.qat_lr)
+    plain = choose_architecture(64, 64, 3, 1500, cfg)
+    assert schedule(512, 768, arch=plain) == (0, e.qat_iters, cfg.qat_lr)
+
+
+def _polished(cfg):
+    """A tiny fit whose steps sample 1/64 of a 64x64 image, its stages counted as long: a polishing stage follows.
+    Returns the fitter and the fit's MSE."""
+    from pillow_nif.bitstream import Header
+
+    cfg = dataclasses.replace(cfg, matrix_decay_iters=12)
+    effort = fit.Effort(2, 12, 1, 6, 16)
+    arch = choose_architecture(64, 64, 3, 6000, cfg)
+    target = np.random.default_rng(0).uniform(-1, 1, (64, 64, 3)).astype(np.float32)
+    f = fit.Fitter(target, arch, "cpu", effort, cfg, 0)
+    assert arch.mod_widths and f.stride == 8 and f.qat_iters == 12
+    assert f.polish_iters == round(cfg.polish * 12)
+    ticks = []
+    best = f.fit(lambda n: ticks.append(n))
+    # the progress bar's total counts the polishing and the longer tuning
+    assert sum(ticks) + effort.qat_stages * f.qat_iters == fit.fit_work(Header(64, 64, "RGB", 0, arch), effort, cfg)
+    return f, best
+
+
+def test_the_polishing_stage_keeps_the_fits_best_weights():
+    unpolished = _polished(FitConfig(polish=0))[1]
+    f, best = _polished(FitConfig())
+    assert f.mse() == pytest.approx(best, rel=1e-6) and best < unpolished
+    # a polish that diverges is thrown away: the weights are those the stages before it ended with
+    f, diverged = _polished(FitConfig(polish_lr=1e4))
+    assert diverged == unpolished and f.mse() == pytest.approx(unpolished, rel=1e-6)
+
+
 def test_plain_networks_fit_with_adamw():
     # Muon fitted the unmodulated networks of 0.3 bpp better, but their files came out worse (NOTES.md #84)
     cfg = FitConfig()

@@ -99,7 +99,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     def replan(job: _Job, c: fit.FitConfig) -> fit.Plan:  # the plan of a refit (fit.refit)
         return _plan(job.index, job.image, target_bpp, colour, meta[job.index], c, eff).plan
 
-    bar = fit._progress(progress, len(jobs) * (eff.stages * eff.iters + eff.qat_stages * eff.qat_iters))
+    bar = fit._progress(progress, sum(fit.fit_work(j.header, eff, cfg) for j in jobs))
     results: list[fit.EncodeResult | None] = [None] * len(jobs)
     try:
         for group in _groups(jobs, device, eff):
@@ -385,6 +385,9 @@ class BatchFitter(fit.Fitter):
                 self.restart(stage / max(1, e.stages - 1))
             self.run_stage(e.iters, self.stage_lr(stage), tick)
             best = self._keep_best(self.mse(), best)
+        if self.polish_iters:
+            self.run_stage(self.polish_iters, self.lr * self.cfg.polish_lr, tick)
+            best = self._keep_best(self.mse(), best)
         return best[0]
 
     def tune(self, codings: list[list], tick):
@@ -405,7 +408,7 @@ class BatchFitter(fit.Fitter):
 
         best = self._keep_best(self.mse(quantised()), None)
         for _ in range(e.qat_stages):
-            self.run_stage(e.qat_iters, self.cfg.qat_lr, tick, quantised)
+            self.run_stage(self.qat_iters, self.qat_lr, tick, quantised)
             best = self._keep_best(self.mse(quantised()), best, go_back=False)
         with torch.no_grad():
             for (_, t), b in zip(self.model.named_tensors(), best[1]):

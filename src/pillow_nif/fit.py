@@ -1,11 +1,12 @@
 """Encoding: fit a NIF network to an image, quantise, entropy code, and honour the bit budget.
 
 The recipe follows NIF: training in stages, each warming its rate up, holding it, then a cosine decay, with a
-partial weight restart (perturbation) between stages, a log-cosh loss (NIF's small SSIM term is optional), then
-quantisation-aware tuning. AdamW trains every parameter, except that Muon (optim.py) trains the hidden and
-output matrices of modulated networks while they are fitted. The architecture follows from the budget (and,
-for small budgets, from the effort's stage length); per-tensor quantisation steps are allocated by measured
-distortion per bit, and one global factor on them lands the *whole file* just under ``bpp * width * height`` bits.
+partial weight restart (perturbation) between stages (and on large images a last, gentle stage without one), a
+log-cosh loss (NIF's small SSIM term is optional), then quantisation-aware tuning. AdamW trains every parameter,
+except that Muon (optim.py) trains the hidden and output matrices of modulated networks while they are fitted. The
+architecture follows from the budget (and, for small budgets, from the effort's stage length); per-tensor
+quantisation steps are allocated by measured distortion per bit, and one global factor on them lands the *whole
+file* just under ``bpp * width * height`` bits.
 """
 
 from __future__ import annotations
@@ -172,6 +173,16 @@ class FitConfig:
     # over 10 points: it fitted better but lost 0.09-0.13 dB more to rounding (#151); 0.5 instead of 2/3 was +0.02
     # on 6 points (#154). Crops (a step samples decay_fraction) and short stages keep lr.
     sparse_lr: float = 2 / 3
+    # Sparse steps (`sparseness` 1: 768x512) leave the large networks short of converged. A stage of polish x a
+    # stage's steps after the last one, without a restart, from the best weights at lr x polish_lr, fitted +0.33 ...
+    # +0.47 dB better at 1.0 bpp (network space; +0.23 / +0.28 at 0.5, +0.14 at 0.3), of which rounding took
+    # 0.1-0.2 back (lr x 0.2 fitted less: +0.03 ... +0.07 dB in the file). The tuning, sparse_qat_iters times as long
+    # at qat_lr x sparse_qat_lr, rounded 0.02-0.09 dB better (twice the steps at qat_lr: less; on crops neutral,
+    # #67). Together +0.24 ... +0.29 dB at 1.0 bpp on 4 images, +0.10 / +0.16 at 0.5, +0.06 at 0.3 (NOTES.md #172).
+    polish: float = 0.5
+    polish_lr: float = 0.1
+    sparse_qat_iters: float = 2.0
+    sparse_qat_lr: float = 0.7
     # Where a fitting or tuning step samples part of the image, draw its pixels in proportion to their last measured
     # loss ** importance_power, mixed with a uniform share 1 - importance, each pixel's loss weighted back to an
     # unbiased estimate (sampling.py); 0: the strided grid alone.
@@ -216,6 +227,31 @@ def step_stride(h: int, w: int, effort: Effort) -> int:
     huge images are still sampled densely). The same on every device: the recipe was tuned on these steps, and the
     GPU's own 256k a step fitted kodim23 0.71 / 0.58 dB worse at 0.3 / 1.0 bpp on an H200 (benchmarks/NOTES.md #163)."""
     return max(1, math.ceil(math.sqrt(h * w / max(effort.batch, h * w // 64))))
+
+
+def sparseness(h: int, w: int, arch: Architecture, effort: Effort, cfg: FitConfig) -> float:
+    """How much sparser than the recipe's tuning a fitting step samples the image: 0 where a step samples
+    cfg.decay_fraction of it or more (256x256 crops at 4k pixels a step), 1 where a quarter of that or less (768x512,
+    on every device), linear in the share between (only the ends are measured). Only modulated networks with long
+    stages (effort 5 up) were measured at full size; the rest keep the crops' recipe (0)."""
+    if not arch.mod_widths or effort.iters < cfg.matrix_decay_iters:
+        return 0.0
+    share = 1 / (step_stride(h, w, effort) ** 2 * cfg.decay_fraction)
+    return min(1.0, max(0.0, (1 - share) / 0.75))
+
+
+def sparse_schedule(sparse: float, effort: Effort, cfg: FitConfig) -> tuple[int, int, float]:
+    """(polishing steps, tuning steps a stage, tuning rate) at a step's `sparseness` (FitConfig.polish)."""
+    polish = round(cfg.polish * effort.iters * sparse)
+    qat_iters = round(effort.qat_iters * (1 + (cfg.sparse_qat_iters - 1) * sparse))
+    return polish, qat_iters, cfg.qat_lr * (1 - (1 - cfg.sparse_qat_lr) * sparse)
+
+
+def fit_work(header: Header, effort: Effort, cfg: FitConfig) -> int:
+    """The optimiser steps of one fit of header's network and its tuning (what the progress bar counts)."""
+    sparse = sparseness(header.height, header.width, header.arch, effort, cfg)
+    polish, qat_iters, _ = sparse_schedule(sparse, effort, cfg)
+    return effort.stages * effort.iters + polish + effort.qat_stages * qat_iters
 
 
 def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tuple[float, int]:
@@ -365,7 +401,10 @@ class Fitter:
         # The decays of the input layer and the modulation, and the sparse steps' rate, were measured with long
         # stages only; short ones (efforts 1-4) keep the rates and decays they were tuned with.
         self.long_stages = effort.iters >= cfg.matrix_decay_iters
-        self.step_scale = self.sparse_step_scale() if self.long_stages and not plain else 1.0
+        self.sparse = sparseness(self.h, self.w, arch, effort, cfg)
+        self.step_scale = 1 - (1 - cfg.sparse_lr) * self.sparse  # the optimizer divides the decays by it
+        # Sparse steps also end the fit with a gentle stage and tune longer at a lower rate (FitConfig.polish).
+        self.polish_iters, self.qat_iters, self.qat_lr = sparse_schedule(self.sparse, effort, cfg)
         self.lr, self.warmup = (cfg.plain_lr, cfg.plain_warmup) if plain else (cfg.lr * self.step_scale, cfg.warmup)
         self.subgrid = None  # built on first use: BatchFitter evaluates its stacked networks its own way
         # Steps that sample part of the image draw their pixels (sample), except for SSIM, which needs the grid's
@@ -385,13 +424,6 @@ class Fitter:
         """The share of the image a step samples, relative to cfg.decay_fraction (under 1: sparser than a
         256x256 crop's steps of 4k pixels, where the decays and the warm-up were tuned)."""
         return 1 / (self.stride**2 * self.cfg.decay_fraction)
-
-    def sparse_step_scale(self) -> float:
-        """The modulated networks' fitting rate relative to cfg.lr: cfg.sparse_lr where a step samples a quarter
-        of cfg.decay_fraction or less, 1 where it samples all of it, linear in the share between (only the ends
-        are measured). The decays are divided by it (optimizer), so each step shrinks the weights as before."""
-        share = min(1.0, self.sampled_share())
-        return 1 - (1 - self.cfg.sparse_lr) * min(1.0, (1 - share) / 0.75)
 
     def axes(self, rows, cols):
         return pixel_axes(self.h, self.w, rows, cols, self.device)
@@ -588,6 +620,12 @@ class Fitter:
             else:
                 self.model.load_state_dict(best_state)
         self.model.load_state_dict(best_state)
+        if self.polish_iters:  # no restart: the best weights go on at a low rate (FitConfig.polish)
+            self.run_stage(self.polish_iters, self.lr * self.cfg.polish_lr, tick)
+            mse = self.mse()
+            if mse < best_mse:
+                return mse
+            self.model.load_state_dict(best_state)
         return best_mse
 
 
@@ -1117,7 +1155,7 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     metadata = dict(icc_profile=icc_profile, exif=exif, xmp=xmp)
     plan = plan_encode(image, target_bpp, colour, metadata, cfg, eff)
     pixels, _, maxval = prepare_image(image)  # (H, W, C) float64 in [0, 1]
-    bar = _progress(progress, eff.stages * eff.iters + eff.qat_stages * eff.qat_iters)
+    bar = _progress(progress, fit_work(plan.header, eff, cfg))
     try:
         data, fit_pixels, loss = _fit_and_code(pixels, maxval, plan, device, eff, cfg, seed, bar, measure)
         data, fit_pixels, plan = refit(data, fit_pixels, loss, plan, lambda c: plan_encode(
@@ -1164,7 +1202,7 @@ def refit(data: bytes, fit_pixels, loss: float, plan: Plan, replan: Callable[[Fi
     other = replan(bigger)
     if other.header.arch == plan.header.arch:
         return data, fit_pixels, plan
-    bar.total += eff.stages * eff.iters + eff.qat_stages * eff.qat_iters  # the progress counts both fits
+    bar.total += fit_work(other.header, eff, bigger)  # the progress counts both fits
     again, again_pixels, _ = _fit_and_code(pixels, maxval, other, device, eff, bigger, seed, bar, measure)
     if _file_mse(again, pixels, maxval, device) < _file_mse(data, pixels, maxval, device):
         return again, again_pixels, other
@@ -1219,7 +1257,7 @@ def _quantisation_aware_tuning(fitter: Fitter, codings: list[TensorCoding], bar)
 
     best = (fitter.mse(quantised()), fitter.state())
     for _ in range(e.qat_stages):
-        fitter.run_stage(e.qat_iters, fitter.cfg.qat_lr, bar.update, quantised)
+        fitter.run_stage(fitter.qat_iters, fitter.qat_lr, bar.update, quantised)
         mse = fitter.mse(quantised())
         if mse < best[0]:
             best = (mse, fitter.state())
