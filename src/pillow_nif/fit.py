@@ -401,10 +401,10 @@ class Fitter:
         # The decays of the input layer and the modulation, and the sparse steps' rate, were measured with long
         # stages only; short ones (efforts 1-4) keep the rates and decays they were tuned with.
         self.long_stages = effort.iters >= cfg.matrix_decay_iters
-        self.sparse = sparseness(self.h, self.w, arch, effort, cfg)
-        self.step_scale = 1 - (1 - cfg.sparse_lr) * self.sparse  # the optimizer divides the decays by it
+        sparse = sparseness(self.h, self.w, arch, effort, cfg)
+        self.step_scale = 1 - (1 - cfg.sparse_lr) * sparse  # the optimizer divides the decays by it
         # Sparse steps also end the fit with a gentle stage and tune longer at a lower rate (FitConfig.polish).
-        self.polish_iters, self.qat_iters, self.qat_lr = sparse_schedule(self.sparse, effort, cfg)
+        self.polish_iters, self.qat_iters, self.qat_lr = sparse_schedule(sparse, effort, cfg)
         self.lr, self.warmup = (cfg.plain_lr, cfg.plain_warmup) if plain else (cfg.lr * self.step_scale, cfg.warmup)
         self.subgrid = None  # built on first use: BatchFitter evaluates its stacked networks its own way
         # Steps that sample part of the image draw their pixels (sample), except for SSIM, which needs the grid's
