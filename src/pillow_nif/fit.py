@@ -179,7 +179,15 @@ class FitConfig:
     # 0.1-0.2 back (lr x 0.2 fitted less: +0.03 ... +0.07 dB in the file). The tuning, sparse_qat_iters times as long
     # at qat_lr x sparse_qat_lr, rounded 0.02-0.09 dB better (twice the steps at qat_lr: less; on crops neutral,
     # #67). Together +0.24 ... +0.29 dB at 1.0 bpp on 4 images, +0.10 / +0.16 at 0.5, +0.06 at 0.3 (NOTES.md #172).
-    polish: float = 0.5
+    # The larger the network for its pixels, the longer the polish: a whole stage's steps (4000 at effort 5) instead
+    # of half gave +0.07 / +0.13 dB more at 1.0 bpp (kodim05, 08: 0.21 parameters a pixel; fit +0.27 / +0.25, half
+    # of it lost to rounding), but +0.01 / +0.02 at 0.5 bpp (0.10) and -0.00 / +0.04 at 0.3 (0.06), for 19 % more
+    # steps. So polish_small of it up to polish_params[0] parameters a pixel (0.5 bpp's networks at 768x512 keep
+    # #172's half stage), all of it from polish_params[1], linear between; lr x 0.05 gained the same, stronger decays
+    # in the polish lost 0.2 dB (NOTES.md #173).
+    polish: float = 1.0
+    polish_small: float = 0.5
+    polish_params: tuple[float, float] = (0.11, 0.2)
     polish_lr: float = 0.1
     sparse_qat_iters: float = 2.0
     sparse_qat_lr: float = 0.7
@@ -240,9 +248,13 @@ def sparseness(h: int, w: int, arch: Architecture, effort: Effort, cfg: FitConfi
     return min(1.0, max(0.0, (1 - share) / 0.75))
 
 
-def sparse_schedule(sparse: float, effort: Effort, cfg: FitConfig) -> tuple[int, int, float]:
-    """(polishing steps, tuning steps a stage, tuning rate) at a step's `sparseness` (FitConfig.polish)."""
-    polish = round(cfg.polish * effort.iters * sparse)
+def sparse_schedule(sparse: float, effort: Effort, cfg: FitConfig, arch: Architecture,
+                    pixels: int) -> tuple[int, int, float]:
+    """(polishing steps, tuning steps a stage, tuning rate) at a step's `sparseness`, for `arch` on an image of
+    `pixels` (FitConfig.polish)."""
+    lo, hi = cfg.polish_params
+    size = min(1.0, max(0.0, (arch.num_params() / pixels - lo) / (hi - lo)))
+    polish = round(cfg.polish * (cfg.polish_small + (1 - cfg.polish_small) * size) * effort.iters * sparse)
     qat_iters = round(effort.qat_iters * (1 + (cfg.sparse_qat_iters - 1) * sparse))
     return polish, qat_iters, cfg.qat_lr * (1 - (1 - cfg.sparse_qat_lr) * sparse)
 
@@ -250,7 +262,7 @@ def sparse_schedule(sparse: float, effort: Effort, cfg: FitConfig) -> tuple[int,
 def fit_work(header: Header, effort: Effort, cfg: FitConfig) -> int:
     """The optimiser steps of one fit of header's network and its tuning (what the progress bar counts)."""
     sparse = sparseness(header.height, header.width, header.arch, effort, cfg)
-    polish, qat_iters, _ = sparse_schedule(sparse, effort, cfg)
+    polish, qat_iters, _ = sparse_schedule(sparse, effort, cfg, header.arch, header.width * header.height)
     return effort.stages * effort.iters + polish + effort.qat_stages * qat_iters
 
 
@@ -404,7 +416,7 @@ class Fitter:
         sparse = sparseness(self.h, self.w, arch, effort, cfg)
         self.step_scale = 1 - (1 - cfg.sparse_lr) * sparse  # the optimizer divides the decays by it
         # Sparse steps also end the fit with a gentle stage and tune longer at a lower rate (FitConfig.polish).
-        self.polish_iters, self.qat_iters, self.qat_lr = sparse_schedule(sparse, effort, cfg)
+        self.polish_iters, self.qat_iters, self.qat_lr = sparse_schedule(sparse, effort, cfg, arch, self.h * self.w)
         self.lr, self.warmup = (cfg.plain_lr, cfg.plain_warmup) if plain else (cfg.lr * self.step_scale, cfg.warmup)
         self.subgrid = None  # built on first use: BatchFitter evaluates its stacked networks its own way
         # Steps that sample part of the image draw their pixels (sample), except for SSIM, which needs the grid's
