@@ -184,9 +184,10 @@ class FitConfig:
     # of it lost to rounding), but +0.01 / +0.02 at 0.5 bpp (0.10) and -0.00 / +0.04 at 0.3 (0.06), for 19 % more
     # steps. So polish_small of it up to polish_params[0] parameters a pixel (0.5 bpp's networks at 768x512 keep
     # #172's half stage), all of it from polish_params[1], linear between; lr x 0.05 gained the same, stronger decays
-    # in the polish lost 0.2 dB (NOTES.md #173).
-    polish: float = 1.0
-    polish_small: float = 0.5
+    # in the polish lost 0.2 dB (NOTES.md #173). A stage and a half (6000) gave +0.06 ... +0.12 dB more again at 1.0
+    # bpp (kodim05, 08, 21, 23: mean +0.09; fit +0.15 ... +0.19) for 16 % more steps (#175).
+    polish: float = 1.5
+    polish_small: float = 1 / 3
     polish_params: tuple[float, float] = (0.11, 0.2)
     polish_lr: float = 0.1
     sparse_qat_iters: float = 2.0
