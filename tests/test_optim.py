@@ -265,7 +265,7 @@ def _polished(cfg):
     target = np.random.default_rng(0).uniform(-1, 1, (64, 64, 3)).astype(np.float32)
     f = fit.Fitter(target, arch, "cpu", effort, cfg, 0)
     assert arch.mod_widths and f.stride == 8 and f.qat_iters == 12
-    assert f.polish_iters == round(cfg.polish * 12)
+    assert f.polish_iters == round(cfg.polish[1] * 12)
     ticks = []
     best = f.fit(lambda n: ticks.append(n))
     # the progress bar's total counts the polishing and the longer tuning
@@ -274,7 +274,7 @@ def _polished(cfg):
 
 
 def test_the_polishing_stage_keeps_the_fits_best_weights():
-    unpolished = _polished(FitConfig(polish=0))[1]
+    unpolished = _polished(FitConfig(polish=(0, 0)))[1]
     f, best = _polished(FitConfig())
     assert f.mse() == pytest.approx(best, rel=1e-6) and best < unpolished
     # a polish that diverges is thrown away: the weights are those the stages before it ended with

@@ -182,12 +182,11 @@ class FitConfig:
     # The larger the network for its pixels, the longer the polish: a whole stage's steps (4000 at effort 5) instead
     # of half gave +0.07 / +0.13 dB more at 1.0 bpp (kodim05, 08: 0.21 parameters a pixel; fit +0.27 / +0.25, half
     # of it lost to rounding), but +0.01 / +0.02 at 0.5 bpp (0.10) and -0.00 / +0.04 at 0.3 (0.06), for 19 % more
-    # steps. So polish_small of it up to polish_params[0] parameters a pixel (0.5 bpp's networks at 768x512 keep
-    # #172's half stage), all of it from polish_params[1], linear between; lr x 0.05 gained the same, stronger decays
-    # in the polish lost 0.2 dB (NOTES.md #173). A stage and a half (6000) gave +0.06 ... +0.12 dB more again at 1.0
-    # bpp (kodim05, 08, 21, 23: mean +0.09; fit +0.15 ... +0.19) for 16 % more steps (#175).
-    polish: float = 1.5
-    polish_small: float = 1 / 3
+    # steps; lr x 0.05 gained the same, stronger decays in the polish lost 0.2 dB (NOTES.md #173). A stage and a half
+    # (6000) gave +0.06 ... +0.12 dB more again at 1.0 bpp (kodim05, 08, 21, 23: mean +0.09; fit +0.15 ... +0.19) for
+    # 16 % more steps (#175). So polish[0] stages up to polish_params[0] parameters a pixel (0.5 bpp's networks at
+    # 768x512 keep #172's half stage), polish[1] from polish_params[1], linear between; (0, 0) turns it off.
+    polish: tuple[float, float] = (0.5, 1.5)
     polish_params: tuple[float, float] = (0.11, 0.2)
     polish_lr: float = 0.1
     sparse_qat_iters: float = 2.0
@@ -255,7 +254,8 @@ def sparse_schedule(sparse: float, effort: Effort, cfg: FitConfig, arch: Archite
     `pixels` (FitConfig.polish)."""
     lo, hi = cfg.polish_params
     size = min(1.0, max(0.0, (arch.num_params() / pixels - lo) / (hi - lo)))
-    polish = round(cfg.polish * (cfg.polish_small + (1 - cfg.polish_small) * size) * effort.iters * sparse)
+    small, large = cfg.polish
+    polish = round((small + (large - small) * size) * effort.iters * sparse)
     qat_iters = round(effort.qat_iters * (1 + (cfg.sparse_qat_iters - 1) * sparse))
     return polish, qat_iters, cfg.qat_lr * (1 - (1 - cfg.sparse_qat_lr) * sparse)
 
