@@ -228,9 +228,9 @@ def test_sparse_steps_fit_at_a_lower_rate_with_the_same_shrinkage_a_step():
 def test_sparse_steps_end_with_a_polishing_stage_and_tune_longer():
     # 768x512 (1/64 of the image a step): the large networks were short of converged; a polishing stage at lr / 10
     # after the last one and twice the tuning at 0.7 x its rate gave +0.24 ... +0.29 dB at 1.0 bpp on the same fits
-    # with half a stage's steps (NOTES.md #172), +0.34 / +0.42 with a whole stage's (#173) and +0.1 more with a stage
-    # and a half (#175), which only the large networks of high rates repay; crops, short stages and plain networks
-    # keep the recipe they were tuned with
+    # with half a stage's steps (NOTES.md #172), +0.34 / +0.42 with a whole stage's (#173) and +0.06 more end to
+    # end with a stage and a half (#175, #178), which only the large networks of high rates repay; crops, short
+    # stages and plain networks keep the recipe they were tuned with
     cfg = FitConfig()
     small = choose_architecture(768, 512, 3, 20000, cfg)  # ~0.3 bpp: 0.05 parameters a pixel
     large = choose_architecture(768, 512, 3, 85000, cfg)  # ~1.0 bpp: 0.22

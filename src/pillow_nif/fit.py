@@ -184,8 +184,9 @@ class FitConfig:
     # of it lost to rounding), but +0.01 / +0.02 at 0.5 bpp (0.10) and -0.00 / +0.04 at 0.3 (0.06), for 19 % more
     # steps; lr x 0.05 gained the same, stronger decays in the polish lost 0.2 dB (NOTES.md #173). A stage and a half
     # (6000) gave +0.06 ... +0.12 dB more again at 1.0 bpp (kodim05, 08, 21, 23: mean +0.09; fit +0.15 ... +0.19) for
-    # 16 % more steps (#175). So polish[0] stages up to polish_params[0] parameters a pixel (0.5 bpp's networks at
-    # 768x512 keep #172's half stage), polish[1] from polish_params[1], linear between; (0, 0) turns it off.
+    # 16 % more steps (#175); end to end on 18 Kodak images +0.064 (17 up, #178). So polish[0] stages up to
+    # polish_params[0] parameters a pixel (0.5 bpp's networks at 768x512 keep #172's half stage), polish[1] from
+    # polish_params[1], linear between; (0, 0) turns it off.
     polish: tuple[float, float] = (0.5, 1.5)
     polish_params: tuple[float, float] = (0.11, 0.2)
     polish_lr: float = 0.1
