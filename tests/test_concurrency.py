@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -81,36 +82,58 @@ def test_eight_threads_decode_the_same_and_different_files_as_serially(files, se
             assert np.array_equal(arr, serial[i])
 
 
+# A training script's pattern: decode in the main process (torch's thread pools are up), then read the same files in
+# DataLoader workers forked from it. CI once saw such workers never answer (1 run in about 55), forked from pytest's
+# own process just after the eight threads above had exited; the suite then took 64 minutes, not 2, as pytest's
+# traceback kept the timed-out loader and its workers alive. So the workers fork from a fresh process (a user's
+# state), whose process group the guard can kill whole; a stuck worker first prints its Python stack (faulthandler).
+FORK_SCRIPT = """
+import faulthandler, hashlib, sys
+import numpy as np, torch
+from PIL import Image
+from torch.utils.data import DataLoader
+import pillow_nif  # noqa: F401
+
 class NifDataset:
-    """A torch-style dataset that reads .nif files through PIL, as a training pipeline would."""
-
     def __init__(self, paths):
-        self.paths = [str(p) for p in paths] * 3
-
+        self.paths = paths * 3
     def __len__(self):
         return len(self.paths)
-
     def __getitem__(self, i):
         with Image.open(self.paths[i]) as im:
             return i, np.asarray(im.convert("RGBA"))
 
+def say_where_if_stuck(_):
+    faulthandler.dump_traceback_later(120, exit=False, file=sys.__stderr__)
+
+paths = sys.argv[1:]
+for p in paths:
+    Image.open(p).load()
+loader = DataLoader(NifDataset(paths), batch_size=None, num_workers=2, multiprocessing_context="fork",
+                    worker_init_fn=say_where_if_stuck)
+for i, arr in loader:
+    assert isinstance(arr, torch.Tensor), type(arr)
+    print(int(i), hashlib.sha256(np.ascontiguousarray(arr.numpy()).tobytes()).hexdigest())
+"""
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork start method is the Linux default")
 def test_dataloader_fork_workers_give_identical_arrays(files, serial):
-    torch = pytest.importorskip("torch")
-    from torch.utils.data import DataLoader
-
-    ds = NifDataset(files)
-    expected = [np.asarray(Image.fromarray(a).convert("RGBA")) if a.ndim == 3 else
-                np.asarray(Image.fromarray(a, "L").convert("RGBA")) for a in serial] * 3
-    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork", timeout=120)
-    seen = set()
-    for i, arr in loader:
-        i = int(i)
-        assert isinstance(arr, torch.Tensor)
-        assert np.array_equal(arr.numpy(), expected[i]), ds.paths[i]
-        seen.add(i)
-    assert seen == set(range(len(ds)))
+    pytest.importorskip("torch")
+    rgba = [(Image.fromarray(a) if a.ndim == 3 else Image.fromarray(a, "L")).convert("RGBA") for a in serial]
+    expected = [_digest(np.asarray(im)) for im in rgba] * 3
+    proc = subprocess.Popen([sys.executable, "-c", FORK_SCRIPT, *map(str, files)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)  # a guard against a hang, not a speed limit: 2 s here
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too: left alive, they would hold the cores
+        out, err = proc.communicate()
+    assert proc.returncode == 0, f"the script failed, or hung and was killed ({proc.returncode}):\n{err[-6000:]}"
+    got = dict(line.split() for line in out.splitlines())
+    assert sorted(map(int, got)) == list(range(len(expected)))
+    for i, digest in got.items():
+        assert digest == expected[int(i)], files[int(i) % len(files)]
 
 
 def _rss_mib() -> float:
