@@ -23,11 +23,16 @@ import rd  # noqa: E402
 
 
 def merge(runs: list[dict], names: list[str]) -> dict:
-    """One run dict from several (the same dataset), later records first; aggregates over every record's image,
-    codec and target."""
+    """One run dict from several of the same dataset and codec settings (a later run's records win), aggregated over
+    every record's image, codec and target."""
     datasets = {r["settings"]["dataset"] for r in runs}
     if len(datasets) != 1:
         raise SystemExit(f"the runs are of different datasets: {sorted(datasets)}")
+    params = {}
+    for run, name in zip(runs, names):  # e.g. NIF at another effort: its records would be mislabelled
+        for codec, p in run["settings"]["codec_params"].items():
+            if params.setdefault(codec, p) != p:
+                raise SystemExit(f"{name}: {codec} was run with {p}, an earlier input with {params[codec]}")
     records, kept = {}, {}
     for run in runs:
         records.update(run["records"])
@@ -40,8 +45,7 @@ def merge(runs: list[dict], names: list[str]) -> dict:
     merged = {
         "machine": last["machine"],
         "codec_versions": {k: v for r in runs for k, v in r["codec_versions"].items()},
-        "settings": {"dataset": last["settings"]["dataset"],
-                     "codec_params": {k: v for r in runs for k, v in r["settings"]["codec_params"].items()}},
+        "settings": {"dataset": last["settings"]["dataset"], "codec_params": params},
         "options": {**last["options"], "images": images, "bpp": targets, "codecs": codecs,
                     "argv": None, "merged_from": kept},
         "records": records,
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="folder (default: the first input's)")
     args = p.parse_args(argv)
     runs = [json.loads(path.read_text()) for path in args.runs]
-    merged = merge(runs, [path.name for path in args.runs])
+    merged = merge(runs, [str(path) for path in args.runs])
     out = args.out or args.runs[0].parent
     out.mkdir(parents=True, exist_ok=True)
     if (out / f"{args.name}.json").resolve() in {path.resolve() for path in args.runs}:

@@ -46,3 +46,7 @@ def test_later_records_replace_earlier_ones_and_the_curves_are_rebuilt(tmp_path)
         merge_runs.main([*map(str, paths), "--name", "new"])
     with pytest.raises(SystemExit, match="different datasets"):
         merge_runs.merge([old, run("kodak-crop256", [])], ["a", "b"])
+    other = run("kodak", [])
+    other["settings"]["codec_params"]["nif"] = {"effort": 7}
+    with pytest.raises(SystemExit, match="nif was run with"):
+        merge_runs.merge([old, other], ["a", "b"])
