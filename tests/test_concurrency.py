@@ -85,8 +85,8 @@ def test_eight_threads_decode_the_same_and_different_files_as_serially(files, se
 
 # A training script's pattern: decode in the main process (torch's thread pools are up), then read the same files in
 # DataLoader workers forked from it. CI once saw such workers never answer (1 run in about 55), forked from pytest's
-# own process just after the eight threads above had exited; the suite then took 64 minutes, not 2, as pytest's
-# traceback kept the timed-out loader and its workers alive. So the workers fork from a fresh process (a user's
+# own process just after the eight threads above had exited; the suite then took 64 minutes, not 2 (likely: pytest's
+# traceback kept the timed-out loader, so its workers lived on). So the workers fork from a fresh process (a user's
 # state), whose process group the guard can kill whole; a stuck worker first prints its Python stack (faulthandler).
 FORK_SCRIPT = """
 import faulthandler, hashlib, sys
