@@ -67,12 +67,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if (out / f"{args.name}.json").resolve() in {path.resolve() for path in args.runs}:
         raise SystemExit("--name would overwrite an input")
-    rd.write_json(out / f"{args.name}.json", merged)
-    md = rd.markdown(merged) + "\nMerged from: " + ", ".join(f"{n} ({k} records)" for n, k in
-                                                          merged["options"]["merged_from"].items()) + ".\n"
-    (out / f"{args.name}.md").write_text(md)
-    rd.plot(merged, out / f"{args.name}.png")
-    print(md)
+    sources = ", ".join(f"{n} ({k} records)" for n, k in merged["options"]["merged_from"].items())
+    print(rd.write_reports(merged, out, args.name, f"\nMerged from: {sources}.\n"))
     return 0
 
 

@@ -462,6 +462,15 @@ def plot(run: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_reports(run: dict, out: Path, stem: str, note: str = "") -> str:
+    """<stem>.json, .md (with `note` appended) and .png of an aggregated run in `out`; returns the Markdown."""
+    write_json(out / f"{stem}.json", run)
+    md = markdown(run) + note
+    (out / f"{stem}.md").write_text(md)
+    plot(run, out / f"{stem}.png")
+    return md
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -671,11 +680,7 @@ def main(argv=None) -> int:
             pool.join()
 
     run["aggregates"] = aggregate(records, list(dataset), names, args.bpp)
-    write_json(json_path, run)
-    md = markdown(run)
-    (out / f"{stem}.md").write_text(md)
-    plot(run, out / f"{stem}.png")
-    print(md)
+    print(write_reports(run, out, stem))
     print(f"wrote {json_path}, {stem}.md, {stem}.png", file=sys.stderr)
     return 0
 
