@@ -8,11 +8,14 @@ Sections (each can be skipped with --skip NAME,NAME):
   kodak:    one whole call per target (--bpp, default 0.3 and 1.0): pillow_nif.encode of a Kodak image (768x512)
             at --effort on --device, the file written to disk; bytes, bpp and PSNR of the decoded file, and the
             seconds of each stage of the encode (PHASES: fitting, quantisation, tuning, post-filter, result).
+            --kodak-fused repeats each with the fused Triton training pass (FitConfig.fused_network; CUDA).
   step:     time of one training step (sample, forward, loss, backward, optimiser) on that image's network for the
             largest --bpp: fit.Fitter's (subgrid.SubgridNetwork, channel-major) launched from Python, the batch
             encoder's StackedNIF (B=1) in torch, StackedNIF with the fused Triton sine layer, and (the encoder's
-            default on CUDA) fit.Fitter's replayed from CUDA graphs (stepgraph.py; per step net of the capture).
-            The last two need CUDA. Best of 3 interleaved runs of --steps steps each, after warm-up.
+            default on CUDA) fit.Fitter's replayed from CUDA graphs (stepgraph.py; per step net of the capture); then
+            fit.Fitter's with the fused training pass (kernels/nif_train.py) in place of subgrid.py, launched from
+            Python and replayed. All but the first two need CUDA. Best of 3 interleaved runs of --steps steps each,
+            after warm-up.
   batch:    --batch-n centre crops of --batch-size px from different Kodak images at --batch-bpp:
             pillow_nif.encode_many against one pillow_nif.encode per image (the first --single-n of them, default
             all: on a GPU 64 single encodes outlast a device call); images/s of each, their ratio, and the mean
@@ -75,10 +78,14 @@ def psnr(data: bytes, im: Image.Image) -> float:
     return 10 * math.log10(255**2 / mse) if mse else math.inf
 
 
-def timed_encode(im: Image.Image, path: str, **opts) -> tuple[float, bytes]:
-    """One whole call, as a user makes it: encode, then the file on disk."""
+def timed_encode(im: Image.Image, path: str, config: fit.FitConfig | None = None, **opts) -> tuple[float, bytes]:
+    """One whole call, as a user makes it: encode, then the file on disk (`config`: fit.encode_image's, in place of
+    pillow_nif.encode's default)."""
     t = time.perf_counter()
-    data = pillow_nif.encode(im, **opts)
+    if config is None:
+        data = pillow_nif.encode(im, **opts)
+    else:
+        data = fit.encode_image(im, **opts, config=config, measure=False).data
     write_atomic(path, data)
     return time.perf_counter() - t, data
 
@@ -159,12 +166,15 @@ def target_and_arch(im: Image.Image, bpp: float, cfg: fit.FitConfig, eff: fit.Ef
 def section_kodak(args, out: dict, tmp: str) -> None:
     im = kodak_image(args.kodak)
     res = []
-    for bpp in args.bpp:
-        with timed_phases(fit.resolve_device(args.device)) as phases:
-            s, data = timed_encode(im, os.path.join(tmp, "k.nif"), bpp=bpp, effort=args.effort, device=args.device)
-        res.append({"target_bpp": bpp, "seconds": s, "bytes": len(data), "bpp": len(data) * 8 / (im.width * im.height),
-                    "psnr": psnr(data, im), "phases_s": phases})
-        print(json.dumps(res[-1]), file=sys.stderr)
+    configs = [None] + [dataclasses.replace(fit.FitConfig(), fused_network=True)] * args.kodak_fused
+    for config in configs:
+        for bpp in args.bpp:
+            with timed_phases(fit.resolve_device(args.device)) as phases:
+                s, data = timed_encode(im, os.path.join(tmp, "k.nif"), config, bpp=bpp, effort=args.effort,
+                                       device=args.device)
+            res.append({"target_bpp": bpp, "fused_network": config is not None, "seconds": s, "bytes": len(data),
+                        "bpp": len(data) * 8 / (im.width * im.height), "psnr": psnr(data, im), "phases_s": phases})
+            print(json.dumps(res[-1]), file=sys.stderr)
     out["kodak"] = {"image": args.kodak, "size": list(im.size), "effort": args.effort, "results": res}
 
 
@@ -182,21 +192,37 @@ def section_step(args, out: dict) -> None:
     if cuda:
         fitters["fused_stacked_s"] = BatchFitter([target], arch, device, eff, eager, 0, use_fused=True)
         fitters["graphed_nif_s"] = fit.Fitter(target, arch, device, eff, cfg, 0)  # the encoder's default on CUDA
+        fused = dataclasses.replace(cfg, fused_network=True)
+        fitters["fused_nif_s"] = fit.Fitter(target, arch, device, eff, dataclasses.replace(fused, step_graph=False), 0)
+        fitters["graphed_fused_nif_s"] = fit.Fitter(target, arch, device, eff, fused, 0)
     rounds = {k: [] for k in fitters}
     for _ in range(3):  # interleaved rounds, best of each: the machine may be shared
         for k, f in fitters.items():
-            timer = graphed_step_time if k == "graphed_nif_s" else lambda f, n, d: step_time(f, n, d, 1)
+            timer = graphed_step_time if k.startswith("graphed") else lambda f, n, d: step_time(f, n, d, 1)
             rounds[k].append(timer(f, args.steps, device))
     res.update({k: min(v) for k, v in rounds.items()})
     if cuda:
         res["fused_speedup_vs_torch_nif"] = res["torch_nif_s"] / res["fused_stacked_s"]
         res["fused_speedup_vs_torch_stacked"] = res["torch_stacked_s"] / res["fused_stacked_s"]
         res["graphed_speedup_vs_torch_nif"] = res["torch_nif_s"] / res["graphed_nif_s"]
+        res["fused_nif_speedup_vs_torch_nif"] = res["torch_nif_s"] / res["fused_nif_s"]
+        res["graphed_fused_speedup_vs_graphed"] = res["graphed_nif_s"] / res["graphed_fused_nif_s"]
         # 6 float operations per parameter per pixel (forward 2, backward 4), against the device's fp32 rate
-        res["graphed_tflops"] = 6 * arch.num_params() * res["pixels_per_step"] / res["graphed_nif_s"] / 1e12
+        for k in ("graphed_nif_s", "graphed_fused_nif_s"):
+            res[k[:-2] + "_tflops"] = 6 * arch.num_params() * res["pixels_per_step"] / res[k] / 1e12
+        # the fused pass's other tile shapes (kernels/nif_train.py's GPU_BLOCKS, GPU_WARPS: chosen by their compiled
+        # registers alone), replayed: pixels x tile width / warps -> seconds per step
+        from pillow_nif.kernels import nif_train
+
+        saved, res["graphed_fused_tiles_s"] = (nif_train.GPU_BLOCKS, nif_train.GPU_WARPS), {}
+        for bp, bt, warps in ((32, 16, 4), (64, 16, 4), (16, 16, 2), (32, 32, 8)):
+            nif_train.GPU_BLOCKS, nif_train.GPU_WARPS = (bp, bt), warps
+            f = fit.Fitter(target, arch, device, eff, fused, 0)
+            res["graphed_fused_tiles_s"][f"{bp}x{bt}/{warps}"] = graphed_step_time(f, args.steps, device)
+        nif_train.GPU_BLOCKS, nif_train.GPU_WARPS = saved
     else:
-        res["fused_stacked_s"] = res["graphed_nif_s"] = None
-        res["note"] = "no CUDA: the fused Triton step and the CUDA-graph step are skipped"
+        res["fused_stacked_s"] = res["graphed_nif_s"] = res["fused_nif_s"] = res["graphed_fused_nif_s"] = None
+        res["note"] = "no CUDA: the fused Triton steps and the CUDA-graph steps are skipped"
     out["step"] = res
     print(json.dumps(res), file=sys.stderr)
 
@@ -312,6 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-bpp", type=float, default=0.6)
     p.add_argument("--single-n", type=int,
                    help="one-at-a-time encodes of the first N batch images only (0: none; default: all)")
+    p.add_argument("--kodak-fused", action="store_true",
+                   help="the kodak section also encodes with the fused Triton training pass (CUDA)")
     p.add_argument("--batch-fused", action="store_true", help="encode_many with the fused Triton layer (CUDA)")
     p.add_argument("--cpu-size", type=int, default=256)
     p.add_argument("--cpu-effort", type=int, help="effort of the cpu section (default: --effort)")

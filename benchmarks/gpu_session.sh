@@ -7,10 +7,10 @@
 #                                       the anchors)
 #   then, with the device tool, carry [".whl", ".gpu-data"], timeout_s 590:
 #   bash benchmarks/gpu_session.sh check    the GPU tests (kernels, decoding, fitting, CUDA graphs), decode_speed.py,
-#                                           encode_speed.py's kodak and step sections (session 45 on an H200:
-#                                           tests ~100 s, decode ~20 s, the two encodes 50 s and 62 s, steps ~15 s,
-#                                           before the steps replayed CUDA graphs), then the batch part if 150 s
-#                                           are left
+#                                           encode_speed.py's step section, then its kodak section with and without
+#                                           the fused training pass (session 45 on an H200: tests ~100 s, decode
+#                                           ~20 s, the two encodes 50 s and 62 s, steps ~15 s, before the steps
+#                                           replayed CUDA graphs), then the batch part if 150 s are left
 #   bash benchmarks/gpu_session.sh batch    encode_speed.py's batch section alone: 64 crops at once against one at a
 #                                           time (after the check's 280 s it had not finished in the 245 s left)
 #   bash benchmarks/gpu_session.sh rd       full Kodak, NIF at effort 5 on CUDA, 0.3 / 0.5 / 1.0 bpp, resuming
@@ -79,7 +79,8 @@ case $part in
 check)
     # The kernels' tests run compiled on the GPU, not in the interpreter; decoding and fitting tests run on CUDA.
     timeout "$(cap 120)" python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_kernels_sine_layer.py \
-        tests/test_kernels_nif_decode.py tests/test_render.py tests/test_plugin.py tests/test_fit.py \
+        tests/test_kernels_nif_decode.py tests/test_kernels_nif_train.py tests/test_render.py tests/test_plugin.py \
+        tests/test_fit.py \
         tests/test_stepgraph.py tests/test_postfilter.py::test_the_least_squares_sums_on_torch_tensors_are_numpys \
         tests/test_postfilter.py::test_on_device_moves_the_arrays_to_cuda_only \
         > "$OUT/pytest.txt" 2>&1
@@ -87,11 +88,15 @@ check)
     timeout "$(cap 60)" python3 benchmarks/decode_speed.py --no-cpu --models 0.3bpp,1.0bpp \
         --out "$OUT/decode_speed.json" > "$OUT/decode_speed.log" 2>&1
     echo "decode_speed: exit $?"
-    # Issue 5's figures (the JSON is rewritten after each section): whole-call encodes of 768x512 at 0.3 and
-    # 1.0 bpp, then the step of each path (torch, the stacked torch step, the fused Triton layer, CUDA graphs).
-    timeout "$(left)" python3 benchmarks/encode_speed.py --device cuda --skip batch,forward,cpu \
+    # Issue 5's figures: first the step of each path (torch, the stacked torch step, the fused Triton layer, CUDA
+    # graphs, the fused training pass eager and replayed), then whole-call encodes of 768x512 at 0.3 and 1.0 bpp,
+    # with the default step and with the fused training pass (the JSON is rewritten after each encode's section).
+    timeout "$(cap 120)" python3 benchmarks/encode_speed.py --device cuda --skip kodak,batch,forward,cpu \
+        --out "$OUT/encode_step.json" > "$OUT/encode_step.log" 2>&1
+    echo "encode_speed step: exit $?"
+    timeout "$(left)" python3 benchmarks/encode_speed.py --device cuda --kodak-fused --skip step,batch,forward,cpu \
         --out "$OUT/encode_speed.json" > "$OUT/encode_speed.log" 2>&1
-    echo "encode_speed: exit $?"
+    echo "encode_speed kodak: exit $?"
     # The steps replay CUDA graphs since session 46, so the encodes may leave time for the batch part here.
     if (( $(left) >= 150 )); then batch; fi
     ;;

@@ -63,7 +63,7 @@ def main() -> int:
         print(f"SKIP: Triton {triton.__version__}'s driver interface: {e}")
         return 3
     from pillow_nif.bitstream import Architecture
-    from pillow_nif.kernels import nif_decode, sine_layer
+    from pillow_nif.kernels import nif_decode, nif_train, sine_layer
     from pillow_nif.model import NIF, fold
 
     # The CPU stands in for the GPU's memory: let the decoder take CPU weights, at the GPU's tile sizes.
@@ -71,6 +71,8 @@ def main() -> int:
     sine_layer._blocks = lambda n, m, k, device: tuple(
         sine_layer._block(v, cap) for v, cap in zip((n, m, k), sine_layer.GPU_BLOCKS)
     )
+    nif_train._interpreting = lambda: True
+    nif_train.INTERPRET_BLOCKS, nif_train.INTERPRET_PROGRAMS = nif_train.GPU_BLOCKS, nif_train.GPU_PROGRAMS
     g = torch.Generator().manual_seed(0)
     decoders = {  # each layout the packer makes: whole layers, a streamed layer, no modulation, 16-bit, raw
         "0.3 bpp (whole layers)": (Architecture(3, (96, 40, 24, 16), 14, 1.4, 30.0, (16, 8), 4, 30.0, 10.0), 255, {}),
@@ -92,6 +94,15 @@ def main() -> int:
         p = period.requires_grad_() if isinstance(period, torch.Tensor) else period
         failed += _try(f"sine layer forward and backward, {name}",
                        lambda: sine_layer.sine_layer(x, w, b, p).sum().backward())
+    for name, arch, rows, cols in (
+        ("modulated, a drawn sample", Architecture(3, (312, 141, 78, 78), 14, 1.4, 30.0, (32, 16, 8), 4, 30.0, 10.0),
+         torch.randint(0, 64, (48,)), torch.randint(0, 96, (48, 128))),
+        ("plain, a strided grid", Architecture(3, (96, 40, 24, 16), 14, 1.4, 30.0), range(0, 64, 2), range(1, 96, 2)),
+    ):
+        t = {n: p.detach().requires_grad_() for n, p in NIF(arch).initialize(g).named_tensors()}
+        net = nif_train.FusedNetwork(arch, 64, 96, "cpu")
+        failed += _try(f"training pass forward and backward, {name}",
+                       lambda: net.forward(t, rows, cols).sum().backward())
     return 1 if failed else 0
 
 

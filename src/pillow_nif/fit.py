@@ -203,6 +203,10 @@ class FitConfig:
     # Fitting steps replayed from CUDA graphs (stepgraph.py): None on CUDA only, True also on the CPU (uncaptured, the
     # same buffers: for tests), False never (the eager loop).
     step_graph: bool | None = None
+    # The network's part of a fitting step by the fused Triton kernels (kernels/nif_train.py: two launches instead of
+    # ~60), in place of subgrid.py's torch ops: False (the default until a GPU has timed it), True (CUDA, or the CPU
+    # under TRITON_INTERPRET=1, for tests), None on CUDA only.
+    fused_network: bool | None = False
 
 
 @dataclasses.dataclass
@@ -474,7 +478,10 @@ class Fitter:
         from .subgrid import SubgridNetwork, as_slice
 
         if self.subgrid is None:
-            self.subgrid = SubgridNetwork(self.model.arch, self.h, self.w, self.device)
+            network = SubgridNetwork
+            if self.target.is_cuda if self.cfg.fused_network is None else self.cfg.fused_network:
+                from .kernels.nif_train import FusedNetwork as network  # the same forward, by two Triton kernels
+            self.subgrid = network(self.model.arch, self.h, self.w, self.device)
             self.target_cm = self.target.permute(2, 0, 1).contiguous()
         pred = self.subgrid.forward(weights if weights is not None else dict(self.model.named_tensors()), rows, cols)
         if isinstance(rows, range):

@@ -1,0 +1,175 @@
+"""The fused training kernels (kernels/nif_train.py) against subgrid.SubgridNetwork, in the interpreter without CUDA.
+
+Architectures and weights are random, fresh each run: plain and modulated networks, layers wider than a tile and
+narrower than one, drawn samples and strided grids, and enough pixels for a program to sum several slabs' gradients.
+Weights are drawn at three times SIREN's bound, so that the sines' arguments span several periods, as a trained
+network's do. A failure prints the seed to replay it with NIF_TEST_SEED.
+
+Tolerance, against the float64 reference (the exact values): each output's and gradient's largest error within 1e-4
+of its largest value, or, where fp32 cannot give that (torch's own fp32 step misses it too: sums of many terms that
+cancel, such as a deep modulation's biases, were 1-4e-4 off), within 4x the error of subgrid.py's fp32 torch. The
+period's bias is a single sum over every pixel whose terms cancel ~500-fold (seed 126), so its error is measured
+against the sum of its terms' sizes (central differences in float64), as an fp32 sum's error scales.
+"""
+
+import dataclasses
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from pillow_nif import fit  # noqa: E402
+from pillow_nif.bitstream import Architecture  # noqa: E402
+from pillow_nif.kernels import nif_train  # noqa: E402
+from pillow_nif.kernels.nif_train import FusedNetwork  # noqa: E402
+from pillow_nif.model import NIF  # noqa: E402
+from pillow_nif.subgrid import SubgridNetwork  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SEED = int(os.environ.get("NIF_TEST_SEED", random.randrange(2**31)))
+TOL = 1e-4
+
+
+def random_arch(rng: random.Random, modulated: bool) -> Architecture:
+    widths = tuple(sorted((rng.randint(3, 150) for _ in range(rng.randint(1, 4))), reverse=True))
+    mod = dict(mod_widths=tuple(sorted((rng.randint(2, 40) for _ in range(rng.randint(1, 3))), reverse=True)),
+               mod_freqs=rng.randint(0, 5), mod_omega=30.0, mod_sigma=rng.uniform(1.0, 15.0)) if modulated else {}
+    return Architecture(rng.choice((1, 3, 4)), widths, rng.randint(0, 12), rng.uniform(1.2, 1.6),
+                        rng.uniform(20.0, 40.0), **mod)
+
+
+def trained_like(arch: Architecture, g: torch.Generator) -> dict:
+    """SIREN's initialisation at three times its bounds, the modulation's output included (its initial scale is a
+    tenth)."""
+    m = NIF(arch)
+    out = {}
+    for n, p in m.named_tensors():
+        fan_in = p.shape[-1] if p.dim() == 2 else m.get_parameter(n.replace("bias", "weight")).shape[1]
+        first = n.split(".")[1] == "0"
+        omega = arch.omega if n.startswith("genesis") else arch.mod_omega
+        bound = 3 * (1 / fan_in if first else math.sqrt(6 / fan_in) / omega)
+        out[n] = (torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
+    return out
+
+
+def sample(rng: random.Random, g: torch.Generator, h: int, w: int, drawn: bool, pixels: int):
+    """A drawn sample (rows (R,), each row's columns (R, K)) or a strided grid of about `pixels` pixels."""
+    if drawn:
+        k = rng.randint(1, 60)
+        rows = torch.randint(0, h, (max(1, pixels // k),), generator=g)
+        return rows, torch.randint(0, w, (len(rows), k), generator=g)
+    s = max(1, int(math.sqrt(h * w / pixels)))
+    return range(rng.randrange(s), h, s), range(rng.randrange(s), w, s)
+
+
+def on(device, rows, cols):
+    return (rows, cols) if isinstance(rows, range) else (rows.to(device), cols.to(device))
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor, scale: float | None = None) -> float:
+    scale = float(ref.abs().max()) if scale is None else scale
+    return float((a.detach().double().cpu() - ref).abs().max()) / max(scale, 1e-30)
+
+
+def period_bias_terms(net: SubgridNetwork, t64: dict, rows, cols, dy) -> float:
+    """The sum of the sizes of the period bias' gradient terms, one a pixel: d(dy . out_p) / d(bias), by central
+    differences in float64 (exact to ~1e-8 of each term: plenty for a scale)."""
+    name = [n for n in t64 if n.startswith("modulation.")][-1]
+    eps = 1e-4
+
+    def outputs(delta):
+        return net.forward({**t64, name: t64[name] + delta}, rows, cols)
+
+    return float(((outputs(eps) - outputs(-eps)) * dy).sum(0).abs().sum() / (2 * eps))
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_output_and_gradients_match_the_float64_reference(case):
+    seed = SEED + case
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    arch = random_arch(rng, modulated=case % 3 != 2)
+    h, w = rng.randint(1, 90), rng.randint(1, 90)
+    # case 0: more pixels than the interpreter's two programs take in one slab each
+    pixels = 3000 if case == 0 else rng.randint(1, 600)
+    rows, cols = sample(rng, g, h, w, drawn=case % 2 == 0, pixels=pixels)
+    t64 = trained_like(arch, g)
+    dy = None
+    results = {}
+    for name, net, dtype, device in (("exact", SubgridNetwork(arch, h, w, "cpu", dtype=torch.float64), torch.float64,
+                                      "cpu"),
+                                     ("torch", SubgridNetwork(arch, h, w, "cpu"), torch.float32, "cpu"),
+                                     ("fused", FusedNetwork(arch, h, w, DEVICE), torch.float32, DEVICE)):
+        ws = {n: t.to(device, dtype).requires_grad_() for n, t in t64.items()}
+        out = net.forward(ws, *on(device, rows, cols))
+        if dy is None:
+            dy = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        results[name] = [out, *torch.autograd.grad(out, list(ws.values()), dy.to(device, dtype))]
+    names = ["output", *t64]
+    scales = [float(t.abs().max()) for t in results["exact"]]
+    if arch.mod_widths:
+        scales[-1] = period_bias_terms(SubgridNetwork(arch, h, w, "cpu", dtype=torch.float64), t64, rows, cols, dy)
+    msg = f"NIF_TEST_SEED={seed} (case {case}): {arch}, {h}x{w}, {results['exact'][0].shape[1]} pixels"
+    assert results["fused"][0].shape == results["exact"][0].shape, msg
+    for n, a, t, ref, scale in zip(names, results["fused"], results["torch"], results["exact"], scales):
+        err, torch_err = rel_err(a, ref, scale), rel_err(t, ref, scale)
+        assert err <= max(TOL, 4 * torch_err), f"{n}: {err:.2e} (torch fp32 {torch_err:.2e}), {msg}"
+
+
+def test_a_run_repeats_bit_for_bit():
+    """Each program sums its own slabs in a fixed order and one torch.sum adds the programs': no atomics, so the
+    same step gives the same gradients (on a GPU too; CUDA's atomics would not)."""
+    rng, g = random.Random(SEED), torch.Generator().manual_seed(SEED)
+    arch = random_arch(rng, modulated=True)
+    rows, cols = sample(rng, g, 70, 80, drawn=True, pixels=2500)
+    ws = {n: t.float().to(DEVICE).requires_grad_() for n, t in trained_like(arch, g).items()}
+    fused = FusedNetwork(arch, 70, 80, DEVICE)
+    runs = []
+    for _ in range(2):
+        out = fused.forward(ws, *on(DEVICE, rows, cols))
+        runs.append([out.detach(), *torch.autograd.grad(out, list(ws.values()), torch.ones_like(out))])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), f"NIF_TEST_SEED={SEED}"
+
+
+def test_every_layer_has_its_own_scratch_slots():
+    """The layer table: each layer reads the slot the one before it wrote, and no two slots overlap."""
+    arch = Architecture(3, (150, 40, 12), 8, 1.4, 30.0, (16, 8), 4, 30.0, 10.0)
+    net = FusedNetwork(arch, 8, 8, DEVICE)
+    table = net.desc.view(-1, nif_train.DESC).tolist()
+    assert [row[7] for row in table] == [nif_train.SINE_CONST] * 2 + [nif_train.PERIOD] + \
+        [nif_train.SINE_PERIOD] * 3 + [nif_train.LINEAR]
+    slots = [(0, net.mpe_dim), (net.mpe_dim, net.enc_end), (net.period_off, net.S)]
+    for k, m_, *_, src, u, h, _kind in ((r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in table):
+        slots += [(u, u + m_), (h, h + m_)]
+    slots.sort()
+    assert all(a[1] <= b[0] for a, b in zip(slots, slots[1:])), slots
+    assert slots[-1][1] == net.S
+    assert table[0][4] == 0 and table[3][4] == net.mpe_dim  # the two first layers read their encodings
+    for prev, row in zip(table, table[1:]):
+        if row[4] >= net.enc_end:
+            assert row[4] == prev[6] and row[0] == prev[1]
+    assert net.dperiod_off == table[2][6] and net.out_h_off == table[-1][6]
+
+
+def test_the_fitter_trains_with_it_as_with_subgrid():
+    """fit.Fitter with cfg.fused_network: the same steps (through stepgraph.py's buffers, as on CUDA) reach the same
+    weights as with SubgridNetwork, to float rounding."""
+    rng = np.random.default_rng(SEED % 2**32)
+    target = np.clip(rng.normal(0, 0.3, (24, 32, 3)).cumsum(0).cumsum(1) / 12, -1, 1).astype(np.float32)
+    arch = Architecture(3, (40, 20, 12), 6, 1.4, 30.0, (16, 8), 4, 30.0, 10.0)
+    weights = {}
+    for fused in (False, True):
+        cfg = dataclasses.replace(fit.FitConfig(), fused_network=fused, step_graph=True)
+        f = fit.Fitter(target, arch, DEVICE, fit.EFFORTS[1], cfg, 0)
+        f.run_stage(12, f.lr, lambda n: None)
+        assert isinstance(f.subgrid, FusedNetwork) == fused
+        weights[fused] = {n: p.detach().cpu() for n, p in f.model.named_tensors()}
+    for n, a in weights[False].items():
+        assert float((weights[True][n] - a).norm() / a.norm()) < 1e-4, f"{n}, NIF_TEST_SEED={SEED}"
