@@ -110,7 +110,7 @@ def test_output_and_gradients_match_the_float64_reference(case):
         out = net.forward(ws, *on(device, rows, cols))
         if dy is None:
             dy = torch.randn(out.shape, generator=g, dtype=torch.float64)
-        results[name] = [out, *torch.autograd.grad(out, list(ws.values()), dy.to(device, dtype))]
+        results[name] = [out.detach(), *torch.autograd.grad(out, list(ws.values()), dy.to(device, dtype))]
     names = ["output", *t64]
     scales = [float(t.abs().max()) for t in results["exact"]]
     if arch.mod_widths:
@@ -146,8 +146,8 @@ def test_every_layer_has_its_own_scratch_slots():
     assert [row[7] for row in table] == [nif_train.SINE_CONST] * 2 + [nif_train.PERIOD] + \
         [nif_train.SINE_PERIOD] * 3 + [nif_train.LINEAR]
     slots = [(0, net.mpe_dim), (net.mpe_dim, net.enc_end), (net.period_off, net.S)]
-    for k, m_, *_, src, u, h, _kind in ((r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in table):
-        slots += [(u, u + m_), (h, h + m_)]
+    for _k, m, _w, _b, _src, u, h, _kind in table:
+        slots += [(u, u + m), (h, h + m)]
     slots.sort()
     assert all(a[1] <= b[0] for a, b in zip(slots, slots[1:])), slots
     assert slots[-1][1] == net.S
