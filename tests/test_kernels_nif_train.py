@@ -106,7 +106,7 @@ def test_output_and_gradients_match_the_float64_reference(case):
                                       "cpu"),
                                      ("torch", SubgridNetwork(arch, h, w, "cpu"), torch.float32, "cpu"),
                                      ("fused", FusedNetwork(arch, h, w, DEVICE), torch.float32, DEVICE)):
-        ws = {n: t.to(device, dtype).requires_grad_() for n, t in t64.items()}
+        ws = {n: t.to(device, dtype, copy=True).requires_grad_() for n, t in t64.items()}
         out = net.forward(ws, *on(device, rows, cols))
         if dy is None:
             dy = torch.randn(out.shape, generator=g, dtype=torch.float64)
