@@ -16,6 +16,8 @@ Sections (each can be skipped with --skip NAME,NAME):
             fit.Fitter's with the fused training pass (kernels/nif_train.py) in place of subgrid.py, launched from
             Python and replayed. All but the first two need CUDA. Best of 3 interleaved runs of --steps steps each,
             after warm-up.
+  tiles:    the fused training pass replayed at four tile shapes (kernels/nif_train.py's GPU_BLOCKS, GPU_WARPS), on
+            the step section's network (CUDA).
   batch:    --batch-n centre crops of --batch-size px from different Kodak images at --batch-bpp:
             pillow_nif.encode_many against one pillow_nif.encode per image (the first --single-n of them, default
             all: on a GPU 64 single encodes outlast a device call); images/s of each, their ratio, and the mean
@@ -58,7 +60,7 @@ from rd import machine_info  # benchmarks/rd.py, beside this script
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # ../shared, or where PILLOW_NIF_SHARED points (a GPU machine gets it as a carried folder: benchmarks/gpu_session.sh).
 KODAK = pathlib.Path(os.environ.get("PILLOW_NIF_SHARED") or ROOT.parent / "shared") / "datasets" / "kodak"
-SECTIONS = ("kodak", "step", "batch", "forward", "cpu")
+SECTIONS = ("kodak", "step", "tiles", "batch", "forward", "cpu")
 
 
 def kodak_image(name: str) -> Image.Image:
@@ -210,21 +212,37 @@ def section_step(args, out: dict) -> None:
         # 6 float operations per parameter per pixel (forward 2, backward 4), against the device's fp32 rate
         for k in ("graphed_nif_s", "graphed_fused_nif_s"):
             res[k[:-2] + "_tflops"] = 6 * arch.num_params() * res["pixels_per_step"] / res[k] / 1e12
-        # the fused pass's other tile shapes (kernels/nif_train.py's GPU_BLOCKS, GPU_WARPS: chosen by their compiled
-        # registers alone), replayed: pixels x tile width / warps -> seconds per step
-        from pillow_nif.kernels import nif_train
-
-        saved, res["graphed_fused_tiles_s"] = (nif_train.GPU_BLOCKS, nif_train.GPU_WARPS), {}
-        for bp, bt, warps in ((32, 16, 4), (64, 16, 4), (16, 16, 2), (32, 32, 8)):
-            nif_train.GPU_BLOCKS, nif_train.GPU_WARPS = (bp, bt), warps
-            f = fit.Fitter(target, arch, device, eff, fused, 0)
-            res["graphed_fused_tiles_s"][f"{bp}x{bt}/{warps}"] = graphed_step_time(f, args.steps, device)
-        nif_train.GPU_BLOCKS, nif_train.GPU_WARPS = saved
     else:
         res["fused_stacked_s"] = res["graphed_nif_s"] = res["fused_nif_s"] = res["graphed_fused_nif_s"] = None
         res["note"] = "no CUDA: the fused Triton steps and the CUDA-graph steps are skipped"
     out["step"] = res
     print(json.dumps(res), file=sys.stderr)
+
+
+def section_tiles(args, out: dict) -> None:
+    """The fused training pass's tile shapes (kernels/nif_train.py's GPU_BLOCKS, GPU_WARPS: chosen by their compiled
+    registers alone), each replayed from CUDA graphs on the step section's network: seconds per step by
+    'pixels x tile width / warps'."""
+    device = fit.resolve_device(args.device)
+    if not device.startswith("cuda"):
+        out["tiles"] = {"note": "no CUDA: skipped"}
+        return
+    from pillow_nif.kernels import nif_train
+
+    eff = fit.EFFORTS[args.effort]
+    cfg = dataclasses.replace(fit.FitConfig(), fused_network=True)
+    target, arch = target_and_arch(kodak_image(args.kodak), max(args.bpp), cfg, eff)
+    saved = nif_train.GPU_BLOCKS, nif_train.GPU_WARPS
+    res = {"default": f"{saved[0][0]}x{saved[0][1]}/{saved[1]}"}
+    try:
+        for bp, bt, warps in ((32, 16, 4), (64, 16, 4), (16, 16, 2), (32, 32, 8)):
+            nif_train.GPU_BLOCKS, nif_train.GPU_WARPS = (bp, bt), warps
+            f = fit.Fitter(target, arch, device, eff, cfg, 0)
+            res[f"{bp}x{bt}/{warps}"] = graphed_step_time(f, args.steps, device)
+            out["tiles"] = res
+            print(json.dumps(res), file=sys.stderr)
+    finally:
+        nif_train.GPU_BLOCKS, nif_train.GPU_WARPS = saved
 
 
 def batch_images(args) -> list[Image.Image]:

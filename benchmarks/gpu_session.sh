@@ -7,10 +7,11 @@
 #                                       the anchors)
 #   then, with the device tool, carry [".whl", ".gpu-data"], timeout_s 590:
 #   bash benchmarks/gpu_session.sh check    the GPU tests (kernels, decoding, fitting, CUDA graphs), decode_speed.py,
-#                                           encode_speed.py's step section, then its kodak section with and without
-#                                           the fused training pass (session 45 on an H200: tests ~100 s, decode
-#                                           ~20 s, the two encodes 50 s and 62 s, steps ~15 s, before the steps
-#                                           replayed CUDA graphs), then the batch part if 150 s are left
+#                                           encode_speed.py's step and tiles sections, then its kodak section with
+#                                           and without the fused training pass (session 45 on an H200: tests
+#                                           ~100 s, decode ~20 s, the two encodes 50 s and 62 s, steps ~15 s,
+#                                           before the steps replayed CUDA graphs), then the batch part if 150 s
+#                                           are left
 #   bash benchmarks/gpu_session.sh batch    encode_speed.py's batch section alone: 64 crops at once against one at a
 #                                           time (after the check's 280 s it had not finished in the 245 s left)
 #   bash benchmarks/gpu_session.sh rd       full Kodak, NIF at effort 5 on CUDA, 0.3 / 0.5 / 1.0 bpp, resuming
@@ -71,7 +72,7 @@ batch() {
     # 64 images of 256x256 at once against one at a time (timed on 2: single encodes are ~8000 steps each).
     # The fused Triton layer is left out: its stacked step was 2.2x slower than torch's on an H200.
     timeout "$(left)" python3 benchmarks/encode_speed.py --device cuda --batch-n 64 --single-n 2 \
-        --skip kodak,step,forward,cpu --out "$OUT/encode_batch.json" > "$OUT/encode_batch.log" 2>&1
+        --skip kodak,step,tiles,forward,cpu --out "$OUT/encode_batch.json" > "$OUT/encode_batch.log" 2>&1
     echo "encode_speed batch: exit $?"
 }
 
@@ -89,13 +90,14 @@ check)
         --out "$OUT/decode_speed.json" > "$OUT/decode_speed.log" 2>&1
     echo "decode_speed: exit $?"
     # Issue 5's figures: first the step of each path (torch, the stacked torch step, the fused Triton layer, CUDA
-    # graphs, the fused training pass eager and replayed), then whole-call encodes of 768x512 at 0.3 and 1.0 bpp,
-    # with the default step and with the fused training pass (the JSON is rewritten after each encode's section).
+    # graphs, the fused training pass eager and replayed) and the fused pass's tile shapes, then whole-call encodes
+    # of 768x512 at 0.3 and 1.0 bpp with the default step and with the fused training pass (the JSON is rewritten
+    # after each section).
     timeout "$(cap 120)" python3 benchmarks/encode_speed.py --device cuda --skip kodak,batch,forward,cpu \
         --out "$OUT/encode_step.json" > "$OUT/encode_step.log" 2>&1
     echo "encode_speed step: exit $?"
-    timeout "$(left)" python3 benchmarks/encode_speed.py --device cuda --kodak-fused --skip step,batch,forward,cpu \
-        --out "$OUT/encode_speed.json" > "$OUT/encode_speed.log" 2>&1
+    timeout "$(left)" python3 benchmarks/encode_speed.py --device cuda --kodak-fused \
+        --skip step,tiles,batch,forward,cpu --out "$OUT/encode_speed.json" > "$OUT/encode_speed.log" 2>&1
     echo "encode_speed kodak: exit $?"
     # The steps replay CUDA graphs since session 46, so the encodes may leave time for the batch part here.
     if (( $(left) >= 150 )); then batch; fi
