@@ -58,6 +58,18 @@ def _layer(desc, mult_ptr, layer, pl):
             tl.load(d + 6), kind, tl.load(mult_ptr + layer))
 
 
+@triton.jit
+def _encoding(dst, ty, tx, dim, r, c, tt):
+    """A pixel's positional encoding into its scratch row at `dst`: row r's entry of the table ty plus column c's of
+    tx (each zero in the other axis' columns, as SubgridNetwork makes them), in tiles of tt's width."""
+    for j0 in range(0, dim, tt.shape[0]):
+        j = j0 + tt
+        m = j[None, :] < dim
+        v = tl.load(ty + r[:, None] * dim + j[None, :], mask=m, other=0.0)
+        v += tl.load(tx + c[:, None] * dim + j[None, :], mask=m, other=0.0)
+        tl.store(dst + j[None, :], v, mask=m)
+
+
 # Integers that vary with the architecture or the step's pixels are not specialised on (Triton would compile a kernel
 # for each pattern of them divisible by 16 or equal to 1): one compile serves every encode.
 @triton.jit(do_not_specialize=["kc", "n_pix", "n_layers", "pe_dim", "mpe_dim", "S", "period_off"])
@@ -76,20 +88,9 @@ def _forward_kernel(
         r = tl.load(rows_ptr + p // kc, mask=pm, other=0)
         c = tl.load(cols_ptr + p, mask=pm, other=0)
         base = scratch + p.to(tl.int64)[:, None] * S  # (BLOCK_P, 1): each pixel's scratch row
-        # The encodings: the row's table entry plus the column's (each zero in the other axis' columns). The
-        # modulation's sits at the scratch row's start, the genesis' after it (offset mpe_dim).
-        for j0 in range(0, mpe_dim, BLOCK_T):
-            j = j0 + tt
-            m = j[None, :] < mpe_dim
-            v = tl.load(mey + r[:, None] * mpe_dim + j[None, :], mask=m, other=0.0)
-            v += tl.load(mex + c[:, None] * mpe_dim + j[None, :], mask=m, other=0.0)
-            tl.store(base + j[None, :], v, mask=m)
-        for j0 in range(0, pe_dim, BLOCK_T):
-            j = j0 + tt
-            m = j[None, :] < pe_dim
-            v = tl.load(ey + r[:, None] * pe_dim + j[None, :], mask=m, other=0.0)
-            v += tl.load(ex + c[:, None] * pe_dim + j[None, :], mask=m, other=0.0)
-            tl.store(base + mpe_dim + j[None, :], v, mask=m)
+        # The modulation's encoding at the scratch row's start, the genesis' after it (offset mpe_dim).
+        _encoding(base, mey, mex, mpe_dim, r, c, tt)
+        _encoding(base + mpe_dim, ey, ex, pe_dim, r, c, tt)
         tl.debug_barrier()
         for layer in range(n_layers):
             K, M, w_off, b_off, src, u_off, h_off, kind, cst = _layer(desc, mult_ptr, layer, pl)
