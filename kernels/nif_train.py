@@ -23,8 +23,9 @@ Layer kinds: SINE_CONST h = sin(c u) (the modulation's hidden layers, and a plai
 SINE_PERIOD h = sin(period u) (a modulated genesis), PERIOD period = omega + sigma u (the modulation's output),
 LINEAR the genesis output; u = W h_in + b.
 
-fp32 throughout, tl.dot with input_precision="ieee" (no TF32). Not yet timed on a GPU (no GPU was lent since it was
-written): `benchmarks/encode_speed.py`'s step section compares it with the torch step, eager and as CUDA graphs.
+fp32 throughout, tl.dot with input_precision="ieee" (no TF32; "tf32" where fit.FitConfig.tf32 asks). Not yet timed
+on a GPU (no GPU was lent since it was written): `benchmarks/encode_speed.py`'s step section compares it with the
+torch step, eager and as CUDA graphs.
 """
 
 from __future__ import annotations
@@ -209,8 +210,12 @@ class FusedNetwork:
     name, gradients flowing back to them; rows and columns as ranges, or a drawn sample: rows (R,), each row's
     columns (R, K)) and the same (channels, pixels) output. CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
 
-    def __init__(self, arch, h: int, w: int, device):
+    def __init__(self, arch, h: int, w: int, device, precision: str = PRECISION):
         from pillow_nif.subgrid import SubgridNetwork
+
+        if precision not in ("ieee", "tf32"):
+            raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+        self.precision = precision  # tl.dot's input_precision (fit.FitConfig.tf32)
 
         dev = torch.device(device)
         if dev.type != "cuda" and not _interpreting():
@@ -282,7 +287,7 @@ class FusedNetwork:
         _forward_kernel[(programs,)](
             packed, self.desc, self.mults, rows, cols, kc, n_pix, self.n_layers, self.ey, self.ex, self.pe_dim,
             self.mey, self.mex, self.mpe_dim, out, scratch, self.S, self.period_off, float(self.arch.omega),
-            BLOCK_P=bp, BLOCK_T=bt, PREC=PRECISION, num_warps=GPU_WARPS,
+            BLOCK_P=bp, BLOCK_T=bt, PREC=self.precision, num_warps=GPU_WARPS,
         )
         return out, scratch
 
@@ -294,7 +299,7 @@ class FusedNetwork:
         _backward_kernel[(programs,)](
             packed, self.desc, self.mults, grad, part, self.n_params, n_pix, self.n_layers, self.arch.channels,
             scratch, self.S, self.period_off, self.dperiod_off, self.out_h_off, self.enc_end,
-            BLOCK_P=bp, BLOCK_T=bt, PREC=PRECISION, num_warps=GPU_WARPS,
+            BLOCK_P=bp, BLOCK_T=bt, PREC=self.precision, num_warps=GPU_WARPS,
         )
         return part.sum(0)
 

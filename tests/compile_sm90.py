@@ -94,13 +94,15 @@ def main() -> int:
         p = period.requires_grad_() if isinstance(period, torch.Tensor) else period
         failed += _try(f"sine layer forward and backward, {name}",
                        lambda: sine_layer.sine_layer(x, w, b, p).sum().backward())
-    for name, arch, rows, cols in (
-        ("modulated, a drawn sample", Architecture(3, (312, 141, 78, 78), 14, 1.4, 30.0, (32, 16, 8), 4, 30.0, 10.0),
-         torch.randint(0, 64, (48,)), torch.randint(0, 96, (48, 128))),
-        ("plain, a strided grid", Architecture(3, (96, 40, 24, 16), 14, 1.4, 30.0), range(0, 64, 2), range(1, 96, 2)),
+    modulated = Architecture(3, (312, 141, 78, 78), 14, 1.4, 30.0, (32, 16, 8), 4, 30.0, 10.0)
+    for name, arch, rows, cols, precision in (
+        ("modulated, a drawn sample", modulated, torch.randint(0, 64, (48,)), torch.randint(0, 96, (48, 128)), "ieee"),
+        ("plain, a strided grid", Architecture(3, (96, 40, 24, 16), 14, 1.4, 30.0), range(0, 64, 2), range(1, 96, 2),
+         "ieee"),
+        ("TF32 (FitConfig.tf32)", modulated, range(0, 64, 2), range(1, 96, 2), "tf32"),
     ):
         t = {n: p.detach().requires_grad_() for n, p in NIF(arch).initialize(g).named_tensors()}
-        net = nif_train.FusedNetwork(arch, 64, 96, "cpu")
+        net = nif_train.FusedNetwork(arch, 64, 96, "cpu", precision)
         failed += _try(f"training pass forward and backward, {name}",
                        lambda: net.forward(t, rows, cols).sum().backward())
     return 1 if failed else 0

@@ -207,6 +207,11 @@ class FitConfig:
     # ~60), in place of subgrid.py's torch ops: False (the default until a GPU has timed it), True (CUDA, or the CPU
     # under TRITON_INTERPRET=1, for tests), None on CUDA only.
     fused_network: bool | None = False
+    # TF32 products in the fitting and tuning steps on CUDA (torch's matmuls, the fused kernels' tl.dot): operands cut
+    # to 10 mantissa bits on the tensor cores, ~8x the fp32 rate on an H100. Emulated on the CPU
+    # (benchmarks/tf32_fit.py: every product of the steps rounded so) it cost no PSNR at equal bpp, within the fits'
+    # own noise (NOTES.md #183). False until a GPU has timed it; the CPU has no TF32, so it changes nothing there.
+    tf32: bool = False
 
 
 @dataclasses.dataclass
@@ -480,7 +485,11 @@ class Fitter:
         if self.subgrid is None:
             network = SubgridNetwork
             if self.target.is_cuda if self.cfg.fused_network is None else self.cfg.fused_network:
-                from .kernels.nif_train import FusedNetwork as network  # the same forward, by two Triton kernels
+                from functools import partial
+
+                from .kernels.nif_train import FusedNetwork  # the same forward, by two Triton kernels
+
+                network = partial(FusedNetwork, precision="tf32" if self.cfg.tf32 else "ieee")
             self.subgrid = network(self.model.arch, self.h, self.w, self.device)
             self.target_cm = self.target.permute(2, 0, 1).contiguous()
         pred = self.subgrid.forward(weights if weights is not None else dict(self.model.named_tensors()), rows, cols)
@@ -510,6 +519,11 @@ class Fitter:
         return copy.deepcopy(self.model.state_dict())
 
     def run_stage(self, iters: int, lr: float, tick: Callable[[int], None], weights_fn=None):
+        """`iters` optimiser steps at peak rate `lr` (a fitting stage, or with `weights_fn` a tuning stage)."""
+        with tf32_products(self.cfg.tf32 and self.target.is_cuda):
+            self._run_stage(iters, lr, tick, weights_fn)
+
+    def _run_stage(self, iters: int, lr: float, tick: Callable[[int], None], weights_fn=None):
         params = list(self.model.parameters())
         decay = self.cfg.weight_decay if weights_fn is None else 0.0
         opt = self.optimizer(lr, decay, tuning=weights_fn is not None)
@@ -648,6 +662,26 @@ class Fitter:
                 return mse
             self.model.load_state_dict(best_state)
         return best_mse
+
+
+@contextlib.contextmanager
+def tf32_products(enabled: bool):
+    """torch's float32 matmuls in TF32 on CUDA within the block where `enabled` (FitConfig.tf32), as they were after.
+
+    Through torch.set_float32_matmul_precision, torch's public switch across versions: its two flag APIs may not be
+    mixed (reading one after the other was set raises). The setting is the process's, so CUDA products that other
+    threads make meanwhile are TF32 too; the fused decoder's are not (its kernels choose their own precision)."""
+    if not enabled:
+        yield
+        return
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def lr_factor(it: int, iters: int, warmup: float, hold: float, floor: float) -> float:
