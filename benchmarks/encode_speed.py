@@ -15,8 +15,7 @@ Sections (each can be skipped with --skip NAME,NAME):
             default on CUDA) fit.Fitter's replayed from CUDA graphs (stepgraph.py; per step net of the capture); then
             fit.Fitter's with the fused training pass (kernels/nif_train.py) in place of subgrid.py, launched from
             Python and replayed; both replayed again with TF32 products (FitConfig.tf32). All but the first two need
-            CUDA. Best of 3 interleaved runs of --steps steps each,
-            after warm-up.
+            CUDA. Best of 3 interleaved runs of --steps steps each, after warm-up.
   tiles:    the fused training pass replayed at four tile shapes (kernels/nif_train.py's GPU_BLOCKS, GPU_WARPS), on
             the step section's network (CUDA).
   batch:    --batch-n centre crops of --batch-size px from different Kodak images at --batch-bpp:

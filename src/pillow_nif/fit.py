@@ -483,14 +483,13 @@ class Fitter:
         from .subgrid import SubgridNetwork, as_slice
 
         if self.subgrid is None:
-            network = SubgridNetwork
             if self.target.is_cuda if self.cfg.fused_network is None else self.cfg.fused_network:
-                from functools import partial
-
                 from .kernels.nif_train import FusedNetwork  # the same forward, by two Triton kernels
 
-                network = partial(FusedNetwork, precision="tf32" if self.cfg.tf32 else "ieee")
-            self.subgrid = network(self.model.arch, self.h, self.w, self.device)
+                self.subgrid = FusedNetwork(self.model.arch, self.h, self.w, self.device,
+                                            precision="tf32" if self.cfg.tf32 else "ieee")
+            else:
+                self.subgrid = SubgridNetwork(self.model.arch, self.h, self.w, self.device)
             self.target_cm = self.target.permute(2, 0, 1).contiguous()
         pred = self.subgrid.forward(weights if weights is not None else dict(self.model.named_tensors()), rows, cols)
         if isinstance(rows, range):
