@@ -14,8 +14,8 @@ Sections (each can be skipped with --skip NAME,NAME):
             encoder's StackedNIF (B=1) in torch, StackedNIF with the fused Triton sine layer, and (the encoder's
             default on CUDA) fit.Fitter's replayed from CUDA graphs (stepgraph.py; per step net of the capture); then
             fit.Fitter's with the fused training pass (kernels/nif_train.py) in place of subgrid.py, launched from
-            Python and replayed; both replayed again with TF32 products (FitConfig.tf32). All but the first two need
-            CUDA. Best of 3 interleaved runs of --steps steps each, after warm-up.
+            Python and replayed; then replayed with TF32 products (FitConfig.tf32): Muon's alone, and every product
+            of both paths. All but the first two need CUDA. Best of 3 interleaved runs of --steps steps each, after warm-up.
   tiles:    the fused training pass replayed at four tile shapes (kernels/nif_train.py's GPU_BLOCKS, GPU_WARPS), on
             the step section's network (CUDA).
   batch:    --batch-n centre crops of --batch-size px from different Kodak images at --batch-bpp:
@@ -197,10 +197,11 @@ def section_step(args, out: dict) -> None:
         fused = dataclasses.replace(cfg, fused_network=True)
         fitters["fused_nif_s"] = fit.Fitter(target, arch, device, eff, dataclasses.replace(fused, step_graph=False), 0)
         fitters["graphed_fused_nif_s"] = fit.Fitter(target, arch, device, eff, fused, 0)
-        # TF32 products (FitConfig.tf32; their PSNR cost emulated on a CPU by tf32_fit.py): replayed, both paths
-        fitters["graphed_tf32_nif_s"] = fit.Fitter(target, arch, device, eff, dataclasses.replace(cfg, tf32=True), 0)
-        fitters["graphed_fused_tf32_nif_s"] = fit.Fitter(target, arch, device, eff,
-                                                         dataclasses.replace(fused, tf32=True), 0)
+        # TF32 products (FitConfig.tf32; their PSNR cost emulated on a CPU by tf32_fit.py), replayed: Muon's alone,
+        # then every product of both paths
+        for k, c, mode in (("graphed_tf32_muon_nif_s", cfg, "muon"), ("graphed_tf32_nif_s", cfg, "all"),
+                           ("graphed_fused_tf32_nif_s", fused, "all")):
+            fitters[k] = fit.Fitter(target, arch, device, eff, dataclasses.replace(c, tf32=mode), 0)
     rounds = {k: [] for k in fitters}
     for _ in range(3):  # interleaved rounds, best of each: the machine may be shared
         for k, f in fitters.items():
@@ -213,14 +214,16 @@ def section_step(args, out: dict) -> None:
         res["graphed_speedup_vs_torch_nif"] = res["torch_nif_s"] / res["graphed_nif_s"]
         res["fused_nif_speedup_vs_torch_nif"] = res["torch_nif_s"] / res["fused_nif_s"]
         res["graphed_fused_speedup_vs_graphed"] = res["graphed_nif_s"] / res["graphed_fused_nif_s"]
+        res["tf32_muon_speedup_vs_graphed"] = res["graphed_nif_s"] / res["graphed_tf32_muon_nif_s"]
         res["tf32_speedup_vs_graphed"] = res["graphed_nif_s"] / res["graphed_tf32_nif_s"]
         res["fused_tf32_speedup_vs_graphed_fused"] = res["graphed_fused_nif_s"] / res["graphed_fused_tf32_nif_s"]
         # 6 float operations per parameter per pixel (forward 2, backward 4), against the device's fp32 rate
-        for k in ("graphed_nif_s", "graphed_fused_nif_s", "graphed_tf32_nif_s", "graphed_fused_tf32_nif_s"):
+        for k in ("graphed_nif_s", "graphed_fused_nif_s", "graphed_tf32_muon_nif_s", "graphed_tf32_nif_s",
+                  "graphed_fused_tf32_nif_s"):
             res[k[:-2] + "_tflops"] = 6 * arch.num_params() * res["pixels_per_step"] / res[k] / 1e12
     else:
-        for k in ("fused_stacked_s", "graphed_nif_s", "fused_nif_s", "graphed_fused_nif_s", "graphed_tf32_nif_s",
-                  "graphed_fused_tf32_nif_s"):
+        for k in ("fused_stacked_s", "graphed_nif_s", "fused_nif_s", "graphed_fused_nif_s", "graphed_tf32_muon_nif_s",
+                  "graphed_tf32_nif_s", "graphed_fused_tf32_nif_s"):
             res[k] = None
         res["note"] = "no CUDA: the fused Triton steps and the CUDA-graph steps are skipped"
     out["step"] = res

@@ -77,7 +77,7 @@ def tf32_products(rounding: str = "trunc", ops: str = "all"):
     return TF32Products()
 
 
-# One encode, in a child process (argv: dataset, image, bpp, mode, ops, effort).
+# One encode, in a child process (argv: dataset, image, bpp, mode, ops, effort, seed).
 CHILD = r"""
 import json, sys, time
 import numpy as np
@@ -88,7 +88,7 @@ import tf32_fit
 import pillow_nif
 from pillow_nif import fit
 
-dataset, name, bpp, mode, ops, effort = sys.argv[1:7]
+dataset, name, bpp, mode, ops, effort, seed = sys.argv[1:8]
 torch.set_num_threads(1)
 if mode != "fp32":
     run_stage = fit.Fitter.run_stage
@@ -101,10 +101,10 @@ if mode != "fp32":
 
 im = rd.load_dataset(dataset, None, [name])[name]
 t = time.perf_counter()
-res = fit.encode_image(im, bpp=float(bpp), effort=int(effort), device="cpu", seed=0)
+res = fit.encode_image(im, bpp=float(bpp), effort=int(effort), device="cpu", seed=int(seed))
 seconds = time.perf_counter() - t
 out = np.asarray(pillow_nif.decode(res.data).convert("RGB"))
-print(json.dumps(dict(image=name, bpp=float(bpp), mode=mode, ops=ops, bytes=len(res.data),
+print(json.dumps(dict(image=name, bpp=float(bpp), mode=mode, ops=ops, seed=int(seed), bytes=len(res.data),
                       real_bpp=len(res.data) * 8 / (im.width * im.height),
                       psnr=rd.psnr(rd.mse(out, np.asarray(im))), seconds=round(seconds, 1))))
 """
@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="fp32,trunc", help="fp32, trunc, rne (comma-separated)")
     p.add_argument("--ops", default="all", choices=("all", "ns", "net"))
     p.add_argument("--effort", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="the encodes' seed (another seed against seed 0's fp32 files: "
+                   "what any change of the fit's random numbers moves)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
     def encode(run):
         name, bpp, mode = run
         code = CHILD.replace("HERE", repr(str(HERE)))
-        cmd = [sys.executable, "-c", code, args.dataset, name, str(bpp), mode, args.ops, str(args.effort)]
+        cmd = [sys.executable, "-c", code, args.dataset, name, str(bpp), mode, args.ops, str(args.effort),
+               str(args.seed)]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if done.returncode:
             raise SystemExit(f"{name} {bpp} {mode}: {done.stderr[-2000:]}")

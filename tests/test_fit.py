@@ -292,20 +292,33 @@ def test_fitting_stages_hold_the_peak_rate_before_decaying_and_tuning_decays_at_
     assert seen[-1] == pytest.approx(fitting[-1], rel=0.01)
 
 
+@pytest.mark.parametrize("mode", ["all", "muon"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     "not __import__('torch').cuda.is_available()", reason="no CUDA"))])
-def test_tf32_applies_to_the_steps_on_cuda_only_and_is_undone_after(device):
-    """FitConfig.tf32: TF32 products inside a CUDA stage's steps, where the graphs capture them; the process's
-    setting as it was before, after the stage and after a stage that fails; nothing on the CPU, which has no TF32."""
+def test_tf32_applies_where_asked_on_cuda_only_and_is_undone_after(device, mode, monkeypatch):
+    """FitConfig.tf32: TF32 products inside a CUDA stage's steps ("all"; the graphs capture what the stage sets) or
+    inside Muon's Newton-Schulz iterations only ("muon"); the process's setting as it was before, after the stage and
+    after a stage that fails; nothing on the CPU, which has no TF32."""
     import torch
 
-    from pillow_nif import fit
+    from pillow_nif import fit, optim
 
-    cfg = FitConfig(tf32=True)
-    f = fit.Fitter(np.zeros((16, 16, 3)), choose_architecture(16, 16, 3, 600, cfg), device, fit.EFFORTS[1], cfg, 0)
-    seen = []
-    f.run_stage(3, 1e-3, lambda n: seen.append(torch.get_float32_matmul_precision()))
-    assert seen == ["high" if device == "cuda" else "highest"] * 3
+    cfg = FitConfig(tf32=mode)
+    f = fit.Fitter(np.random.default_rng(0).uniform(-1, 1, (16, 16, 3)), choose_architecture(16, 16, 3, 3000, cfg),
+                   device, fit.EFFORTS[1], cfg, 0)
+    assert f.model.arch.mod_widths  # a modulated network: Muon trains its matrices
+    steps, iterations = [], []
+    newton_schulz = optim._newton_schulz
+
+    def recorded(*a, **k):
+        iterations.append(torch.get_float32_matmul_precision())
+        return newton_schulz(*a, **k)
+
+    monkeypatch.setattr(optim, "_newton_schulz", recorded)
+    f.run_stage(3, 1e-3, lambda n: steps.append(torch.get_float32_matmul_precision()))
+    cuda = device == "cuda"
+    assert steps == ["high" if cuda and mode == "all" else "highest"] * 3
+    assert iterations and set(iterations) == {"high" if cuda else "highest"}
     assert torch.get_float32_matmul_precision() == "highest"
 
     def fail(n):
@@ -314,15 +327,17 @@ def test_tf32_applies_to_the_steps_on_cuda_only_and_is_undone_after(device):
     with pytest.raises(KeyboardInterrupt):
         f.run_stage(3, 1e-3, fail)
     assert torch.get_float32_matmul_precision() == "highest"
-    with fit.tf32_products(False):
+    with optim.tf32_products(False):
         assert torch.get_float32_matmul_precision() == "highest"
     torch.set_float32_matmul_precision("medium")  # a caller's own setting survives
     try:
-        with fit.tf32_products(True):
+        with optim.tf32_products(True):
             assert torch.get_float32_matmul_precision() == "high"
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision("highest")
+    with pytest.raises(ValueError, match="tf32"):
+        FitConfig(tf32=True)
 
 
 def test_training_steps_clip_the_gradient_norm():

@@ -207,11 +207,17 @@ class FitConfig:
     # ~60), in place of subgrid.py's torch ops: False (the default until a GPU has timed it), True (CUDA, or the CPU
     # under TRITON_INTERPRET=1, for tests), None on CUDA only.
     fused_network: bool | None = False
-    # TF32 products in the fitting and tuning steps on CUDA (torch's matmuls, the fused kernels' tl.dot): operands cut
-    # to 10 mantissa bits on the tensor cores, ~8x the fp32 rate on an H100. Emulated on the CPU
-    # (benchmarks/tf32_fit.py: every product of the steps rounded so) it cost no PSNR at equal bpp, within the fits'
-    # own noise (NOTES.md #183). False until a GPU has timed it; the CPU has no TF32, so it changes nothing there.
-    tf32: bool = False
+    # TF32 products on CUDA: operands cut to 10 mantissa bits on the tensor cores, ~8x the fp32 rate on an H100.
+    # "all": every product of the fitting and tuning steps (torch's matmuls, the fused kernels' tl.dot); "muon": Muon's
+    # Newton-Schulz iterations only (torch.optim.Muon runs them in bfloat16); "off". Emulated on the CPU
+    # (benchmarks/tf32_fit.py, the 24 Kodak crops at 1.0 bpp, NOTES.md #183): "all" cost ~0.02 dB at equal bpp
+    # (-0.014 +- 0.013 truncated, -0.032 +- 0.015 rounded), "muon" -0.010 +- 0.015. Off until a GPU has timed them; the
+    # CPU ignores it.
+    tf32: str = "off"
+
+    def __post_init__(self):
+        if self.tf32 not in ("off", "muon", "all"):
+            raise ValueError(f"tf32 must be 'off', 'muon' or 'all', got {self.tf32!r}")
 
 
 @dataclasses.dataclass
@@ -487,7 +493,7 @@ class Fitter:
                 from .kernels.nif_train import FusedNetwork  # the same forward, by two Triton kernels
 
                 self.subgrid = FusedNetwork(self.model.arch, self.h, self.w, self.device,
-                                            precision="tf32" if self.cfg.tf32 else "ieee")
+                                            precision="tf32" if self.cfg.tf32 == "all" else "ieee")
             else:
                 self.subgrid = SubgridNetwork(self.model.arch, self.h, self.w, self.device)
             self.target_cm = self.target.permute(2, 0, 1).contiguous()
@@ -519,7 +525,9 @@ class Fitter:
 
     def run_stage(self, iters: int, lr: float, tick: Callable[[int], None], weights_fn=None):
         """`iters` optimiser steps at peak rate `lr` (a fitting stage, or with `weights_fn` a tuning stage)."""
-        with tf32_products(self.cfg.tf32 and self.target.is_cuda):
+        from .optim import tf32_products
+
+        with tf32_products(self.cfg.tf32 == "all" and self.target.is_cuda):
             self._run_stage(iters, lr, tick, weights_fn)
 
     def _run_stage(self, iters: int, lr: float, tick: Callable[[int], None], weights_fn=None):
@@ -608,7 +616,7 @@ class Fitter:
         rest = adamw(by_decay({n: own.get(n, decay) for n, _ in tensors if n not in muon}))
         if not muon:
             return rest
-        return Chain(Muon(by_decay(muon), lr=lr), rest)
+        return Chain(Muon(by_decay(muon), lr=lr, tf32=self.cfg.tf32 in ("muon", "all")), rest)
 
     def image_losses(self, loss):
         """The step's loss per image (one here; BatchFitter has one per image of the stack)."""
@@ -661,26 +669,6 @@ class Fitter:
                 return mse
             self.model.load_state_dict(best_state)
         return best_mse
-
-
-@contextlib.contextmanager
-def tf32_products(enabled: bool):
-    """torch's float32 matmuls in TF32 on CUDA within the block where `enabled` (FitConfig.tf32), as they were after.
-
-    Through torch.set_float32_matmul_precision, torch's public switch across versions: its two flag APIs may not be
-    mixed (reading one after the other was set raises). The setting is the process's, so CUDA products that other
-    threads make meanwhile are TF32 too; the fused decoder's are not (its kernels choose their own precision)."""
-    if not enabled:
-        yield
-        return
-    import torch
-
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def lr_factor(it: int, iters: int, warmup: float, hold: float, floor: float) -> float:

@@ -22,6 +22,7 @@ independent matrices (a stacked fit gives each image its own update) and the ite
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -50,6 +51,25 @@ def orthogonalise(g: torch.Tensor, steps: int = _NS_STEPS, eps: float = 1e-7) ->
 def orthogonalise_all(gs: list[torch.Tensor], steps: int = _NS_STEPS, eps: float = 1e-7) -> list[torch.Tensor]:
     """orthogonalise() of several stacks of matrices of any shapes, in zero-padded stacks (_Stacks)."""
     return _Stacks(gs).orthogonalise(gs, steps, eps)
+
+
+@contextlib.contextmanager
+def tf32_products(enabled: bool):
+    """torch's float32 matmuls in TF32 on CUDA within the block where `enabled` (fit.FitConfig.tf32), as they were
+    after.
+
+    Through torch.set_float32_matmul_precision, torch's public switch across versions: its two flag APIs may not be
+    mixed (reading one after the other was set raises). The setting is the process's, so CUDA products that other
+    threads make meanwhile are TF32 too; the fused decoder's are not (its kernels choose their own precision)."""
+    if not enabled:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 class _PaddedStack:
@@ -169,8 +189,11 @@ class Muon(_Optimiser):
     """Muon for (..., m, n) stacks of weight matrices, with torch.optim.Muon's "match_rms_adamw" scaling:
     the learning rate and weight decay tuned for AdamW carry over."""
 
-    def __init__(self, params, lr: float = 3e-3, momentum: float = 0.95, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 3e-3, momentum: float = 0.95, weight_decay: float = 0.0,
+                 tf32: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        # The Newton-Schulz products in TF32 on CUDA (fit.FitConfig.tf32): torch.optim.Muon runs them in bfloat16
+        self.tf32 = tf32
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() < 2:
@@ -198,7 +221,8 @@ class Muon(_Optimiser):
                 bufs = [self._state(p)["momentum"] for p in ps]
                 torch._foreach_lerp_(bufs, grads, 1 - g["momentum"])
                 blends += torch._foreach_lerp(grads, bufs, g["momentum"])
-        updates = iter(self._stacks[key].orthogonalise(blends))
+        with tf32_products(self.tf32 and params[0].is_cuda):
+            updates = iter(self._stacks[key].orthogonalise(blends))
         for g, ps in groups:
             if not ps:
                 continue
