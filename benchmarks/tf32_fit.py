@@ -11,15 +11,16 @@ product inside `fit.Fitter.run_stage` (the fitting and tuning steps: the network
 iterations) before the product, with a torch dispatch mode, and leaves everything else (rate control, the choice of
 the best stage, the post-filter, decoding) in fp32, as a GPU encode with TF32 steps would have it:
 
-- `trunc`: the 13 bits cut off (what the tensor cores do with fp32 registers they are handed; the worse case),
-- `rne`: rounded to the nearest TF32 value, ties to even (what a conversion instruction does first),
+- `trunc`: the 13 bits cut off (the larger error; which of the two a GPU's path does, its libraries decide),
+- `rne`: rounded to the nearest TF32 value, ties to even,
 - `fp32`: no rounding (the reference, encoded in the same run: the fits are chaotic, so a rerun of the reference
   on another machine or thread count would move by as much as the effect).
 
 `--ops` picks the products rounded: `all`, `ns` (Muon's iterations only: torch.optim.Muon runs them in bfloat16)
 or `net` (the network's only). Each encode runs in its own process on one thread (`--jobs` at once). Prints one
 JSON line per encode and, at the end, each mode's mean difference from `fp32` per image; `--out` writes them all.
-The rounding makes a step ~1.5x slower on the CPU: this measures PSNR, not time.
+`--seed` encodes with another seed: fp32 with seed 1 against seed 0's files is the null, what any change of the
+fit's random numbers moves. The rounding makes an encode ~1.4x slower on the CPU: this measures PSNR, not time.
 """
 
 from __future__ import annotations
