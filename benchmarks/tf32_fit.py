@@ -14,13 +14,18 @@ the best stage, the post-filter, decoding) in fp32, as a GPU encode with TF32 st
 - `trunc`: the 13 bits cut off (the larger error; which of the two a GPU's path does, its libraries decide),
 - `rne`: rounded to the nearest TF32 value, ties to even,
 - `fp32`: no rounding (the reference, encoded in the same run: the fits are chaotic, so a rerun of the reference
-  on another machine or thread count would move by as much as the effect).
+  on another machine or thread count would move by as much as the effect),
+- `fused`: no rounding, the network's forward and backward by the fused Triton training kernels
+  (`FitConfig.fused_network`, kernels/nif_train.py) in Triton's interpreter: their fp32 arithmetic end to end,
+  for issue 5's "same PSNR as the reference path" (slow: ~15 minutes for a 96x96 image at effort 2).
 
 `--ops` picks the products rounded: `all`, `ns` (Muon's iterations only: torch.optim.Muon runs them in bfloat16)
-or `net` (the network's only). Each encode runs in its own process on one thread (`--jobs` at once). Prints one
-JSON line per encode and, at the end, each mode's mean difference from `fp32` per image; `--out` writes them all.
+or `net` (the network's only). Each encode runs in its own process on one thread (`--threads`; `--jobs` at once).
+Prints one JSON line per encode and, at the end, each mode's mean difference from `fp32` per image; `--out` writes
+them all.
 `--seed` encodes with another seed: fp32 with seed 1 against seed 0's files is the null, what any change of the
-fit's random numbers moves. The rounding makes an encode ~1.4x slower on the CPU: this measures PSNR, not time.
+fit's random numbers moves; `--threads 2` with fp32 is the null of rounding alone (the same draws, sums split
+otherwise). The rounding makes an encode ~1.4x slower on the CPU: this measures PSNR, not time.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def tf32_products(rounding: str = "trunc", ops: str = "all"):
     return TF32Products()
 
 
-# One encode, in a child process (argv: dataset, image, bpp, mode, ops, effort, seed).
+# One encode, in a child process (argv: dataset, image, bpp, mode, ops, effort, seed, threads).
 CHILD = r"""
 import json, sys, time
 import numpy as np
@@ -89,9 +94,9 @@ import tf32_fit
 import pillow_nif
 from pillow_nif import fit
 
-dataset, name, bpp, mode, ops, effort, seed = sys.argv[1:8]
-torch.set_num_threads(1)
-if mode != "fp32":
+dataset, name, bpp, mode, ops, effort, seed, threads = sys.argv[1:9]
+torch.set_num_threads(int(threads))
+if mode in ("trunc", "rne"):
     run_stage = fit.Fitter.run_stage
 
     def rounded_stage(self, *a, **k):
@@ -102,10 +107,12 @@ if mode != "fp32":
 
 im = rd.load_dataset(dataset, None, [name])[name]
 t = time.perf_counter()
-res = fit.encode_image(im, bpp=float(bpp), effort=int(effort), device="cpu", seed=int(seed))
+config = fit.FitConfig(fused_network=mode == "fused")  # fused: the Triton kernels, interpreted (TRITON_INTERPRET)
+res = fit.encode_image(im, bpp=float(bpp), effort=int(effort), device="cpu", seed=int(seed), config=config)
 seconds = time.perf_counter() - t
 out = np.asarray(pillow_nif.decode(res.data).convert("RGB"))
-print(json.dumps(dict(image=name, bpp=float(bpp), mode=mode, ops=ops, seed=int(seed), bytes=len(res.data),
+print(json.dumps(dict(image=name, bpp=float(bpp), mode=mode, ops=ops, seed=int(seed), threads=int(threads),
+                      bytes=len(res.data),
                       real_bpp=len(res.data) * 8 / (im.width * im.height),
                       psnr=rd.psnr(rd.mse(out, np.asarray(im))), seconds=round(seconds, 1))))
 """
@@ -116,25 +123,29 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="kodak-crop256", help="as rd.py: kodak, kodak-crop256 or a folder of PNGs")
     p.add_argument("--only", required=True, help="comma-separated image names (e.g. kodim01,kodim05)")
     p.add_argument("--bpp", type=float, nargs="+", default=[1.0])
-    p.add_argument("--modes", default="fp32,trunc", help="fp32, trunc, rne (comma-separated)")
+    p.add_argument("--modes", default="fp32,trunc", help="fp32, trunc, rne, fused (comma-separated)")
     p.add_argument("--ops", default="all", choices=("all", "ns", "net"))
     p.add_argument("--effort", type=int, default=5)
     p.add_argument("--seed", type=int, default=0, help="the encodes' seed (another seed against seed 0's fp32 files: "
                    "what any change of the fit's random numbers moves)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each encode (default 1)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     modes = args.modes.split(",")
-    if not set(modes) <= {"fp32", "trunc", "rne"}:
-        p.error("--modes: fp32, trunc, rne")
+    if not set(modes) <= {"fp32", "trunc", "rne", "fused"}:
+        p.error("--modes: fp32, trunc, rne, fused")
     runs = [(name, bpp, mode) for name in args.only.split(",") for bpp in args.bpp for mode in modes]
 
     def encode(run):
         name, bpp, mode = run
         code = CHILD.replace("HERE", repr(str(HERE)))
         cmd = [sys.executable, "-c", code, args.dataset, name, str(bpp), mode, args.ops, str(args.effort),
-               str(args.seed)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+               str(args.seed), str(args.threads)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        if mode == "fused":
+            env["TRITON_INTERPRET"] = "1"  # the kernels on the CPU
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             raise SystemExit(f"{name} {bpp} {mode}: {done.stderr[-2000:]}")
         rec = json.loads(done.stdout.strip().splitlines()[-1])

@@ -200,16 +200,30 @@ def test_every_layer_has_its_own_scratch_slots():
 
 def test_the_fitter_trains_with_it_as_with_subgrid():
     """fit.Fitter with cfg.fused_network: the same steps (through stepgraph.py's buffers, as on CUDA) reach the same
-    weights as with SubgridNetwork, to float rounding."""
+    weights as with SubgridNetwork, to float rounding; then a tuning stage from those weights through a
+    straight-through quantiser (fit.fake_quantized, as the quantisation-aware tuning steps) does too."""
+    from types import SimpleNamespace
+
     rng = np.random.default_rng(SEED % 2**32)
     target = np.clip(rng.normal(0, 0.3, (24, 32, 3)).cumsum(0).cumsum(1) / 12, -1, 1).astype(np.float32)
     arch = Architecture(3, (40, 20, 12), 6, 1.4, 30.0, (16, 8), 4, 30.0, 10.0)
-    weights = {}
+    fitters, weights, tuned = {}, {}, {}
     for fused in (False, True):
         cfg = dataclasses.replace(fit.FitConfig(), fused_network=fused, step_graph=True)
-        f = fit.Fitter(target, arch, DEVICE, fit.EFFORTS[1], cfg, 0)
+        f = fitters[fused] = fit.Fitter(target, arch, DEVICE, fit.EFFORTS[1], cfg, 0)
         f.run_stage(12, f.lr, lambda n: None)
         assert isinstance(f.subgrid, FusedNetwork) == fused
-        weights[fused] = {n: p.detach().cpu() for n, p in f.model.named_tensors()}
-    for n, a in weights[False].items():
-        assert float((weights[True][n] - a).norm() / a.norm()) < 1e-4, f"{n}, NIF_TEST_SEED={SEED}"
+        weights[fused] = {n: p.detach().cpu().clone() for n, p in f.model.named_tensors()}
+    # Tuning starts both from the same weights, so that both round them alike; steps of 1/8 of each tensor's rms
+    # move the rounded weights far from the fitted ones, and a rate of 1e-3 moves the weights well past rounding.
+    start = fitters[False].state()
+    codings = [SimpleNamespace(step=float(t.pow(2).mean().sqrt()) / 8, qmax=10**6) for t in weights[False].values()]
+    for fused, f in fitters.items():
+        f.model.load_state_dict(start)
+        f.run_stage(12, 1e-3, lambda n: None, lambda f=f: fit.fake_quantized(f.model, codings))
+        tuned[fused] = {n: p.detach().cpu().clone() for n, p in f.model.named_tensors()}
+    for stage in (weights, tuned):
+        for n, a in stage[False].items():
+            assert float((stage[True][n] - a).norm() / a.norm()) < 1e-4, f"{n}, NIF_TEST_SEED={SEED}"
+    moved = [float((tuned[False][n] - t).norm() / t.norm()) for n, t in weights[False].items()]
+    assert min(moved) > 1e-3  # the tuning stage did move every tensor
