@@ -222,12 +222,13 @@ def test_the_fitter_trains_with_it_as_with_subgrid():
         f.model.load_state_dict(start)
         f.run_stage(12, 1e-3, lambda n: None, lambda f=f: fit.fake_quantized(f.model, codings))
         tuned[fused] = {n: p.detach().cpu().clone() for n, p in f.model.named_tensors()}
-    # AdamW (the tuning's) divides each gradient by its own running size, so where a weight's gradients are tiny,
-    # rounding-sized differences in them become step-sized differences in its update: 1.3e-4 at one seed in six.
-    # The kernels handed the unquantised weights instead were 5.5e-2 off.
-    for stage, tol in (("fitting", 1e-4), ("tuning", 1e-3)):
-        got = weights if stage == "fitting" else tuned
+    # The optimisers magnify rounding: AdamW divides each gradient by its own running size, so where a weight's
+    # gradients are tiny, rounding-sized differences in them become step-sized differences in its update. Over 12
+    # seeds the largest tensor's error was ~2e-6 at most seeds, 1.3e-4 at one (the tuning's genesis.1.weight) and
+    # 1.8e-4 at another (the fitting's modulation.1.weight). The kernels handed the unquantised weights in the tuning
+    # were 5.5e-2 off.
+    for stage, got in (("fitting", weights), ("tuning", tuned)):
         for n, a in got[False].items():
-            assert float((got[True][n] - a).norm() / a.norm()) < tol, f"{stage}: {n}, NIF_TEST_SEED={SEED}"
+            assert float((got[True][n] - a).norm() / a.norm()) < 1e-3, f"{stage}: {n}, NIF_TEST_SEED={SEED}"
     moved = [float((tuned[False][n] - t).norm() / t.norm()) for n, t in weights[False].items()]
     assert min(moved) > 1e-3  # the tuning stage did move every tensor
