@@ -313,10 +313,17 @@ def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tu
 # +0.35 to +0.39); on 4 crops +0.65 at 0.22 bpp (2.6k), +0.43 at 0.18 (2.1k), -0.14 at 0.15 (1.8k) (#137).
 # Efforts 2-4 gained +0.14 to +0.25 at 0.3 bpp; effort 1's single 300-step stage lost 0.56, so shorter stages
 # keep plain networks to 5000 parameters (at 0.6 bpp, 7k parameters, plain ones lost 0.39 dB there too).
+# Small images are another matter: where a step samples a quarter of the image or more (up to 16k pixels at 4k a
+# step: 128x128, 96x96), the short stages of efforts 2-4 fitted modulated networks of 2000-5000 parameters worse
+# and erratically, and rounded them worse. The plain networks' files were better on 11 of 12 points at effort 2 (6
+# images, 128x128 at 1.0 bpp and 96x96 at 2.0, 2 seeds each: mean +0.94 dB, up to +3.8), on 4 of 4 at effort 3
+# and 3 of 4 at effort 4 (128x128, 1.0 bpp: +0.48 ... +3.92, 0.00 ... +0.93 dB); kodim20's centre (half flat sky)
+# fitted at 19 to 42 dB with the seed (sd 3.7-6.2 dB over 12 seeds; the plain network 0.2). NOTES.md #187.
 _GENESIS_SHAPE = (1.0, 0.5, 0.25)
 _DEEP_SHAPE = (1.0, 0.45, 0.25, 0.25)
 DEEP_PARAMS = 2000
 SHORT_STAGE = 400  # steps: fits with shorter stages modulate from SHORT_DEEP_PARAMS
+DENSE_SHORT_STAGE = 3000  # steps: the same where a step samples a quarter of the image or more (efforts 1-4)
 SHORT_DEEP_PARAMS = 5000
 
 
@@ -329,8 +336,9 @@ def params_for(bits: float, pixels: int, cfg: FitConfig) -> float:
 
 
 def choose_architecture(width: int, height: int, channels: int, param_budget: float, cfg: FitConfig,
-                        stage_steps: int = EFFORTS[5].iters) -> Architecture:
-    """The largest NIF-shaped network that fits `param_budget` parameters, for a fit of `stage_steps` a stage.
+                        stage_steps: int = EFFORTS[5].iters, step_pixels: int = EFFORTS[5].batch) -> Architecture:
+    """The largest NIF-shaped network that fits `param_budget` parameters, for a fit of `stage_steps` a stage of
+    about `step_pixels` pixels a step.
 
     Encoding frequencies grow with the parameters per pixel: a larger network can use finer ones.
     Measured on 4 Kodak crops of 256x256 (13 frequencies reach periods of ~4 pixels; benchmarks/NOTES.md
@@ -340,14 +348,16 @@ def choose_architecture(width: int, height: int, channels: int, param_budget: fl
     nyquist counts them to ~4 pixels along the longer side, where a period covers the most pixels: at 768x512
     that is one more than the shorter side's count: +0.12 dB at 1.0 bpp (4 of 4 images up), +0.03 at 0.6, +0.05
     at 0.3 (2 images each; NOTES.md #157).
-    Modulation and a fourth sine layer pay from DEEP_PARAMS up.
+    Modulation and a fourth sine layer pay from DEEP_PARAMS up (SHORT_DEEP_PARAMS in short stages).
     """
     n = max(width, height)
     nyquist = int(math.log(max(n, 8) / 4) / math.log(cfg.pe_scale)) + 1  # periods down to ~4 pixels
     per_pixel = max(param_budget, 1.0) / (width * height)
     freqs = round(nyquist - 3 + 1.25 * math.log2(per_pixel / 0.054))
     freqs = max(2, min(nyquist, bitstream.MAX_FREQS, freqs, int(param_budget / 120)))
-    if param_budget >= (DEEP_PARAMS if stage_steps >= SHORT_STAGE else SHORT_DEEP_PARAMS):
+    dense = width * height <= 4 * step_pixels  # a step samples a quarter of the image or more (stride <= 2)
+    short = stage_steps < (DENSE_SHORT_STAGE if dense else SHORT_STAGE)
+    if param_budget >= (SHORT_DEEP_PARAMS if short else DEEP_PARAMS):
         mod = (32, 16, 8) if param_budget >= 40000 else (16, 8)
         mod_freqs, shape = 4, _DEEP_SHAPE
     else:
@@ -1039,7 +1049,8 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
             f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
             f"{overhead + 16} bytes: ask for a higher bpp"
         )
-    arch = choose_architecture(w, h, c, params_for((budget - overhead) * 8, w * h, cfg), cfg, effort.iters)
+    arch = choose_architecture(w, h, c, params_for((budget - overhead) * 8, w * h, cfg), cfg, effort.iters,
+                               effort.batch)
     # The post-filter's bytes come out of the weights' budget, not the architecture's: the same network is fitted
     # with and without one, and only its rounding is a little coarser (1-2 % of the bytes).
     classes, taps = choose_filter(budget, c, w * h) if cfg.post_filter else (1, 0)
