@@ -153,9 +153,10 @@ def test_small_images_modulate_only_larger_networks_in_short_stages():
 
 
 def test_effort_2_fits_a_small_image_with_a_flat_sky_at_every_seed():
-    # The centre 96x96 of kodim20 (half of it flat sky) at 2.0 bpp, effort 2: its modulated fits came out at 27.0 to
-    # 36.6 dB with the seed (the network's output gone nearly flat at the worst); plain networks 36.6-36.8 (NOTES.md
-    # #187). A user saving a thumbnail at a low effort would have got any of them.
+    # The centre 96x96 of kodim20 (half of it flat sky) at 2.0 bpp, effort 2: its modulated networks' files came out
+    # at 27.0 to 36.6 dB with the seed (seeds 0-7, one thread; at 2 threads seeds 0-3 gave 24.3-36.2), the network's
+    # output gone nearly flat at the worst; the plain network's at 36.4-37.1 (NOTES.md #187). A user saving a
+    # thumbnail at a low effort would have got any of them.
     path = SHARED / "datasets" / "kodak" / "kodim20.png"
     if not path.exists():
         pytest.skip("../shared/datasets/kodak is not available")

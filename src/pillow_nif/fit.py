@@ -348,7 +348,8 @@ def choose_architecture(width: int, height: int, channels: int, param_budget: fl
     nyquist counts them to ~4 pixels along the longer side, where a period covers the most pixels: at 768x512
     that is one more than the shorter side's count: +0.12 dB at 1.0 bpp (4 of 4 images up), +0.03 at 0.6, +0.05
     at 0.3 (2 images each; NOTES.md #157).
-    Modulation and a fourth sine layer pay from DEEP_PARAMS up (SHORT_DEEP_PARAMS in short stages).
+    Modulation and a fourth sine layer pay from DEEP_PARAMS up; from SHORT_DEEP_PARAMS in effort 1's short stages,
+    and in those of efforts 1-4 where a step samples a quarter of the image or more (small images).
     """
     n = max(width, height)
     nyquist = int(math.log(max(n, 8) / 4) / math.log(cfg.pe_scale)) + 1  # periods down to ~4 pixels
