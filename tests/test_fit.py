@@ -1,5 +1,7 @@
 """Encoder behaviour: options, rate control, determinism (tiny images, low effort)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import JOLTS, SHARED, Jolted, photo
@@ -127,7 +129,7 @@ def test_short_stages_modulate_only_larger_networks():
     cases = ((3500, 4000, True), (3500, 400, True), (3500, 300, False), (6000, 300, True), (2200, 4000, True),
              (1500, 4000, False))
     for budget, steps, modulated in cases:
-        arch = choose_architecture(256, 256, 3, budget, cfg, steps)
+        arch = choose_architecture(256, 256, 3, budget, cfg, dataclasses.replace(fit.EFFORTS[5], iters=steps))
         assert bool(arch.mod_widths) == modulated and len(arch.widths) == (4 if modulated else 3)
     im = photo(256, 256)
     for effort, modulated in ((1, False), (2, True), (5, True)):
@@ -145,7 +147,7 @@ def test_small_images_modulate_only_larger_networks_in_short_stages():
              ((128, 128), 6000, 500, True), ((96, 96), 3500, 4000, True), ((192, 192), 3500, 500, True),
              ((130, 128), 3500, 500, True))
     for (w, h), budget, steps, modulated in cases:
-        arch = choose_architecture(w, h, 3, budget, cfg, steps, 4096)
+        arch = choose_architecture(w, h, 3, budget, cfg, dataclasses.replace(fit.EFFORTS[5], iters=steps))
         assert bool(arch.mod_widths) == modulated, (w, h, budget, steps)
     im = photo(128, 128)
     for effort, modulated in ((1, False), (2, False), (4, False), (5, True)):

@@ -336,9 +336,9 @@ def params_for(bits: float, pixels: int, cfg: FitConfig) -> float:
 
 
 def choose_architecture(width: int, height: int, channels: int, param_budget: float, cfg: FitConfig,
-                        stage_steps: int = EFFORTS[5].iters, step_pixels: int = EFFORTS[5].batch) -> Architecture:
-    """The largest NIF-shaped network that fits `param_budget` parameters, for a fit of `stage_steps` a stage of
-    about `step_pixels` pixels a step.
+                        effort: Effort = EFFORTS[5]) -> Architecture:
+    """The largest NIF-shaped network that fits `param_budget` parameters, for a fit at `effort` (its stages' steps
+    and pixels a step).
 
     Encoding frequencies grow with the parameters per pixel: a larger network can use finer ones.
     Measured on 4 Kodak crops of 256x256 (13 frequencies reach periods of ~4 pixels; benchmarks/NOTES.md
@@ -356,8 +356,8 @@ def choose_architecture(width: int, height: int, channels: int, param_budget: fl
     per_pixel = max(param_budget, 1.0) / (width * height)
     freqs = round(nyquist - 3 + 1.25 * math.log2(per_pixel / 0.054))
     freqs = max(2, min(nyquist, bitstream.MAX_FREQS, freqs, int(param_budget / 120)))
-    dense = width * height <= 4 * step_pixels  # a step samples a quarter of the image or more (stride <= 2)
-    short = stage_steps < (DENSE_SHORT_STAGE if dense else SHORT_STAGE)
+    dense = step_stride(height, width, effort) <= 2  # a step samples a quarter of the image or more
+    short = effort.iters < (DENSE_SHORT_STAGE if dense else SHORT_STAGE)
     if param_budget >= (SHORT_DEEP_PARAMS if short else DEEP_PARAMS):
         mod = (32, 16, 8) if param_budget >= 40000 else (16, 8)
         mod_freqs, shape = 4, _DEEP_SHAPE
@@ -1050,8 +1050,7 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
             f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
             f"{overhead + 16} bytes: ask for a higher bpp"
         )
-    arch = choose_architecture(w, h, c, params_for((budget - overhead) * 8, w * h, cfg), cfg, effort.iters,
-                               effort.batch)
+    arch = choose_architecture(w, h, c, params_for((budget - overhead) * 8, w * h, cfg), cfg, effort)
     # The post-filter's bytes come out of the weights' budget, not the architecture's: the same network is fitted
     # with and without one, and only its rounding is a little coarser (1-2 % of the bytes).
     classes, taps = choose_filter(budget, c, w * h) if cfg.post_filter else (1, 0)
