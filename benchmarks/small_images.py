@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Small images at efforts 1-4: the plain networks they get now against the modulated ones they had (NOTES.md #187).
+"""Small images at low efforts: the encoder as it is now against it without one of its levers (`--lever`).
 
     python benchmarks/small_images.py --only kodim20,kodim15,kodim05 --size 128 --bpp 1.0 --effort 2 --seeds 0,1
     python benchmarks/small_images.py --only kodim20 --size 96 --bpp 2.0 --effort 2 --seeds 0,1,2,3,4,5,6,7
+    python benchmarks/small_images.py --lever period --only kodim20,kodim02 --size 160 --bpp 2.0 --effort 2 --seeds 0,1
 
 Each Kodak image's centre `--size` x `--size` square (from ../shared/datasets/kodak, or `--kodak DIR`) is encoded
-twice per seed in a child process on one thread: with the current rule (`now`: where a step samples a quarter of
-the image or more, efforts 1-4 keep plain networks up to fit.SHORT_DEEP_PARAMS) and with the rule before #187
-(`before`: fit.DENSE_SHORT_STAGE set to fit.SHORT_STAGE, so modulated from fit.DEEP_PARAMS). Prints one JSON line
-per encode (the file's PSNR at its bit depth, post-filter included; the fit's; bytes; seconds), then per image the
-mean difference now - before over the seeds. The fits are chaotic: compare within one run, on one machine.
+twice per seed in a child process on one thread: as the encoder is now (`now`) and without the lever (`before`):
+- `dense` (NOTES.md #187): where a step samples a quarter of the image or more, efforts 1-4 keep plain networks up to
+  fit.SHORT_DEEP_PARAMS; before, fit.DENSE_SHORT_STAGE set to fit.SHORT_STAGE, so modulated from fit.DEEP_PARAMS;
+- `period` (#188): short stages train the period's offset at FitConfig.period_lr x the rate; before, at the rate.
+Prints one JSON line per encode (the file's PSNR at its bit depth, post-filter included; the fit's; bytes; seconds),
+then per image the mean difference now - before over the seeds. The fits are chaotic: compare within one run, on one
+machine.
 """
 
 from __future__ import annotations
@@ -24,22 +27,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# One encode (argv: path, size, bpp, effort, seed, rule).
+# One encode (argv: path, size, bpp, effort, seed, rule, lever).
 CHILD = r"""
 import json, sys
 import torch
 from PIL import Image
 from pillow_nif import fit
 
-path, size, bpp, effort, seed, rule = sys.argv[1:7]
+path, size, bpp, effort, seed, rule, lever = sys.argv[1:8]
 size = int(size)
 torch.set_num_threads(1)
-if rule == "before":
+cfg = fit.FitConfig()
+if rule == "before" and lever == "dense":
     fit.DENSE_SHORT_STAGE = fit.SHORT_STAGE
+if rule == "before" and lever == "period":
+    cfg = fit.FitConfig(period_lr=1.0)
 im = Image.open(path).convert("RGB")
 left, top = (im.width - size) // 2, (im.height - size) // 2
 im = im.crop((left, top, left + size, top + size))
-r = fit.encode_image(im, bpp=float(bpp), effort=int(effort), device="cpu", seed=int(seed))
+r = fit.encode_image(im, bpp=float(bpp), effort=int(effort), device="cpu", seed=int(seed), config=cfg)
 print(json.dumps(dict(bytes=len(r.data), psnr=round(r.psnr, 3), fit_psnr=round(r.fit_psnr, 3),
                       seconds=round(r.seconds, 1), widths=r.arch.widths, modulated=bool(r.arch.mod_widths))))
 """
@@ -53,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--bpp", type=float, default=1.0)
     p.add_argument("--effort", type=int, default=2)
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--lever", choices=("dense", "period"), default="dense", help="what `before` goes without")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -67,11 +74,12 @@ def main(argv=None) -> int:
     def encode(run):
         name, seed, rule = run
         cmd = [sys.executable, "-c", CHILD, str(args.kodak / f"{name}.png"), str(args.size), str(args.bpp),
-               str(args.effort), str(seed), rule]
+               str(args.effort), str(seed), rule, args.lever]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if done.returncode:
             raise SystemExit(f"{name} seed {seed} {rule}: {done.stderr[-2000:]}")
         rec = dict(image=name, size=args.size, bpp=args.bpp, effort=args.effort, seed=seed, rule=rule,
+                   lever=args.lever,
                    **json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rec), flush=True)
         return rec

@@ -36,6 +36,18 @@ def kodak():
     return p
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as the benchmarks' encodes run: the count changes how sums split, and so
+    which way a chaotic fit goes (restored after)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_decoders_agree(got, expected, msg=""):
     """Two decodes of the same pixels agree as docs/FORMAT.md requires of decoders: CPUs (and the order of a sum)
     may differ in the last bit of sin, so at most one level apart, on a few samples: 0.1 % of them, and at least two,

@@ -157,10 +157,14 @@ def test_fitting_trains_the_genesis_matrices_with_muon_and_tuning_uses_adamw():
         assert adamw == {id(t) for _, t in named} - expected
         assert isinstance(f.optimizer(1e-3, 0.0, tuning=True), AdamW)
     # short stages (effort 3: 2 x 400 steps) lost with the input and modulation decays: those decay as asked, and
-    # the input layer stays on AdamW (Muon there was measured with its decay only)
+    # the input layer stays on AdamW (Muon there was measured with its decay only); the period's offset has a group
+    # of its own, at cfg.period_lr x the rate (NOTES.md #188)
     f = fit.Fitter(target, arch, "cpu", fit.EFFORTS[3], cfg, 0)
     short = f.optimizer(1e-3, 1e-4, tuning=False)
-    assert [g["weight_decay"] for o in short.optimizers for g in o.param_groups] == [cfg.muon_decay, 1e-4]
+    groups = [g for o in short.optimizers for g in o.param_groups]
+    assert [g["weight_decay"] for g in groups] == [cfg.muon_decay, 1e-4, 1e-4]
+    assert [g.get("lr_scale") for g in groups] == [None, None, cfg.period_lr]
+    assert [id(p) for p in groups[2]["params"]] == [id(f.model.modulation[-1].bias)]
     assert id(f.model.genesis[0].weight) in _groups(short)[1]
     adamw_only = fit.Fitter(target, arch, "cpu", fit.EFFORTS[5], FitConfig(muon=False), 0).optimizer(1e-3, 0.0, False)
     assert isinstance(adamw_only, AdamW)

@@ -91,11 +91,12 @@ def test_a_stack_of_images_trains_as_the_eager_loop():
 
 def test_each_step_sees_its_own_draw_and_rate(monkeypatch):
     # The buffers are filled before every step: a body that kept the first draw or rate would fit other pixels.
-    seen = []
+    seen, scaled = [], []
     forward_backward = StepGraph._forward_backward
 
     def spy(self):
         seen.append((self.draw[0].clone(), float(self.opt.param_groups[0]["lr"])))
+        scaled.append({float(g["lr"]) / g.get("lr_scale", 1.0) for g in self.opt.param_groups})
         forward_backward(self)
 
     monkeypatch.setattr(StepGraph, "_forward_backward", spy)
@@ -104,6 +105,9 @@ def test_each_step_sees_its_own_draw_and_rate(monkeypatch):
     assert len(seen) == 20 and any(not torch.equal(rows[0], r) for r in rows[1:])
     rates = [lr for _, lr in seen]  # warm-up, hold, decay: read from the device at each step
     assert rates[0] < rates[1] == pytest.approx(f.lr) and rates[-1] < rates[-2] < rates[1]
+    # The period's offset has a rate of its own (FitConfig.period_lr), lr_scale x everyone else's at every step.
+    assert any("lr_scale" in g for g in f.optimizer(1.0, 0.0, False).param_groups)
+    assert all(len(s) == 1 or max(s) - min(s) <= 1e-6 * max(s) for s in scaled)
 
 
 def test_losses_handed_to_the_guard_outlive_the_next_step():

@@ -140,6 +140,13 @@ class FitConfig:
     pe_scale: float = 1.4
     omega: float = 45.0  # sine factor of genesis and modulation layers: 45 beat 30 by 0.2-0.4 dB, 60 lost
     mod_sigma: float = 10.0
+    # The period's offset (the modulation's last bias b: period = omega + mod_sigma (W h + b)) learns at period_lr x
+    # the stage's rate. A smooth image wants a far shorter period than omega (kodim20's 160x160 centre: ~11). At the
+    # common rate b moves ~0.3 of a period in 100 steps, so short stages lowered the period through W h instead,
+    # unevenly: at some seeds it spread over 23-63 across the pixels, the genesis features turned to noise, and the
+    # file came out near a flat image (17.2 / 20.4 dB at 2.0 bpp, effort 2, where other seeds gave 36-37). Short
+    # stages (efforts 1-4) only: long ones lost 0.13 dB with it. NOTES.md #188.
+    period_lr: float = 10.0
     # The fitting stages of modulated networks train the genesis hidden and output matrices with Muon (optim.py), the
     # rest with AdamW: +0.15 / +0.10 dB at 0.6 / 1.0 bpp on 8 crops (benchmarks/NOTES.md #84); where the input
     # layer's decay applies (long stages), the input layer too (#112). False: AdamW for all.
@@ -560,7 +567,7 @@ class Fitter:
                 tick(1)
                 continue
             for g in opt.param_groups:
-                g["lr"] = lr * f
+                g["lr"] = lr * f * g.get("lr_scale", 1.0)
             # The tuning draws too: +0.028 dB at 768x512, 1.0 bpp (6 of 6 images), +-0.01 elsewhere (NOTES.md #160d).
             rows, cols = self.sample(drawn=True, left=iters - it)
             loss = self.loss(rows, cols, weights_fn() if weights_fn else None)
@@ -617,12 +624,20 @@ class Fitter:
             if long:  # the input layer too: +0.13 / +0.17 dB at 0.6 / 1.0 bpp on 8 crops (NOTES.md #112)
                 muon["genesis.0.weight"] = own["genesis.0.weight"]
 
+        # Short stages train the period's offset at its own rate (cfg.period_lr; a stage's steps scale a group's
+        # rate by its lr_scale). Long ones were steady without it (kodim20's centre at effort 5: 40.6-41.0 dB over
+        # 4 seeds), and with it lost 0.13 dB on 8 crops at 1.0 bpp (1 of 8 up): they keep the rate they were tuned with.
+        rates = {}
+        if modulated and not self.long_stages:
+            rates[f"modulation.{len(self.model.arch.mod_widths)}.bias"] = self.cfg.period_lr
+
         def by_decay(names: dict) -> list[dict]:
-            groups: dict[float, list] = {}  # decay -> its tensors, in the model's order
+            groups: dict[tuple, list] = {}  # (decay, rate's scale) -> its tensors, in the model's order
             for n, t in tensors:
                 if n in names:
-                    groups.setdefault(names[n], []).append(t)
-            return [{"params": ps, "weight_decay": d} for d, ps in groups.items()]
+                    groups.setdefault((names[n], rates.get(n, 1.0)), []).append(t)
+            return [{"params": ps, "weight_decay": d} | ({"lr_scale": s} if s != 1 else {})
+                    for (d, s), ps in groups.items()]
 
         rest = adamw(by_decay({n: own.get(n, decay) for n, _ in tensors if n not in muon}))
         if not muon:
