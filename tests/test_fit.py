@@ -171,6 +171,7 @@ def test_short_stages_train_the_period_offset_at_its_own_rate():
     # The period's offset (the modulation's last bias) alone trains at cfg.period_lr x the rate, in the fitting steps
     # of short stages only (benchmarks/NOTES.md #188), and every step gives it that rate.
     from pillow_nif import fit
+    from pillow_nif.optim import group_rate
 
     cfg = FitConfig()
     arch = choose_architecture(64, 64, 3, 8000, cfg)
@@ -196,7 +197,7 @@ def test_short_stages_train_the_period_offset_at_its_own_rate():
     def optimizer(*args, **kwargs):
         opt = make(*args, **kwargs)
         step = opt.step
-        rates = lambda: {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}  # noqa: E731
+        rates = lambda: {names[id(p)]: group_rate(g) for g in opt.param_groups for p in g["params"]}  # noqa: E731
         opt.step = lambda: (seen.append(rates()), step())
         return opt
 

@@ -346,3 +346,16 @@ def test_a_rate_on_the_device_steps_as_the_float_rate_and_is_read_at_every_step(
 
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device_rate", [False, True])
+def test_a_group_with_an_lr_scale_steps_that_much_further(device_rate):
+    # fit.FitConfig.period_lr's group: AdamW scales its rate by lr_scale, whether the rate is a float or the 0-d tensor
+    # CUDA graphs read (stepgraph.py). Adam's first step moves each element by ~lr, whatever the gradient.
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    lr = torch.tensor(1e-3) if device_rate else 1e-3
+    opt = AdamW([{"params": [a]}, {"params": [b], "lr_scale": 10.0}], lr=lr, weight_decay=0.0)
+    for p in (a, b):
+        p.grad = torch.tensor([1.0, -2.0, 0.5])
+    opt.step()
+    assert torch.allclose(b.detach(), 10 * a.detach()) and torch.allclose(a.detach().abs(), torch.full((3,), 1e-3))

@@ -16,6 +16,7 @@ from pillow_nif.batch import BatchFitter
 from pillow_nif.colour import to_network_space
 from pillow_nif.fit import FitConfig, choose_architecture, encode_image
 from pillow_nif.imaging import prepare_image
+from pillow_nif.optim import group_rate
 from pillow_nif.stepgraph import StepGraph
 
 
@@ -96,7 +97,7 @@ def test_each_step_sees_its_own_draw_and_rate(monkeypatch):
 
     def spy(self):
         seen.append((self.draw[0].clone(), float(self.opt.param_groups[0]["lr"])))
-        scaled.append({float(g["lr"]) / g.get("lr_scale", 1.0) for g in self.opt.param_groups})
+        scaled.append({float(group_rate(g)) / g.get("lr_scale", 1.0) for g in self.opt.param_groups})
         forward_backward(self)
 
     monkeypatch.setattr(StepGraph, "_forward_backward", spy)

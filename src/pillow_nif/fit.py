@@ -567,7 +567,7 @@ class Fitter:
                 tick(1)
                 continue
             for g in opt.param_groups:
-                g["lr"] = lr * f * g.get("lr_scale", 1.0)
+                g["lr"] = lr * f
             # The tuning draws too: +0.028 dB at 768x512, 1.0 bpp (6 of 6 images), +-0.01 elsewhere (NOTES.md #160d).
             rows, cols = self.sample(drawn=True, left=iters - it)
             loss = self.loss(rows, cols, weights_fn() if weights_fn else None)
@@ -624,9 +624,10 @@ class Fitter:
             if long:  # the input layer too: +0.13 / +0.17 dB at 0.6 / 1.0 bpp on 8 crops (NOTES.md #112)
                 muon["genesis.0.weight"] = own["genesis.0.weight"]
 
-        # Short stages train the period's offset at its own rate (cfg.period_lr; a stage's steps scale a group's
-        # rate by its lr_scale). Long ones were steady without it (kodim20's centre at effort 5: 40.6-41.0 dB over
-        # 4 seeds), and with it lost 0.13 dB on 8 crops at 1.0 bpp (1 of 8 up): they keep the rate they were tuned with.
+        # Short stages train the period's offset at its own rate (cfg.period_lr: the optimiser scales its group's
+        # rate by lr_scale, optim.group_rate). Long ones were steady without it (kodim20's centre at effort 5:
+        # 40.6-41.0 dB over 4 seeds), and with it lost 0.13 dB on 8 crops at 1.0 bpp (1 of 8 up): they keep the rate
+        # they were tuned with.
         rates = {}
         if modulated and not self.long_stages:
             rates[f"modulation.{len(self.model.arch.mod_widths)}.bias"] = self.cfg.period_lr

@@ -154,6 +154,12 @@ class _Stacks:
         return out
 
 
+def group_rate(g: dict):
+    """A group's step size: the stage's rate g["lr"] (a Python float, or a 0-d tensor a CUDA graph reads at each
+    replay) times the group's own lr_scale where it has one (fit.FitConfig.period_lr's group)."""
+    return g["lr"] * g["lr_scale"] if "lr_scale" in g else g["lr"]
+
+
 class _Optimiser:
     """What the fit uses of torch.optim.Optimizer (param_groups, state, zero_grad), without torch.optim: its
     constructor imports torch._dynamo, which took 2.6-3.5 s once per process on this project's CPU, a third of
@@ -226,7 +232,7 @@ class Muon(_Optimiser):
         for g, ps in groups:
             if not ps:
                 continue
-            lr, decay = g["lr"], g["weight_decay"]
+            lr, decay = group_rate(g), g["weight_decay"]
             if decay:
                 torch._foreach_mul_(ps, 1 - lr * decay)
             # An orthogonal (m, n) update has RMS 1/sqrt(max(m, n)); 0.2 sqrt(max) brings it to AdamW's ~0.2.
@@ -268,9 +274,9 @@ class AdamW(_Optimiser):
             counts = [s["step"] for s in states]
             torch._foreach_add_(counts, 1)
             torch._fused_adamw_(ps, [p.grad for p in ps], [s["exp_avg"] for s in states],
-                                [s["exp_avg_sq"] for s in states], [], counts, lr=g["lr"], beta1=g["betas"][0],
-                                beta2=g["betas"][1], weight_decay=g["weight_decay"], eps=g["eps"], amsgrad=False,
-                                maximize=False)
+                                [s["exp_avg_sq"] for s in states], [], counts, lr=group_rate(g),
+                                beta1=g["betas"][0], beta2=g["betas"][1], weight_decay=g["weight_decay"], eps=g["eps"],
+                                amsgrad=False, maximize=False)
 
 
 class Chain:

@@ -45,14 +45,11 @@ class StepGraph:
         self.device = fitter.target.device
         # The rate as a 0-d tensor on the device (float32, as torch's fused AdamW reads one) where a graph must read
         # it at each replay; uncaptured steps keep the Python float, and then train bit for bit as the eager loop.
-        self.lr = None  # lr_scale -> its rate tensor (FitConfig.period_lr's group has a scale of its own)
+        self.lr = None
         if capture if device_rate is None else device_rate:
-            self.lr = {}
+            self.lr = torch.zeros((), device=self.device, dtype=torch.float32)
             for g in opt.param_groups:
-                scale = g.get("lr_scale", 1.0)
-                if scale not in self.lr:
-                    self.lr[scale] = torch.zeros((), device=self.device, dtype=torch.float32)
-                g["lr"] = self.lr[scale]
+                g["lr"] = self.lr
         self.draw = None  # the step's drawn (rows, cols, weights), copied in before each step
         self.losses = None  # the step's per-image losses, written by each step
         self.steps = 0
@@ -70,11 +67,10 @@ class StepGraph:
         made ahead); returns the step's per-image losses (a copy: the buffer is rewritten by the next step)."""
         torch, f = self.torch, self.fitter
         if self.lr is not None:
-            for scale, t in self.lr.items():
-                t.fill_(lr * scale)
+            self.lr.fill_(lr)
         else:
             for g in self.opt.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
+                g["lr"] = lr
         if f.sampler is not None:
             drawn = list(f.sampler.draw(left))
             if self.draw is None:
