@@ -68,8 +68,10 @@ def test_signature_and_version():
     assert data.startswith(bs.MAGIC + bytes([bs.VERSION]))
     with pytest.raises(FormatError, match="not a NIF"):
         bs.loads(b"\x89PNG\r\n\x1a\n" + data[8:])
-    with pytest.raises(FormatError, match="unsupported NIF version 9"):
-        bs.loads(bs.MAGIC + b"\x09" + data[8:])
+    with pytest.raises(FormatError, match="unsupported NIF version 10"):
+        bs.loads(bs.MAGIC + b"\x0a" + data[8:])
+    with pytest.raises(FormatError, match="the first chunk of a tiled file must be its tile grid"):
+        bs.loads(bs.MAGIC + b"\x09" + data[8:])  # version 9: tiles (test_tiles.py)
 
 
 def test_bad_crc_is_named():

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import fit
+from . import fit, tiles
 from .bitstream import Architecture, Header
 from .model import axis_columns, encode_axis, sin_of_product
 from .subgrid import as_slice
@@ -94,13 +94,18 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     eff = fit.EFFORTS[effort]
     # Every image is checked (mode, budget) before any fitting starts.
     meta = [metadata[i] if metadata is not None else common for i in range(len(images))]
-    jobs = [_plan(i, _as_image(im), target_bpp, colour, meta[i], cfg, eff) for i, im in enumerate(images)]
+    images = [_as_image(im) for im in images]
+    # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
+    large = [i for i, im in enumerate(images) if fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)]
+    for i in large:
+        tiles.plan_tiles(images[i], target_bpp, {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
+    jobs = [_plan(i, im, target_bpp, colour, meta[i], cfg, eff) for i, im in enumerate(images) if i not in large]
 
     def replan(job: _Job, c: fit.FitConfig) -> fit.Plan:  # the plan of a refit (fit.refit)
         return _plan(job.index, job.image, target_bpp, colour, meta[job.index], c, eff).plan
 
     bar = fit._progress(progress, sum(fit.fit_work(j.header, eff, cfg) for j in jobs))
-    results: list[fit.EncodeResult | None] = [None] * len(jobs)
+    results: list[fit.EncodeResult | None] = [None] * len(images)
     try:
         for group in _groups(jobs, device, eff):
             t0 = time.perf_counter()
@@ -113,6 +118,11 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
                     on_result(job.index, r)
     finally:
         bar.close()
+    for i in large:
+        results[i] = tiles.encode_tiled(images[i], target_bpp, effort, device, seed, progress, meta[i], colour, cfg,
+                                        measure)
+        if on_result is not None:
+            on_result(i, results[i])
     return results
 
 

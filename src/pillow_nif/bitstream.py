@@ -30,9 +30,11 @@ MAGIC = b"\x8bNIF\r\n\x1a"
 # over postfilter.OFFSETS instead of the count of its first ones; the encoder writes 7 only for a filter version 6
 # cannot hold. Version 8 is version 7 with one set of filter coefficients per class of local activity: a header
 # flag, the K - 1 thresholds between the classes, and K times the rows in the filter's tensors; the encoder writes 8
-# only for a filter with classes. Readers accept all eight.
-VERSION = 8
-VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+# only for a filter with classes. Version 9 is a grid of tiles, each a whole file of versions 1-8 (TiledFile): the
+# encoder writes it only for images over FitConfig.tile_pixels. Readers accept all nine.
+VERSION = 8  # the newest untiled version (NifFile)
+TILED_VERSION = 9
+VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, TILED_VERSION)
 SIGNATURE = MAGIC + bytes([VERSION])
 
 # Modes: code -> (Pillow mode, channels, bits per sample).
@@ -79,9 +81,12 @@ FILTER_CLASSES = 8  # version 8: the most classes of activity a post-filter may 
 # A parameter costs at least this many bits on average: bounds the parameter count by the file
 # size (the encoder never goes near it; a hostile header cannot ask for a huge network in a tiny file).
 MIN_BITS_PER_PARAM = 1 / 8
+MAX_TILES = 1 << 12  # tiles of a version-9 file (the encoder's 12-megapixel photos take ~21)
 
 CHUNK_HEADER = b"NHDR"
 CHUNK_WEIGHTS = b"WGTS"
+CHUNK_TILES = b"TILE"  # version 9: the grid, first
+CHUNK_TILE_DATA = b"TDAT"  # version 9: one tile's whole file, in row-major order
 CHUNK_ICC = b"iCCP"
 CHUNK_EXIF = b"eXIf"
 CHUNK_XMP = b"xMPd"
@@ -195,13 +200,10 @@ class Architecture:
             raise FormatError("network too large")
 
 
-@dataclasses.dataclass(frozen=True)
-class Header:
-    width: int
-    height: int
+class _Mode:
+    """Facts of a header's `mode`."""
+
     mode: str
-    colour: int
-    arch: Architecture
 
     @property
     def channels(self) -> int:
@@ -210,6 +212,15 @@ class Header:
     @property
     def bits(self) -> int:
         return MODES[MODE_CODES[self.mode]][2]
+
+
+@dataclasses.dataclass(frozen=True)
+class Header(_Mode):
+    width: int
+    height: int
+    mode: str
+    colour: int
+    arch: Architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +249,137 @@ class NifFile:
     # the lowest of 3-5 that holds the codings (up to this version). 1 or 2: it does not; dumps() writes 2, or 1
     # for codings a version-2 record cannot hold. loads() sets it.
     version: int = VERSION
+
+
+@dataclasses.dataclass(frozen=True)
+class TileGrid(_Mode):
+    """A version-9 file's image: its size and mode, cut into `columns` x `rows` tiles whose edges fall at
+    k * width // columns and k * height // rows (so tiles differ by at most a pixel a side). Each tile's network
+    covers its box grown by `margin` pixels on each side inside the image (`extents`); where two overlap, the
+    decoder blends them, each weighted by a linear ramp across the 2 * margin pixels about the edge (render.py)."""
+
+    width: int
+    height: int
+    mode: str
+    columns: int
+    rows: int
+    margin: int = 0
+
+    def boxes(self) -> list[tuple[int, int, int, int]]:
+        """(left, top, right, bottom) of each tile, row by row (Pillow's crop boxes)."""
+        xs = [k * self.width // self.columns for k in range(self.columns + 1)]
+        ys = [k * self.height // self.rows for k in range(self.rows + 1)]
+        return [(xs[i], ys[j], xs[i + 1], ys[j + 1]) for j in range(self.rows) for i in range(self.columns)]
+
+    def extents(self) -> list[tuple[int, int, int, int]]:
+        """Each tile's box grown by the margin, within the image: what its network is fitted to and covers."""
+        m = self.margin
+        return [(max(0, x0 - m), max(0, y0 - m), min(self.width, x1 + m), min(self.height, y1 + m))
+                for x0, y0, x1, y1 in self.boxes()]
+
+
+@dataclasses.dataclass
+class TiledFile:
+    """Version 9: an image too large for one network, as a grid of tiles, each its own untiled file (without
+    metadata, which the tiled file holds once)."""
+
+    grid: TileGrid
+    tiles: list[NifFile]
+    metadata: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    version: int = TILED_VERSION
+
+    @property
+    def header(self) -> TileGrid:  # what the plugin reads of any file: width, height, mode
+        return self.grid
+
+
+_TILES = struct.Struct(">IIBHHH")  # width, height, mode code, columns, rows, margin
+
+
+def dumps_tiled(t: TiledFile) -> bytes:
+    """A version-9 file; each tile's file (bytes or NifFile) must match its extent and the grid's mode."""
+    g = t.grid
+    _check_grid(g)
+    extents = g.extents()
+    if len(t.tiles) != len(extents):
+        raise ValueError(f"{len(extents)} tiles are needed, got {len(t.tiles)}")
+    out = [MAGIC + bytes([TILED_VERSION]), _chunk(CHUNK_TILES, _TILES.pack(g.width, g.height, MODE_CODES[g.mode],
+                                                                         g.columns, g.rows, g.margin))]
+    for tile, (x0, y0, x1, y1) in zip(t.tiles, extents):
+        data = tile if isinstance(tile, (bytes, bytearray)) else dumps(tile)
+        f = loads(bytes(data))  # a tile must be a whole untiled file of its extent
+        if not isinstance(f, NifFile):
+            raise ValueError("a tile cannot itself be tiled")
+        h = f.header
+        if (h.width, h.height, h.mode) != (x1 - x0, y1 - y0, g.mode):
+            raise ValueError(f"tile {x0},{y0} is {h.width}x{h.height} {h.mode}, "
+                             f"its extent {x1 - x0}x{y1 - y0} {g.mode}")
+        out.append(_chunk(CHUNK_TILE_DATA, bytes(data)))
+    for kind, key in METADATA_CHUNKS.items():
+        if t.metadata.get(key):
+            out.append(_chunk(kind, bytes(t.metadata[key])))
+    return b"".join(out)
+
+
+def tiled_overhead(metadata: dict) -> tuple[int, int]:
+    """(bytes of a version-9 file besides its tiles' files, bytes each tile's chunk adds to its file)."""
+    meta = sum(12 + len(v) for k, v in metadata.items() if k in METADATA_CHUNKS.values() and v)
+    return len(SIGNATURE) + 12 + _TILES.size + meta, 12
+
+
+def _check_grid(g: TileGrid) -> None:
+    if not (1 <= g.width <= MAX_DIM and 1 <= g.height <= MAX_DIM):
+        raise FormatError(f"image size {g.width}x{g.height} out of range")
+    if not (1 <= g.columns <= g.width and 1 <= g.rows <= g.height and g.columns * g.rows <= MAX_TILES):
+        raise FormatError(f"bad tile grid {g.columns}x{g.rows} for a {g.width}x{g.height} image")
+    # Ramps from both edges of a tile must not meet: the margin is at most half the smallest tile's side.
+    if 2 * g.margin > min(g.width // g.columns, g.height // g.rows):
+        raise FormatError(f"tile margin {g.margin} too large for {g.columns}x{g.rows} tiles of {g.width}x{g.height}")
+
+
+def _parse_grid(payload: bytes) -> TileGrid:
+    if len(payload) != _TILES.size:
+        raise FormatError("bad tile grid chunk length")
+    w, h, code, columns, rows, margin = _TILES.unpack(payload)
+    if code not in MODES:
+        raise FormatError(f"unknown mode code {code}")
+    g = TileGrid(w, h, MODES[code][0], columns, rows, margin)
+    _check_grid(g)
+    return g
+
+
+def _loads_tiled(data: bytes) -> TiledFile:
+    grid, tiles, metadata = None, [], {}
+    boxes: list = []
+    for kind, payload in iter_chunks(data):
+        if grid is None:
+            if kind != CHUNK_TILES:
+                raise FormatError("the first chunk of a tiled file must be its tile grid")
+            grid = _parse_grid(payload)
+            boxes = grid.extents()
+        elif kind == CHUNK_TILE_DATA:
+            if len(tiles) == len(boxes):
+                raise FormatError("more tiles than the grid has")
+            if payload[len(MAGIC) : len(MAGIC) + 1] == bytes([TILED_VERSION]):
+                raise FormatError("a tile cannot itself be tiled")
+            tile = loads(payload)
+            x0, y0, x1, y1 = boxes[len(tiles)]
+            h = tile.header
+            if (h.width, h.height, h.mode) != (x1 - x0, y1 - y0, grid.mode):
+                raise FormatError(f"tile {len(tiles)} is {h.width}x{h.height} {h.mode}, its place "
+                                  f"{x1 - x0}x{y1 - y0} {grid.mode}")
+            tiles.append(tile)
+        elif kind in METADATA_CHUNKS:
+            metadata[METADATA_CHUNKS[kind]] = payload
+        elif kind == CHUNK_TILES:
+            raise FormatError("duplicate tile grid chunk")
+        elif kind[:1].isupper():
+            raise FormatError(f"unknown critical chunk {kind.decode('latin-1')}")
+    if grid is None:
+        raise FormatError("missing tile grid chunk")
+    if len(tiles) != len(boxes):
+        raise FormatError(f"{len(tiles)} of {len(boxes)} tiles (truncated file?)")
+    return TiledFile(grid, tiles, metadata)
 
 
 def _f32_bits(v: float) -> int:
@@ -556,9 +698,15 @@ def check_signature(data: bytes) -> None:
         raise FormatError(f"unsupported NIF version {data[len(MAGIC)]}")
 
 
-def read_header(data: bytes) -> Header:
-    """Parse only the signature and the header chunk (which comes first)."""
+def read_header(data: bytes) -> Header | TileGrid:
+    """Parse only the signature and the header chunk (which comes first): a tiled file's grid."""
     check_signature(data)
+    if data[len(MAGIC)] == TILED_VERSION:
+        for kind, payload in iter_chunks(data[: len(SIGNATURE) + 12 + _TILES.size]):
+            if kind != CHUNK_TILES:
+                break
+            return _parse_grid(payload)
+        raise FormatError("the first chunk of a tiled file must be its tile grid")
     for kind, payload in iter_chunks(data[: len(SIGNATURE) + 12 + _header_length(data)]):
         if kind == CHUNK_HEADER:
             return parse_header(payload, data[len(MAGIC)])
@@ -587,9 +735,11 @@ def read_metadata(data: bytes) -> dict[str, bytes]:
     return out
 
 
-def loads(data: bytes) -> NifFile:
+def loads(data: bytes) -> NifFile | TiledFile:
     """Parse and check a whole file (every CRC); the weights stay entropy coded."""
     check_signature(data)
+    if data[len(MAGIC)] == TILED_VERSION:
+        return _loads_tiled(data)
     header = None
     weights = None
     metadata: dict[str, bytes] = {}

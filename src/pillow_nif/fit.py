@@ -137,6 +137,15 @@ class FitConfig:
     # nine that lost 0.6-2.2 (benchmarks/NOTES.md #170). inf: never.
     refit_loss: float = 2.0
     refit_bits: float = 1.5
+    # Images of more pixels are stored as a grid of tiles (format version 9, tiles.py), each tile of at most this
+    # many. One network's fitting work grows as the square of the pixels at a given bpp (its parameters and its
+    # step's share of 1/64 of the image both grow with them): by the steps' arithmetic, 1920x1080 at 0.5 bpp and
+    # effort 5 is 28x a 768x512 encode, 4032x3024 965x; as 2x2 and 7x3 tiles, 5.7x and 48x (NOTES.md #189).
+    # 768 x 768 keeps every image the recipe was tuned on (Kodak's 768x512) in one network. 0: never tile.
+    tile_pixels: int = 768 * 768
+    # Each tile's network also covers this many pixels beyond each edge it shares with another tile, and the decoder
+    # blends the two across those 2 x tile_margin pixels: tiles fitted apart otherwise meet at a visible step.
+    tile_margin: int = 8
     pe_scale: float = 1.4
     omega: float = 45.0  # sine factor of genesis and modulation layers: 45 beat 30 by 0.2-0.4 dB, 60 lost
     mod_sigma: float = 10.0
@@ -234,7 +243,8 @@ class EncodeResult:
     psnr: float | None  # of the quantised network against the input, at the input's bit depth (None: not measured)
     seconds: float
     fit_psnr: float | None  # of the network before quantisation (what quantisation cost: fit_psnr - psnr)
-    arch: Architecture
+    arch: Architecture  # a tiled file's: its first tile's
+    tiles: tuple[int, int] = (1, 1)  # (columns, rows) of a tiled file (format version 9)
 
 
 def resolve_device(device: str) -> str:
@@ -258,6 +268,28 @@ def step_stride(h: int, w: int, effort: Effort) -> int:
     huge images are still sampled densely). The same on every device: the recipe was tuned on these steps, and the
     GPU's own 256k a step fitted kodim23 0.71 / 0.58 dB worse at 0.3 / 1.0 bpp on an H200 (benchmarks/NOTES.md #163)."""
     return max(1, math.ceil(math.sqrt(h * w / max(effort.batch, h * w // 64))))
+
+
+def tile_grid(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(columns, rows) of the tiles an image is stored as (FitConfig.tile_pixels): (1, 1) up to max_pixels pixels;
+    beyond, the fewest tiles of at most max_pixels each that are no more elongated than 2:1 (or than the image),
+    the squarest of those. Tiles differ by at most a pixel a side (bitstream.TileGrid)."""
+    if not max_pixels or width * height <= max_pixels:
+        return 1, 1
+    limit = max(2.0, width / height, height / width)
+    best = None
+    for columns in range(1, min(width, bitstream.MAX_TILES) + 1):
+        tw = -(-width // columns)
+        for rows in range(1, min(height, bitstream.MAX_TILES // columns) + 1):
+            th = -(-height // rows)
+            aspect = max(tw / th, th / tw)
+            if tw * th <= max_pixels and aspect <= limit:
+                if best is None or (columns * rows, aspect) < best[0]:
+                    best = (columns * rows, aspect), (columns, rows)
+                break  # more rows: more tiles
+    if best is None:
+        raise ValueError(f"a {width}x{height} image needs more than {bitstream.MAX_TILES} tiles")
+    return best[1]
 
 
 def sparseness(h: int, w: int, arch: Architecture, effort: Effort, cfg: FitConfig) -> float:
@@ -1222,6 +1254,10 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     t0 = time.perf_counter()
     eff = EFFORTS[effort]
     metadata = dict(icc_profile=icc_profile, exif=exif, xmp=xmp)
+    if tile_grid(*image.size, cfg.tile_pixels) != (1, 1):
+        from .tiles import encode_tiled
+
+        return encode_tiled(image, target_bpp, effort, device, seed, progress, metadata, colour, cfg, measure)
     plan = plan_encode(image, target_bpp, colour, metadata, cfg, eff)
     pixels, _, maxval = prepare_image(image)  # (H, W, C) float64 in [0, 1]
     bar = _progress(progress, fit_work(plan.header, eff, cfg))

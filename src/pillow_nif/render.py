@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from . import bitstream, entropy, postfilter
-from .bitstream import FormatError, NifFile
+from .bitstream import FormatError, NifFile, TiledFile
 
 BACKENDS = ("auto", "torch", "triton")
 # Pixels evaluated per band: bounds the activations' memory (layer width x 4 bytes x this many pixels),
@@ -93,12 +93,21 @@ def _torch_band(net, width: int, height: int, r0: int, r1: int, max_pixels: int 
     """Rows [r0, r1) as integer pixels, or with `raw` as float32 values clamped to [0, maxval], not rounded."""
     import torch
 
+    device = net.out[0].device
+    ys = ((2 * torch.arange(r0, r1, device=device, dtype=torch.float64) + 1) / height - 1).float()
+    xs = ((2 * torch.arange(width, device=device, dtype=torch.float64) + 1) / width - 1).float()
+    return _torch_grid(net, ys, xs, max_pixels, raw)
+
+
+def _torch_grid(net, ys, xs, max_pixels: int | None = None, raw: bool = False):
+    """_torch_band's pixels at the grid ys x xs of network coordinates (float32 tensors on the net's device)."""
+    import torch
+
     from .model import evaluate_folded_grid, to_pixels
 
     device = net.out[0].device
     finish = (lambda v: v) if raw else to_pixels  # noqa: E731
-    ys = ((2 * torch.arange(r0, r1, device=device, dtype=torch.float64) + 1) / height - 1).float()
-    xs = ((2 * torch.arange(width, device=device, dtype=torch.float64) + 1) / width - 1).float()
+    width, r0, r1 = len(xs), 0, len(ys)
     # Columns in pieces of at most max_pixels pixels: a band of one very long row stays bounded too.
     step = width if max_pixels is None else max(1, min(width, max_pixels // max(1, r1 - r0)))
     if step == width:
@@ -124,8 +133,7 @@ def render(net, width: int, height: int, backend: str = "torch", raw: bool = Fal
     if backend == "triton":
         from .kernels.nif_decode import render_band
     else:
-        widest = max([w.shape[1] for w, _ in (*net.mod, *net.genesis)], default=1)
-        band = band * _BAND_WIDTH // max(_BAND_WIDTH, widest)
+        band = _band_pixels(net, on_gpu)
         render_band = functools.partial(_torch_band, max_pixels=band)
     rows = max(1, band // width)
     dtype = np.float32 if raw else np.uint8 if net.maxval == 255 else np.uint16
@@ -167,13 +175,109 @@ def _filtered_bands(net, width: int, height: int, rows: int, render_band):
         yield r0, v.to(torch.uint8 if net.maxval == 255 else torch.int32)
 
 
-def render_file(f: NifFile, size=None, device: str = "auto", backend: str = "auto") -> np.ndarray:
+def _band_pixels(net, on_gpu: bool) -> int:
+    """Pixels of one band of the torch path: fewer for networks wider than _BAND_WIDTH (bounded memory)."""
+    widest = max([w.shape[1] for w, _ in (*net.mod, *net.genesis)], default=1)
+    return (_GPU_BAND_PIXELS if on_gpu else _CPU_BAND_PIXELS) * _BAND_WIDTH // max(_BAND_WIDTH, widest)
+
+
+def covered(lo: int, hi: int, stored: int, size: int) -> range:
+    """The pixels of an axis rendered at `size` whose centres fall in the stored pixels [lo, hi) (of `stored`):
+    pixel j's centre is at (j + 1/2) * stored / size. Adjacent ranges meet exactly, so tiles cover each pixel once."""
+    first = lambda edge: -((stored - 2 * edge * size) // (2 * stored))  # noqa: E731  ceil(edge * size / stored - 1/2)
+    return range(first(lo), first(hi))
+
+
+def render_tiled(t: TiledFile, width: int, height: int, device: str, backend: str) -> np.ndarray:
+    """A tiled file's pixels at (width, height): each tile's network over the pixels whose centres fall in its
+    extent, blended where extents overlap (bitstream.TileGrid). At the stored size each tile is its own decode (its
+    post-filter included, any backend); at other sizes the torch path evaluates it at its pixels' coordinates (on
+    the same device), without post-filters. The weighted sums are kept for one row of tiles at a time (float32),
+    so the memory beyond the image is that of a row of tiles."""
+    g = t.grid
+    maxval = (1 << g.bits) - 1
+    out = np.empty((height, width, g.channels), dtype=np.uint8 if g.bits == 8 else np.uint16)
+    stored = (width, height) == (g.width, g.height)
+    tiles = list(zip(t.tiles, g.boxes(), g.extents()))
+    acc, start = np.zeros((0, width, g.channels), dtype=np.float32), 0  # sums of output rows [start, start + len)
+    for j in range(g.rows):
+        row = tiles[j * g.columns : (j + 1) * g.columns]
+        rows = covered(row[0][2][1], row[0][2][3], g.height, height)  # the output rows of this row's extents
+        acc = np.concatenate([acc, np.zeros((rows.stop - start - len(acc), width, g.channels), np.float32)])
+        for f, box, ext in row:
+            net = load_network(f, device)
+            if stored:
+                cols = range(ext[0], ext[2])
+                vals = render(net, len(cols), len(rows), backend)
+            else:
+                cols, _, vals = tile_pixels_at(net, g, ext, width, height)
+            wx = _ramp(cols, g.width, width, box[0], box[2], g.margin)
+            wy = _ramp(rows, g.height, height, box[1], box[3], g.margin)
+            acc[rows.start - start : rows.stop - start, cols.start : cols.stop] += \
+                vals * (wy[:, None] * wx[None, :])[..., None]
+        # rows the next row of tiles does not reach are complete; weights of 1 (outside the overlaps) give back
+        # each tile's integers exactly
+        below = tiles[(j + 1) * g.columns][2][1] if j + 1 < g.rows else g.height  # the next row's top edge
+        done = covered(below, below, g.height, height).start
+        out[start:done] = np.floor(acc[: done - start] + 0.5).clip(0, maxval)
+        acc, start = acc[done - start :], done
+    return out
+
+
+def _ramp(idx: range, stored: int, size: int, lo: int, hi: int, margin: int) -> np.ndarray:
+    """A tile's blending weights at the centres of pixels `idx` (of an axis rendered at `size`): 1 inside its box
+    [lo, hi) but for `margin` pixels from an edge shared with another tile, falling linearly to 0 at `margin` beyond
+    it, so that two tiles' weights sum to 1 across their overlap."""
+    u = (np.arange(idx.start, idx.stop, dtype=np.float64) + 0.5) * stored / size
+    w = np.ones(len(idx))
+    if lo > 0:
+        w *= np.clip((u - (lo - margin)) / (2 * margin), 0, 1) if margin else u >= lo
+    if hi < stored:
+        w *= np.clip((hi + margin - u) / (2 * margin), 0, 1) if margin else u < hi
+    return w.astype(np.float32)
+
+
+def tile_pixels_at(net, g, ext, width: int, height: int) -> tuple[range, range, np.ndarray]:
+    """(columns, rows, pixels) of an image rendered at (width, height) whose centres fall in the tile extent `ext`
+    of grid g: the tile's network (without its post-filter) at their coordinates, by the torch path on the
+    network's device."""
+    import torch
+
+    (x0, y0, x1, y1) = ext
+    cols, rows = covered(x0, x1, g.width, width), covered(y0, y1, g.height, height)
+    out = np.empty((len(rows), len(cols), net.channels), dtype=np.uint8 if net.maxval == 255 else np.uint16)
+    if not cols or not rows:
+        return cols, rows, out
+    dev = net.out[0].device
+    xs = _tile_coordinates(cols, g.width, width, x0, x1, dev)
+    ys = _tile_coordinates(rows, g.height, height, y0, y1, dev)
+    band = _band_pixels(net, dev.type == "cuda")
+    step = max(1, band // len(xs))
+    with torch.inference_mode():
+        for r in range(0, len(ys), step):
+            block = _torch_grid(net, ys[r : r + step], xs, band)
+            out[r : r + len(block)] = block.cpu().numpy()
+    return cols, rows, out
+
+
+def _tile_coordinates(idx: range, stored: int, size: int, lo: int, hi: int, device):
+    """Network coordinates, in the tile [lo, hi) of a stored axis, of the centres of pixels `idx` at `size`: the
+    tile's own pixel i has its centre at (2i + 1) / (hi - lo) - 1, as model.pixel_grid."""
+    import torch
+
+    centres = (torch.arange(idx.start, idx.stop, device=device, dtype=torch.float64) + 0.5) * stored / size
+    return (2 * (centres - lo) / (hi - lo) - 1).float()
+
+
+def render_file(f: NifFile | TiledFile, size=None, device: str = "auto", backend: str = "auto") -> np.ndarray:
     """Pixels of a parsed file at its size or at `size` = (width, height)."""
     from .fit import resolve_device
 
     device = resolve_device(device)
     backend = pick_backend(backend, device)
     w, h = check_size(size) if size is not None else (f.header.width, f.header.height)
+    if isinstance(f, TiledFile):
+        return render_tiled(f, w, h, device, backend)
     net = load_network(f, device)
     if (w, h) != (f.header.width, f.header.height):
         net.filter = None  # the post-filter belongs to the stored size (postfilter.py)
@@ -206,6 +310,17 @@ def info(data_or_path) -> dict:
     """Header and chunk facts of a .nif file, without decoding pixels (and without torch)."""
     data = read_bytes(data_or_path)
     f = bitstream.loads(data)
+    if isinstance(f, TiledFile):  # the grid, and the first tile's network (the others are alike)
+        g = f.grid
+        return _info(f.tiles[0], data) | {
+            "version": f.version, "width": g.width, "height": g.height, "bpp": len(data) * 8 / (g.width * g.height),
+            "tiles": [g.columns, g.rows], "tile_margin": g.margin,
+            "params": sum(t.header.arch.num_params() for t in f.tiles), "metadata": sorted(f.metadata),
+        }
+    return _info(f, data)
+
+
+def _info(f: NifFile, data: bytes) -> dict:
     h = f.header
     a = h.arch
     return {
@@ -226,6 +341,8 @@ def info(data_or_path) -> dict:
         "modulation_freqs": a.mod_freqs,
         "post_filter_taps": a.filter_taps,
         "post_filter_classes": a.filter_classes,
+        "tiles": [1, 1],
+        "tile_margin": 0,
         "metadata": sorted(f.metadata),
     }
 

@@ -1,0 +1,194 @@
+"""Large images as tiles (format version 9): the grid, the container, the blend, and encodes of small images made to
+tile by a low FitConfig.tile_pixels (a real tiled encode is a multi-megapixel fit)."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pillow_nif
+from pillow_nif import bitstream as bs
+from pillow_nif import fit, render
+from pillow_nif.bitstream import FormatError, TiledFile, TileGrid
+
+from conftest import photo
+
+TILED = fit.FitConfig(tile_pixels=48 * 32)  # a 96x64 image: 2 x 2 tiles of 48x32 (+8 pixels of margin inside)
+
+
+@pytest.fixture(scope="module")
+def tiled():
+    """A 96x64 photo at 3.0 bpp, effort 1, as 2 x 2 tiles: (image, EncodeResult)."""
+    im = photo(96, 64)
+    return im, fit.encode_image(im, bpp=3.0, effort=1, config=TILED, exif=b"Exif\x00\x00tiled")
+
+
+@pytest.mark.parametrize("size", [(768, 512), (768, 768), (769, 768), (1920, 1080), (1080, 1920), (4032, 3024),
+                                  (8000, 6000), (3840, 2560), (10000, 100), (1 << 20, 1)])
+def test_tile_grid_keeps_each_tile_under_the_limit_and_near_square(size):
+    w, h = size
+    columns, rows = fit.tile_grid(w, h, 768 * 768)
+    if w * h <= 768 * 768:
+        assert (columns, rows) == (1, 1)
+        return
+    g = TileGrid(w, h, "RGB", columns, rows)
+    sides = {(x1 - x0, y1 - y0) for x0, y0, x1, y1 in g.boxes()}
+    assert max(a * b for a, b in sides) <= 768 * 768
+    assert max(max(a / b, b / a) for a, b in sides) <= max(2.0, w / h, h / w) + 0.01
+    # the fewest tiles: one fewer column or row cannot hold the image
+    assert -(-w // max(1, columns - 1)) * -(-h // rows) > 768 * 768 or columns == 1 or \
+        max(-(-w // (columns - 1)) / -(-h // rows), -(-h // rows) / -(-w // (columns - 1))) > 2
+    assert {(1920, 1080): (2, 2), (4032, 3024): (7, 3)}.get(size, (columns, rows)) == (columns, rows)
+
+
+def test_tile_grid_refuses_an_image_needing_too_many_tiles():
+    with pytest.raises(ValueError, match="tiles"):
+        fit.tile_grid(1 << 20, 1 << 20, 768 * 768)
+
+
+@pytest.mark.parametrize("stored,size", [(96, 96), (96, 40), (96, 250), (7, 3), (1000, 999)])
+def test_tiles_cover_each_rendered_pixel_once_and_their_weights_sum_to_one(stored, size):
+    g = TileGrid(stored, 1, "L", min(4, stored), 1, margin=min(8, stored // min(4, stored) // 2))
+    pixels = np.zeros(size)
+    weights = np.zeros(size)
+    for (x0, _, x1, _), (e0, _, e1, _) in zip(g.boxes(), g.extents()):
+        cols = render.covered(x0, x1, stored, size)
+        pixels[cols.start : cols.stop] += 1
+        ext = render.covered(e0, e1, stored, size)
+        weights[ext.start : ext.stop] += render._ramp(ext, stored, size, x0, x1, g.margin)
+    assert (pixels == 1).all()
+    np.testing.assert_allclose(weights, 1, atol=1e-6)
+
+
+def test_tiled_encode_writes_version_9_within_budget_with_metadata_once(tiled):
+    im, r = tiled
+    assert r.data[:8] == bs.MAGIC + bytes([9]) and r.tiles == (2, 2)
+    assert len(r.data) <= 3.0 * 96 * 64 / 8 and r.bpp > 0.9 * 3.0
+    info = pillow_nif.info(r.data)
+    assert (info["width"], info["height"], info["tiles"], info["metadata"]) == (96, 64, [2, 2], ["exif"])
+    f = bs.loads(r.data)
+    assert isinstance(f, TiledFile) and f.grid.margin == 8
+    assert [t.metadata for t in f.tiles] == [{}] * 4  # stored once, in the container
+    assert [(t.header.width, t.header.height) for t in f.tiles] == [(56, 40)] * 4  # 48x32 and the inner margins
+    assert r.psnr > 25 and r.fit_psnr > 25  # 48x32 tiles: the untiled file is 31.7 dB
+
+
+def test_tiled_file_opens_loads_and_thumbnails_like_any_other(tiled):
+    im, r = tiled
+    with Image.open(io.BytesIO(r.data)) as out:
+        assert (out.format, out.size, out.mode, out.info["exif"]) == ("NIF", (96, 64), "RGB", b"Exif\x00\x00tiled")
+        out.load()
+        got = np.asarray(out)
+    np.testing.assert_array_equal(got, render.decode_array(r.data))
+    ref = np.asarray(im).astype(float)
+    assert 10 * np.log10(255**2 / ((got - ref) ** 2).mean()) == pytest.approx(r.psnr)
+    with Image.open(io.BytesIO(r.data)) as out:
+        out.thumbnail((48, 48))
+        assert out.size == (48, 32)
+        small = np.asarray(out).astype(float)
+    coarse = np.asarray(im.resize((48, 32), Image.Resampling.BOX)).astype(float)
+    assert 10 * np.log10(255**2 / ((small - coarse) ** 2).mean()) > 25
+
+
+def test_a_tile_rendered_at_its_pixels_coordinates_matches_its_own_decode(tiled):
+    """The path of other sizes (each tile at its pixels' coordinates in the whole image), asked for the stored size,
+    gives each tile's own decode: the coordinates of a tile's pixels are those it was fitted on."""
+    _, r = tiled
+    f = bs.loads(r.data)
+    for t, ext in zip(f.tiles, f.grid.extents()):
+        net = render.load_network(t, "cpu")
+        net.filter = None
+        cols, rows, vals = render.tile_pixels_at(net, f.grid, ext, 96, 64)
+        assert (cols, rows) == (range(ext[0], ext[2]), range(ext[1], ext[3]))
+        own = render.render(net, ext[2] - ext[0], ext[3] - ext[1])
+        assert np.abs(vals.astype(int) - own).max() <= 1
+
+
+def test_tiles_blend_across_their_overlap(tiled):
+    """Inside a tile the file's pixels are that tile's; on an edge between two, between the two tiles' values."""
+    _, r = tiled
+    f = bs.loads(r.data)
+    whole = render.decode_array(r.data).astype(int)
+    own = [render.render(render.load_network(t, "cpu"), t.header.width, t.header.height).astype(int)
+           for t in f.tiles]
+    # tile 0 (top left) covers columns 0..55, tile 1 columns 40..95; the edge is at 48, the blend over 40..55
+    np.testing.assert_array_equal(whole[:24, :40], own[0][:24, :40])
+    np.testing.assert_array_equal(whole[:24, 56:], own[1][:24, 16:])
+    lo, hi = np.minimum(own[0][:24, 40:56], own[1][:24, :16]), np.maximum(own[0][:24, 40:56], own[1][:24, :16])
+    assert ((whole[:24, 40:56] >= lo) & (whole[:24, 40:56] <= hi)).all()
+
+
+def test_tiled_encode_refuses_too_low_a_bpp_before_fitting(monkeypatch):
+    monkeypatch.setattr(fit.Fitter, "fit", lambda *a, **k: pytest.fail("fitted"))
+    with pytest.raises(ValueError, match="tiles"):
+        fit.encode_image(photo(96, 64), bpp=0.3, effort=1, config=TILED)
+
+
+def test_encode_many_tiles_the_large_images_only():
+    from pillow_nif.batch import encode_batch
+
+    small, large = photo(40, 30), photo(96, 64)
+    out = encode_batch([large, small], bpp=2.0, effort=1, config=TILED, measure=False)
+    assert [r.data[8 - 1] for r in out] == [9, bs.loads(out[1].data).version]
+    assert [r.tiles for r in out] == [(2, 2), (1, 1)]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16"])
+def test_tiled_encode_keeps_the_mode(mode):
+    im = photo(96, 64, "RGBA" if mode == "RGBA" else "L")
+    if mode == "I;16":
+        im = Image.frombytes("I;16", im.size, (np.asarray(im).astype("<u2") * 257).tobytes())
+    r = fit.encode_image(im, bpp=3.0, effort=1, config=TILED)
+    out = pillow_nif.decode(r.data)
+    assert out.mode == mode and out.size == (96, 64) and r.psnr > 22
+
+
+# ---- the container, against hostile bytes -----------------------------------------------------------------------
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">4sI", kind, len(payload)) + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _tiled_bytes(grid_payload: bytes, tiles: list[bytes]) -> bytes:
+    return bs.MAGIC + bytes([9]) + _chunk(b"TILE", grid_payload) + b"".join(_chunk(b"TDAT", t) for t in tiles)
+
+
+def test_hostile_tiled_files_raise_format_errors(tiled):
+    _, r = tiled
+    f = bs.loads(r.data)
+    tiles = [bs.dumps(t) for t in f.tiles]
+    grid = struct.pack(">IIBHHH", 96, 64, 3, 2, 2, 8)
+    assert isinstance(bs.loads(_tiled_bytes(grid, tiles)), TiledFile)
+    cases = {
+        "3 of 4 tiles": _tiled_bytes(grid, tiles[:3]),
+        "more tiles than": _tiled_bytes(grid, tiles + tiles[:1]),
+        "its place": _tiled_bytes(struct.pack(">IIBHHH", 96, 64, 3, 2, 2, 4), tiles),  # margins of another grid
+        "56x40 RGB, its place 56x40 L": _tiled_bytes(struct.pack(">IIBHHH", 96, 64, 1, 2, 2, 8), tiles),
+        "itself be tiled": _tiled_bytes(grid, [r.data] + tiles[1:]),
+        "bad tile grid": _tiled_bytes(struct.pack(">IIBHHH", 96, 64, 3, 97, 1, 0), tiles),
+        "margin": _tiled_bytes(struct.pack(">IIBHHH", 96, 64, 3, 2, 2, 17), tiles),
+        "out of range": _tiled_bytes(struct.pack(">IIBHHH", 0, 64, 3, 2, 2, 8), tiles),
+        "grid chunk length": _tiled_bytes(grid[:-1], tiles),
+        "must be its tile grid": bs.MAGIC + bytes([9]) + _chunk(b"TDAT", tiles[0]),
+        "duplicate": _tiled_bytes(grid, tiles) + _chunk(b"TILE", grid),
+        "truncated": r.data[:-5],
+    }
+    for message, data in cases.items():
+        with pytest.raises(FormatError, match=message):
+            bs.loads(data)
+        with pytest.raises((OSError, SyntaxError)):
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+
+
+def test_a_tiled_header_names_a_grid_without_allocating():
+    data = _tiled_bytes(struct.pack(">IIBHHH", 1 << 20, 1 << 20, 3, 4096, 1, 0), [])
+    assert bs.read_header(data).width == 1 << 20
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    with pytest.raises(FormatError, match="0 of 4096 tiles"):
+        bs.loads(data)
