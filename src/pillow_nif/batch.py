@@ -96,7 +96,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     meta = [metadata[i] if metadata is not None else common for i in range(len(images))]
     images = [_as_image(im) for im in images]
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
-    large = [i for i, im in enumerate(images) if fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)]
+    large = {i for i, im in enumerate(images) if fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)}
     for i in large:
         tiles.plan_tiles(images[i], target_bpp, {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
     jobs = [_plan(i, im, target_bpp, colour, meta[i], cfg, eff) for i, im in enumerate(images) if i not in large]
@@ -118,7 +118,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
                     on_result(job.index, r)
     finally:
         bar.close()
-    for i in large:
+    for i in sorted(large):
         results[i] = tiles.encode_tiled(images[i], target_bpp, effort, device, seed, progress, meta[i], colour, cfg,
                                         measure)
         if on_result is not None:

@@ -1,4 +1,4 @@
-"""The .nif container, versions 1 to 8, in pure Python (no torch): see docs/FORMAT.md.
+"""The .nif container, versions 1 to 9, in pure Python (no torch): see docs/FORMAT.md.
 
 A file is ``MAGIC`` (7 bytes) + a version byte + chunks. Each chunk is
 ``type (4 ASCII) | length (u32 BE) | payload | CRC32 (u32 BE, over type and payload)``,
@@ -284,7 +284,7 @@ class TiledFile:
     metadata, which the tiled file holds once)."""
 
     grid: TileGrid
-    tiles: list[NifFile]
+    tiles: list[NifFile]  # loads() gives parsed files; dumps_tiled() also takes each tile's bytes
     metadata: dict[str, bytes] = dataclasses.field(default_factory=dict)
     version: int = TILED_VERSION
 

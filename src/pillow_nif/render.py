@@ -107,18 +107,18 @@ def _torch_grid(net, ys, xs, max_pixels: int | None = None, raw: bool = False):
 
     device = net.out[0].device
     finish = (lambda v: v) if raw else to_pixels  # noqa: E731
-    width, r0, r1 = len(xs), 0, len(ys)
+    rows, width = len(ys), len(xs)
     # Columns in pieces of at most max_pixels pixels: a band of one very long row stays bounded too.
-    step = width if max_pixels is None else max(1, min(width, max_pixels // max(1, r1 - r0)))
+    step = width if max_pixels is None else max(1, min(width, max_pixels // max(1, rows)))
     if step == width:
         vals = finish(evaluate_folded_grid(net, ys, xs))
     else:  # written into one buffer allocated first: pieces kept alive in between fragment the heap
-        vals = torch.empty((r1 - r0, width, net.channels), device=device)
+        vals = torch.empty((rows, width, net.channels), device=device)
         for c in range(0, width, step):
             piece = evaluate_folded_grid(net, ys, xs[c : c + step])
-            vals[:, c : c + step] = finish(piece).reshape(r1 - r0, -1, net.channels)
+            vals[:, c : c + step] = finish(piece).reshape(rows, -1, net.channels)
     # NaN (hostile hyperparameters: sin(inf)) -> 0, as the Triton kernel's clamp gives; its cast is undefined.
-    vals = torch.nan_to_num_(vals, nan=0.0).reshape(r1 - r0, width, -1)
+    vals = torch.nan_to_num_(vals, nan=0.0).reshape(rows, width, -1)
     return vals if raw else vals.to(torch.uint8 if net.maxval == 255 else torch.int32)
 
 

@@ -7,8 +7,9 @@ CPU, weeks); as tiles of at most FitConfig.tile_pixels, 5.7 and 48 times: linear
 size are the like images batch.encode_batch fits as one stacked network (on a GPU, batched matmuls over the tiles).
 
 The file's bytes are shared out in proportion to each tile's pixels (one bpp for every tile), after the tiled
-container's own (bitstream.tiled_overhead); the metadata is stored once, in the container. The decoder renders each
-tile over the pixels whose centres fall in its box (render.render_tiled), at the stored size or any other.
+container's own (bitstream.tiled_overhead); the metadata is stored once, in the container. Each tile's network is
+fitted to its box grown by FitConfig.tile_margin pixels beyond each edge it shares with another tile; the decoder
+blends neighbours across those margins (render.render_tiled), at the stored size or any other.
 """
 
 from __future__ import annotations
