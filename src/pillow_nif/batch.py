@@ -96,9 +96,8 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     meta = [metadata[i] if metadata is not None else common for i in range(len(images))]
     images = [_as_image(im) for im in images]
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
-    large = {i for i, im in enumerate(images) if fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)}
-    for i in large:
-        tiles.plan_tiles(images[i], target_bpp, {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
+    large = {i: tiles.plan_tiles(im, target_bpp, {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
+             for i, im in enumerate(images) if fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)}
     jobs = [_plan(i, im, target_bpp, colour, meta[i], cfg, eff) for i, im in enumerate(images) if i not in large]
 
     def replan(job: _Job, c: fit.FitConfig) -> fit.Plan:  # the plan of a refit (fit.refit)
@@ -120,7 +119,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
         bar.close()
     for i in sorted(large):
         results[i] = tiles.encode_tiled(images[i], target_bpp, effort, device, seed, progress, meta[i], colour, cfg,
-                                        measure)
+                                        measure, large[i])
         if on_result is not None:
             on_result(i, results[i])
     return results

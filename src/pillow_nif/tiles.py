@@ -53,14 +53,15 @@ def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.F
 
 
 def encode_tiled(image, target_bpp: float, effort: int, device: str, seed: int, progress, metadata: dict,
-                 colour: str, cfg: fit.FitConfig, measure: bool) -> fit.EncodeResult:
-    """encode_image for an image over cfg.tile_pixels (options already checked): a version-9 file."""
+                 colour: str, cfg: fit.FitConfig, measure: bool, plan: tuple | None = None) -> fit.EncodeResult:
+    """encode_image for an image over cfg.tile_pixels (options already checked): a version-9 file. `plan`: what
+    plan_tiles gave for it (encode_batch checks every image before fitting any), else made here."""
     from .batch import encode_batch
     from .imaging import prepare_image
 
     t0 = time.perf_counter()
     metadata = {k: bytes(v) for k, v in metadata.items() if v}
-    grid, tile_bpp, budget = plan_tiles(image, target_bpp, metadata, colour, cfg, fit.EFFORTS[effort])
+    grid, tile_bpp, budget = plan or plan_tiles(image, target_bpp, metadata, colour, cfg, fit.EFFORTS[effort])
     w, h, boxes = grid.width, grid.height, grid.extents()
     results = encode_batch([image.crop(box) for box in boxes], bpp=tile_bpp, effort=effort, device=device, seed=seed,
                            progress=progress, colour=colour, config=dataclasses.replace(cfg, tile_pixels=0),
