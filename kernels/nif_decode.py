@@ -190,13 +190,31 @@ def _mlp(
 
 
 @triton.jit
+def _coordinate(i, size, stored, lo, span):
+    """Network coordinate of the centre of output pixel i (of `size`) in float64, rounded to float32, with the
+    operations of render._tile_coordinates: ((i + 1/2) * stored / size - lo) * 2 / span - 1. For a whole image
+    (stored = span = size, lo = 0) every step but the last two is exact, so it is pixel_grid's (2i + 1) / size - 1
+    to the bit. (int scalars equal to 1 arrive as constexprs, hence no .to() on them.)"""
+    c = (i.to(tl.float64) + 0.5) * stored / size
+    return (2.0 * (c - lo) / span - 1.0).to(tl.float32)
+
+
+@triton.jit
 def _nif_decode_kernel(
     out_ptr,  # (n_pix, CHANNELS) uint8 or int32 pixels of the band, row-major (float32 values when not ROUND)
     buf,  # packed float32: frequency table at 0, then every padded weight and bias
-    n_pix,  # pixels in this launch: rows * width
-    width,  # output width and height, which set the pixel-centre coordinates
-    height,
-    row0,  # first output row of this launch
+    n_pix,  # pixels in this launch: rows * n_cols
+    n_cols,  # columns in this launch
+    row0,  # its first output row and column
+    col0,
+    height,  # per axis: the output's size, and the extent [lo, lo + span) of the stored axis, of `stored` pixels,
+    y_stored,  # that the network's coordinates [-1, 1] span: the stored size, 0 and the stored size for a whole
+    y_lo,  # image; a tile's extent for one tile of a tiled file (render.render_tiled)
+    y_span,
+    width,
+    x_stored,
+    x_lo,
+    x_span,
     omega,  # the constant period when there is no modulation network
     maxval,  # clamp bound: 255 or 65535
     CHANNELS: tl.constexpr,
@@ -210,10 +228,8 @@ def _nif_decode_kernel(
     ROUND: tl.constexpr = True,  # False: the clamped values, for the post-filter (render.py)
 ):
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    # Pixel centres in float64, rounded to float32, exactly as pixel_grid.
-    # (int scalars equal to 1 arrive as constexprs, hence no .to() on them.)
-    y = ((2 * (row0 + p // width) + 1).to(tl.float64) / height - 1.0).to(tl.float32)
-    x = ((2 * (p % width) + 1).to(tl.float64) / width - 1.0).to(tl.float32)
+    y = _coordinate(row0 + p // n_cols, height, y_stored, y_lo, y_span)
+    x = _coordinate(col0 + p % n_cols, width, x_stored, x_lo, x_span)
     if len(MOD) > 0:
         hm = _mlp(y, x, y, buf, MOD_FREQS, MOD, BLOCK_M, PREC, FAST_SIN)  # `y` stands in for the unused period
         period = tl.sum(hm[0], axis=1)  # the last layer has one real column, the padding is exactly 0
@@ -366,21 +382,34 @@ def render_band(
     num_warps: int = NUM_WARPS,
     precision: str = "ieee",
     raw: bool = False,
+    cols: range | None = None,
+    tile: tuple[int, int, tuple[int, int, int, int]] | None = None,
 ) -> torch.Tensor:
-    """Rows [row0, row1) of the (height, width) decode of net: (row1 - row0, width, C) integer pixels.
+    """Rows [row0, row1) of the (height, width) decode of net: (row1 - row0, len(cols), C) integer pixels.
 
     uint8 when net.maxval == 255, else int32; equal (up to float32 rounding) to
     to_pixels(evaluate_folded(net, pixel_grid(width, height, slice(row0, row1)))). Runs on the device of
     net's weights (CUDA, or CPU under TRITON_INTERPRET=1). `out`, if given, is filled and returned. With `raw`:
     float32 values clamped to [0, maxval], not rounded (what the post-filter reads).
+
+    `cols`: only those columns (a range in [0, width)). `tile` = (stored width, stored height, (x0, y0, x1, y1)):
+    net is one tile of a tiled file, fitted to that extent of the stored image, and the (height, width) output is
+    the whole image at another size: each pixel is evaluated at its centre's coordinates in the tile's extent, as
+    render.tile_pixels_at does with torch.
     """
+    cols = range(width) if cols is None else cols
     if width < 1 or height < 1 or not 0 <= row0 <= row1 <= height:
         raise ValueError(f"rows [{row0}, {row1}) of a {width}x{height} image")
+    if cols.step != 1 or not 0 <= cols.start <= cols.stop <= width:
+        raise ValueError(f"columns {cols} of a {width}x{height} image")
+    sw, sh, (x0, y0, x1, y1) = tile if tile is not None else (width, height, (0, 0, width, height))
+    if not (0 <= x0 < x1 <= sw and 0 <= y0 < y1 <= sh):
+        raise ValueError(f"tile extent {(x0, y0, x1, y1)} of a {sw}x{sh} image")
     dev = net.out[0].device
     if dev.type != "cuda" and not _interpreting():
         raise RuntimeError("the Triton decoder needs CUDA weights (or TRITON_INTERPRET=1 for CPU)")
     dtype = torch.float32 if raw else torch.uint8 if net.maxval == 255 else torch.int32
-    shape = (row1 - row0, width, net.channels)
+    shape = (row1 - row0, len(cols), net.channels)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=dev)
     elif out.shape != shape or out.dtype != dtype or out.device != dev or not out.is_contiguous():
@@ -392,12 +421,13 @@ def render_band(
         # Shrink the tile when some activation must be held whole beyond WHOLE_MAX, to bound registers.
         block_m = INTERPRET_BLOCK_M if _interpreting() else gpu_block_m(pk)
     # Pixel indices are int32 in the kernel: split bands of more than 2**31 pixels.
-    step = max(1, (2**31 - 1 - block_m) // width)
+    step = max(1, (2**31 - 1 - block_m) // len(cols))
     for r in range(row0, row1, step):
         r1 = min(row1, r + step)
-        n = (r1 - r) * width
+        n = (r1 - r) * len(cols)
         _nif_decode_kernel[(triton.cdiv(n, block_m),)](
-            out[r - row0 : r1 - row0], pk.buf, n, width, height, r, float(net.omega), float(net.maxval),
+            out[r - row0 : r1 - row0], pk.buf, n, len(cols), r, cols.start, height, sh, y0, y1 - y0, width, sw, x0,
+            x1 - x0, float(net.omega), float(net.maxval),
             CHANNELS=net.channels, GEN_FREQS=pk.freqs[0], MOD_FREQS=pk.freqs[1], GEN=pk.gen, MOD=pk.mod,
             FAST_SIN=pk.fast_sin, BLOCK_M=block_m, PREC=precision, ROUND=not raw, num_warps=num_warps,
         )  # fmt: skip

@@ -142,6 +142,45 @@ def test_band_rows():
     assert render_band(net, 50, 40, 7, 7).shape == (0, 50, 1)
 
 
+def test_columns_of_a_band_are_the_bands_pixels():
+    arch = Architecture(3, (64, 32), 8, 1.5, 30.0, (16,), 2, 30.0, 5.0)
+    net = trained_like(arch, 1, 255, SEED)
+    full = render_band(net, 50, 40, 5, 21, block_m=BLOCK_M).cpu()
+    part = render_band(net, 50, 40, 5, 21, block_m=BLOCK_M, cols=range(17, 42)).cpu()
+    assert part.shape == (16, 25, 3)
+    assert_decoders_agree(part, full[:, 17:42], f"replay with NIF_TEST_SEED={SEED}")
+
+
+@pytest.mark.parametrize("size", [(96, 64), (61, 37), (150, 101)])
+def test_a_tile_at_another_size_matches_the_torch_path(size):
+    """A tile of a tiled file seen at another size (thumbnails, size=): each output pixel at its centre's coordinates
+    in the tile's extent. The kernel's pixels agree with render.tile_pixels_at's torch path, tile by tile, including
+    tiles whose extents start inside the image (offset coordinates) and the stored size itself."""
+    from pillow_nif import bitstream
+    from pillow_nif.render import tile_pixels_at
+
+    g = bitstream.TileGrid(96, 64, "RGB", 3, 2, 6)
+    arch = Architecture(3, (48, 24), 8, 1.4, 30.0, (16,), 2, 30.0, 5.0)
+    for i, ext in enumerate(g.extents()):
+        net = trained_like(arch, 1, 255, SEED + i)
+        cols, rows, want = tile_pixels_at(net, g, ext, *size, backend="torch")
+        got_cols, got_rows, got = tile_pixels_at(net, g, ext, *size, backend="triton")
+        assert (got_cols, got_rows) == (cols, rows) and got.shape == want.shape
+        assert_decoders_agree(got, want, f"tile {i} at {size}: replay with NIF_TEST_SEED={SEED}")
+
+
+def test_a_whole_images_extent_is_the_plain_grid():
+    """The coordinates' general form (a tile's extent of a stored image) reduces to pixel_grid's exactly for a whole
+    image at its own size: the same bits as before tiles existed."""
+    arch = Architecture(1, (40, 20), 6, 1.4, 30.0, (16,), 2, 30.0, 5.0)
+    net = trained_like(arch, 0, 255, SEED)
+    plain = render_band(net, 37, 23, 0, 23, block_m=BLOCK_M, raw=True)
+    framed = render_band(net, 37, 23, 0, 23, block_m=BLOCK_M, raw=True, tile=(37, 23, (0, 0, 37, 23)))
+    assert torch.equal(plain, framed)
+    moved = render_band(net, 37, 23, 0, 23, block_m=BLOCK_M, raw=True, tile=(37, 23, (1, 0, 37, 23)))
+    assert not torch.equal(plain, moved)
+
+
 def test_sixteen_bit():
     arch = Architecture(1, (128, 64, 32), 12, 1.4, 30.0, (32, 16, 8), 4, 30.0, 10.0)
     net = trained_like(arch, 0, 65535, SEED)
@@ -216,6 +255,10 @@ def test_rejects_bad_arguments():
         render_band(net, 4, 4, 3, 5)
     with pytest.raises(ValueError):
         render_band(net, 4, 4, 0, 4, out=torch.empty(4, 4, 1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError):
+        render_band(net, 4, 4, 0, 4, cols=range(2, 5))
+    with pytest.raises(ValueError):
+        render_band(net, 4, 4, 0, 4, tile=(8, 8, (4, 0, 4, 8)))  # an empty extent
 
 
 def assert_filtered_by_the_kernel(net, width, height):

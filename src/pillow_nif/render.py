@@ -191,8 +191,8 @@ def covered(lo: int, hi: int, stored: int, size: int) -> range:
 def render_tiled(t: TiledFile, width: int, height: int, device: str, backend: str) -> np.ndarray:
     """A tiled file's pixels at (width, height): each tile's network over the pixels whose centres fall in its
     extent, blended where extents overlap (bitstream.TileGrid). At the stored size each tile is its own decode (its
-    post-filter included, any backend); at other sizes the torch path evaluates it at its pixels' coordinates (on
-    the same device), without post-filters. The weighted sums are kept for one row of tiles at a time (float32),
+    post-filter included); at other sizes each is evaluated at its pixels' coordinates, without post-filters. Both
+    by `backend`, on `device`. The weighted sums are kept for one row of tiles at a time (float32),
     so the memory beyond the image is that of a row of tiles."""
     g = t.grid
     maxval = (1 << g.bits) - 1
@@ -210,7 +210,7 @@ def render_tiled(t: TiledFile, width: int, height: int, device: str, backend: st
                 cols = range(ext[0], ext[2])
                 vals = render(net, len(cols), len(rows), backend)
             else:
-                cols, _, vals = tile_pixels_at(net, g, ext, width, height)
+                cols, _, vals = tile_pixels_at(net, g, ext, width, height, backend)
             wx = _ramp(cols, g.width, width, box[0], box[2], g.margin)
             wy = _ramp(rows, g.height, height, box[1], box[3], g.margin)
             acc[rows.start - start : rows.stop - start, cols.start : cols.stop] += \
@@ -237,10 +237,10 @@ def _ramp(idx: range, stored: int, size: int, lo: int, hi: int, margin: int) -> 
     return w.astype(np.float32)
 
 
-def tile_pixels_at(net, g, ext, width: int, height: int) -> tuple[range, range, np.ndarray]:
+def tile_pixels_at(net, g, ext, width: int, height: int, backend: str = "torch") -> tuple[range, range, np.ndarray]:
     """(columns, rows, pixels) of an image rendered at (width, height) whose centres fall in the tile extent `ext`
-    of grid g: the tile's network (without its post-filter) at their coordinates, by the torch path on the
-    network's device."""
+    of grid g: the tile's network (without its post-filter) at their coordinates, on the network's device, by the
+    torch path or the Triton kernel (`backend`), in bands of rows."""
     import torch
 
     (x0, y0, x1, y1) = ext
@@ -249,14 +249,22 @@ def tile_pixels_at(net, g, ext, width: int, height: int) -> tuple[range, range, 
     if not cols or not rows:
         return cols, rows, out
     dev = net.out[0].device
-    xs = _tile_coordinates(cols, g.width, width, x0, x1, dev)
-    ys = _tile_coordinates(rows, g.height, height, y0, y1, dev)
-    band = _band_pixels(net, dev.type == "cuda")
-    step = max(1, band // len(xs))
+    if backend == "triton":
+        from .kernels.nif_decode import render_band
+
+        band = _GPU_BAND_PIXELS if dev.type == "cuda" else _CPU_BAND_PIXELS
+        evaluate = lambda r0, r1: render_band(net, width, height, r0, r1, cols=cols,  # noqa: E731
+                                              tile=(g.width, g.height, ext))
+    else:
+        xs = _tile_coordinates(cols, g.width, width, x0, x1, dev)
+        ys = _tile_coordinates(rows, g.height, height, y0, y1, dev)
+        band = _band_pixels(net, dev.type == "cuda")
+        evaluate = lambda r0, r1: _torch_grid(net, ys[r0 - rows.start : r1 - rows.start], xs, band)  # noqa: E731
+    step = max(1, band // len(cols))
     with torch.inference_mode():
-        for r in range(0, len(ys), step):
-            block = _torch_grid(net, ys[r : r + step], xs, band)
-            out[r : r + len(block)] = block.cpu().numpy()
+        for r in range(rows.start, rows.stop, step):
+            block = evaluate(r, min(rows.stop, r + step))
+            out[r - rows.start : r - rows.start + len(block)] = block.cpu().numpy()
     return cols, rows, out
 
 
