@@ -128,12 +128,10 @@ def render(net, width: int, height: int, backend: str = "torch", raw: bool = Fal
     network's float32 values in [0, maxval], neither rounded nor filtered (what the encoder fits the filter to)."""
     import torch
 
-    on_gpu = net.out[0].device.type == "cuda"
-    band = _GPU_BAND_PIXELS if on_gpu else _CPU_BAND_PIXELS
+    band = _band_pixels(net, backend)
     if backend == "triton":
         from .kernels.nif_decode import render_band
     else:
-        band = _band_pixels(net, on_gpu)
         render_band = functools.partial(_torch_band, max_pixels=band)
     rows = max(1, band // width)
     dtype = np.float32 if raw else np.uint8 if net.maxval == 255 else np.uint16
@@ -175,10 +173,14 @@ def _filtered_bands(net, width: int, height: int, rows: int, render_band):
         yield r0, v.to(torch.uint8 if net.maxval == 255 else torch.int32)
 
 
-def _band_pixels(net, on_gpu: bool) -> int:
-    """Pixels of one band of the torch path: fewer for networks wider than _BAND_WIDTH (bounded memory)."""
+def _band_pixels(net, backend: str) -> int:
+    """Pixels of one band on the net's device. The torch path's are fewer for networks wider than _BAND_WIDTH: its
+    activations are in memory (bounded); the Triton kernel's stay in registers."""
+    band = _GPU_BAND_PIXELS if net.out[0].device.type == "cuda" else _CPU_BAND_PIXELS
+    if backend == "triton":
+        return band
     widest = max([w.shape[1] for w, _ in (*net.mod, *net.genesis)], default=1)
-    return (_GPU_BAND_PIXELS if on_gpu else _CPU_BAND_PIXELS) * _BAND_WIDTH // max(_BAND_WIDTH, widest)
+    return band * _BAND_WIDTH // max(_BAND_WIDTH, widest)
 
 
 def covered(lo: int, hi: int, stored: int, size: int) -> range:
@@ -249,16 +251,15 @@ def tile_pixels_at(net, g, ext, width: int, height: int, backend: str = "torch")
     if not cols or not rows:
         return cols, rows, out
     dev = net.out[0].device
+    band = _band_pixels(net, backend)
     if backend == "triton":
         from .kernels.nif_decode import render_band
 
-        band = _GPU_BAND_PIXELS if dev.type == "cuda" else _CPU_BAND_PIXELS
         evaluate = lambda r0, r1: render_band(net, width, height, r0, r1, cols=cols,  # noqa: E731
                                               tile=(g.width, g.height, ext))
     else:
         xs = _tile_coordinates(cols, g.width, width, x0, x1, dev)
         ys = _tile_coordinates(rows, g.height, height, y0, y1, dev)
-        band = _band_pixels(net, dev.type == "cuda")
         evaluate = lambda r0, r1: _torch_grid(net, ys[r0 - rows.start : r1 - rows.start], xs, band)  # noqa: E731
     step = max(1, band // len(cols))
     with torch.inference_mode():
