@@ -169,7 +169,8 @@ def test_effort_2_fits_a_small_image_with_a_flat_sky_at_every_seed():
 
 def test_short_stages_train_the_period_offset_at_its_own_rate():
     # The period's offset (the modulation's last bias) alone trains at cfg.period_lr x the rate, in the fitting steps
-    # of short stages only (benchmarks/NOTES.md #188), and every step gives it that rate.
+    # of stages under cfg.period_lr_iters steps only (efforts 1-4; benchmarks/NOTES.md #188, #193), and every step
+    # gives it that rate.
     from pillow_nif import fit
     from pillow_nif.optim import group_rate
 
@@ -190,6 +191,10 @@ def test_short_stages_train_the_period_offset_at_its_own_rate():
     assert len(short) == len(arch.tensor_shapes()) and short.pop(offset) == cfg.period_lr > 1
     assert set(short.values()) == {1.0}
     assert set(scales(fit.EFFORTS[5]).values()) == {1.0}  # long stages
+    # effort 4's 1500-step stages: the long stages' recipe, but the fast offset (smooth small images, NOTES.md #193)
+    middle = scales(fit.EFFORTS[4])
+    assert middle.pop(offset) == cfg.period_lr and set(middle.values()) == {1.0}
+    assert fitter(fit.EFFORTS[4])[0].long_stages and not fitter(fit.EFFORTS[3])[0].long_stages
     assert set(scales(fit.EFFORTS[2], tuning=True).values()) == {1.0}
     f, names = fitter(fit.EFFORTS[2])
     seen, make = [], f.optimizer

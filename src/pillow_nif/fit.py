@@ -56,11 +56,16 @@ class Effort:
 # 2 x 3000 +0.19 / +0.10 / +0.28 (#69), 2 x 4000 +0.17 / +0.15 / +0.22 (#97; +0.11 / +0.14 / +0.22 on all 24
 # crops). More steps of 4k pixels beat fewer of 8k (#62), so from effort 5 up every stage has 4000 steps and the
 # levels add pixels per step and stages.
+# Effort 4 is the middle of the ladder, where effort 5 had taken 5x its time: 2 x 1500 steps (the long stages'
+# recipe, FitConfig.matrix_decay_iters, with the short stages' fast period offset, period_lr_iters) beat 2 x 600 by
+# +0.81 / +0.98 / +1.19 dB on 8 crops at 0.3 / 0.6 / 1.0 bpp in 1.5-1.65x the time (24 of 24 up), and at 768x512 by
+# +0.98 dB at 0.3 bpp (8 images, 0.38 of effort 5's time for 0.47 dB less), +1.48 / +2.61 at 0.5 / 1.0 (4 images)
+# in 2.2 / 3.0x the time (NOTES.md #192-#193).
 EFFORTS = {
     1: Effort(1, 300, 1, 40, 1 << 12),
     2: Effort(1, 500, 1, 60, 1 << 12),
     3: Effort(2, 400, 1, 80, 1 << 12),
-    4: Effort(2, 600, 2, 60, 1 << 12),
+    4: Effort(2, 1500, 2, 80, 1 << 12),
     5: Effort(2, 4000, 2, 80, 1 << 12),
     6: Effort(2, 4000, 2, 100, 1 << 13),
     7: Effort(3, 4000, 3, 100, 1 << 13),
@@ -153,9 +158,12 @@ class FitConfig:
     # the stage's rate. A smooth image wants a far shorter period than omega (kodim20's 160x160 centre: ~11). At the
     # common rate b moves ~0.3 of a period in 100 steps, so short stages lowered the period through W h instead,
     # unevenly: at some seeds it spread over 23-63 across the pixels, the genesis features turned to noise, and the
-    # file came out near a flat image (17.2 / 20.4 dB at 2.0 bpp, effort 2, where other seeds gave 36-37). Short
-    # stages (efforts 1-4) only: long ones lost 0.13 dB with it. NOTES.md #188.
+    # file came out near a flat image (17.2 / 20.4 dB at 2.0 bpp, effort 2, where other seeds gave 36-37). Stages
+    # under period_lr_iters steps only: effort 5's lost 0.13 dB with it (NOTES.md #188). Effort 4's 1500-step stages
+    # with the long stages' recipe but without it fitted smooth small images erratically (kodim02's centre, 160x160 at
+    # 2.0 bpp: 37.1-39.1 dB over 4 seeds); with it 39.2-39.5 and +0.6 dB on the mean of 6 such points (#193).
     period_lr: float = 10.0
+    period_lr_iters: int = 4000
     # The fitting stages of modulated networks train the genesis hidden and output matrices with Muon (optim.py), the
     # rest with AdamW: +0.15 / +0.10 dB at 0.6 / 1.0 bpp on 8 crops (benchmarks/NOTES.md #84); where the input
     # layer's decay applies (long stages), the input layer too (#112). False: AdamW for all.
@@ -175,8 +183,12 @@ class FitConfig:
     input_decay: float = 1.0
     modulation_decay: float = 3.0
     # In modulated networks these two need long stages: at effort 3 (2 x 400 steps) they cost 0.29 / 0.91 dB at
-    # 0.6 / 1.0 bpp on the 8 crops (0.3 bpp, plain: +0.12). Shorter stages keep `weight_decay` there.
-    matrix_decay_iters: int = 3000
+    # 0.6 / 1.0 bpp on the 8 crops (0.3 bpp, plain: +0.12). Shorter stages keep `weight_decay` there. Stages of 1500
+    # steps (effort 4) take the long stages' recipe (these decays, Muon on the input layer, the polish and longer
+    # tuning of sparse steps): with the period's offset at the common rate, +0.39 / +0.47 / +0.25 dB over the short
+    # stages' recipe at 0.3 / 0.6 / 1.0 bpp on 8 crops (23 of 24 up) in 0.82 of the time, and +0.33 on 8 Kodak images
+    # at 768x512 in 1.2x (NOTES.md #193).
+    matrix_decay_iters: int = 1500
     # Both were measured where a step samples 1/16 of the image (256x256, 4k pixels). A step that samples less
     # carries less of the image's gradient against the same pull to zero, so the decays scale down in proportion:
     # at full Kodak size (768x512, 1/64 a step at effort 5) the full decays cost 0.15 / 0.56 dB at 0.6 / 1.0 bpp
@@ -296,7 +308,7 @@ def sparseness(h: int, w: int, arch: Architecture, effort: Effort, cfg: FitConfi
     """How much sparser than the recipe's tuning a fitting step samples the image: 0 where a step samples
     cfg.decay_fraction of it or more (256x256 crops at 4k pixels a step), 1 where a quarter of that or less (768x512,
     on every device), linear in the share between (only the ends are measured). Only modulated networks with long
-    stages (effort 5 up) were measured at full size; the rest keep the crops' recipe (0)."""
+    stages (effort 4 up) were measured at full size; the rest keep the crops' recipe (0)."""
     if not arch.mod_widths or effort.iters < cfg.matrix_decay_iters:
         return 0.0
     share = 1 / (step_stride(h, w, effort) ** 2 * cfg.decay_fraction)
@@ -358,6 +370,9 @@ def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tu
 # images, 128x128 at 1.0 bpp and 96x96 at 2.0, 2 seeds each: mean +0.94 dB, up to +3.8), on 4 of 4 at effort 3
 # and 3 of 4 at effort 4 (128x128, 1.0 bpp: +0.48 ... +3.92, 0.00 ... +0.93 dB); kodim20's centre (half flat sky)
 # fitted at 19 to 42 dB with the seed (sd 3.7-6.2 dB over 12 seeds; the plain network 0.2). NOTES.md #187.
+# Effort 4's 1500-step stages (#193) fitted the modulated ones better on textured centres (kodim15, 05: +0.4 ... +1.0
+# dB on the mean of 2 seeds) but still worse and unevenly on smooth ones (kodim02's 96x96 at 2.0 bpp: 37.2-38.3 dB
+# over 4 seeds, plain 38.2-38.6), so effort 4 keeps the plain ones here too.
 _GENESIS_SHAPE = (1.0, 0.5, 0.25)
 _DEEP_SHAPE = (1.0, 0.45, 0.25, 0.25)
 DEEP_PARAMS = 2000
@@ -478,7 +493,7 @@ class Fitter:
         plain = not arch.mod_widths
         self.stride = step_stride(self.h, self.w, effort)
         # The decays of the input layer and the modulation, and the sparse steps' rate, were measured with long
-        # stages only; short ones (efforts 1-4) keep the rates and decays they were tuned with.
+        # stages only; short ones (efforts 1-3) keep the rates and decays they were tuned with.
         self.long_stages = effort.iters >= cfg.matrix_decay_iters
         sparse = sparseness(self.h, self.w, arch, effort, cfg)
         self.step_scale = 1 - (1 - cfg.sparse_lr) * sparse  # the optimizer divides the decays by it
@@ -656,12 +671,12 @@ class Fitter:
             if long:  # the input layer too: +0.13 / +0.17 dB at 0.6 / 1.0 bpp on 8 crops (NOTES.md #112)
                 muon["genesis.0.weight"] = own["genesis.0.weight"]
 
-        # Short stages train the period's offset at its own rate (cfg.period_lr: the optimiser scales its group's
-        # rate by lr_scale, optim.group_rate). Long ones were steady without it (kodim20's centre at effort 5:
-        # 40.6-41.0 dB over 4 seeds), and with it lost 0.13 dB on 8 crops at 1.0 bpp (1 of 8 up): they keep the rate
-        # they were tuned with.
+        # Stages under cfg.period_lr_iters steps train the period's offset at its own rate (cfg.period_lr: the
+        # optimiser scales its group's rate by lr_scale, optim.group_rate). Effort 5's were steady without it
+        # (kodim20's centre: 40.6-41.0 dB over 4 seeds), and with it lost 0.13 dB on 8 crops at 1.0 bpp (1 of 8 up):
+        # they keep the rate they were tuned with.
         rates = {}
-        if modulated and not self.long_stages:
+        if modulated and self.effort.iters < self.cfg.period_lr_iters:
             rates[f"modulation.{len(self.model.arch.mod_widths)}.bias"] = self.cfg.period_lr
 
         def by_decay(names: dict) -> list[dict]:
