@@ -191,10 +191,11 @@ def test_short_stages_train_the_period_offset_at_its_own_rate():
     assert len(short) == len(arch.tensor_shapes()) and short.pop(offset) == cfg.period_lr > 1
     assert set(short.values()) == {1.0}
     assert set(scales(fit.EFFORTS[5]).values()) == {1.0}  # long stages
-    # effort 4's 1500-step stages: the long stages' recipe, but the fast offset (smooth small images, NOTES.md #193)
+    # efforts 3-4 (800, 1500 steps): the long stages' recipe, but the fast offset (smooth small images, #193, #194)
     middle = scales(fit.EFFORTS[4])
     assert middle.pop(offset) == cfg.period_lr and set(middle.values()) == {1.0}
-    assert fitter(fit.EFFORTS[4])[0].long_stages and not fitter(fit.EFFORTS[3])[0].long_stages
+    assert fitter(fit.EFFORTS[4])[0].long_stages and fitter(fit.EFFORTS[3])[0].long_stages
+    assert not fitter(fit.EFFORTS[2])[0].long_stages  # efforts 1-2: the short stages' recipe (NOTES.md #194)
     assert set(scales(fit.EFFORTS[2], tuning=True).values()) == {1.0}
     f, names = fitter(fit.EFFORTS[2])
     seen, make = [], f.optimizer
@@ -662,7 +663,7 @@ def test_a_network_too_large_for_its_bits_is_fitted_again_smaller(modulated_smal
     r = encode_image(im, bpp=2.0, effort=3, progress=lambda done, total: ticks.append((done, total)))
     assert r.arch.num_params() < once.arch.num_params() and len(r.data) <= 96 * 64 * 2 // 8
     assert r.psnr > once.psnr + 1.0
-    steps = 2 * 400 + 80  # effort 3's fitting and tuning steps, twice: the bar counts both fits
+    steps = 2 * 800 + 80  # effort 3's fitting and tuning steps, twice: the bar counts both fits
     assert ticks[-1] == (2 * steps, 2 * steps)
 
 

@@ -61,10 +61,13 @@ class Effort:
 # +0.81 / +0.98 / +1.19 dB on 8 crops at 0.3 / 0.6 / 1.0 bpp in 1.5-1.65x the time (24 of 24 up), and at 768x512 by
 # +0.98 dB at 0.3 bpp (8 images, 0.38 of effort 5's time for 0.47 dB less), +1.48 / +2.61 at 0.5 / 1.0 (4 images)
 # in 2.2 / 3.0x the time (NOTES.md #192-#193).
+# Effort 3 then took a quarter of effort 4's time for 1.5 dB less. 2 x 800 steps with the long stages' recipe beat
+# 2 x 400 with the short one by +0.70 / +0.93 / +1.10 dB on all 24 crops at 0.3 / 0.6 / 1.0 bpp (72 of 72 up) in
+# 1.6-1.7x the time, and by +0.99 dB at 768x512, 0.3 bpp (8 of 8 up) in 2.0x, half of effort 4's (NOTES.md #194).
 EFFORTS = {
     1: Effort(1, 300, 1, 40, 1 << 12),
     2: Effort(1, 500, 1, 60, 1 << 12),
-    3: Effort(2, 400, 1, 80, 1 << 12),
+    3: Effort(2, 800, 1, 80, 1 << 12),
     4: Effort(2, 1500, 2, 80, 1 << 12),
     5: Effort(2, 4000, 2, 80, 1 << 12),
     6: Effort(2, 4000, 2, 100, 1 << 13),
@@ -187,8 +190,11 @@ class FitConfig:
     # steps (effort 4) take the long stages' recipe (these decays, Muon on the input layer, the polish and longer
     # tuning of sparse steps): with the period's offset at the common rate, +0.39 / +0.47 / +0.25 dB over the short
     # stages' recipe at 0.3 / 0.6 / 1.0 bpp on 8 crops (23 of 24 up) in 0.82 of the time, and +0.33 on 8 Kodak images
-    # at 768x512 in 1.2x (NOTES.md #193).
-    matrix_decay_iters: int = 1500
+    # at 768x512 in 1.2x (NOTES.md #193). With the period's offset at its fast rate (#188) the recipe gains in
+    # shorter stages too (2 x 400: +0.18 / +0.37 / +0.35 dB on those crops, +0.29 at 768x512), but below 800 steps it
+    # fits smooth small images erratically (kodim20's 160x160 centre at 2.0 bpp, 4 seeds: 2 x 400 36.8-38.9 dB,
+    # 1 x 500 33.2-37.7, the short recipe 37.4-38.5; 2 x 800 39.6-39.9), so it starts at effort 3's 800 (#194).
+    matrix_decay_iters: int = 800
     # Both were measured where a step samples 1/16 of the image (256x256, 4k pixels). A step that samples less
     # carries less of the image's gradient against the same pull to zero, so the decays scale down in proportion:
     # at full Kodak size (768x512, 1/64 a step at effort 5) the full decays cost 0.15 / 0.56 dB at 0.6 / 1.0 bpp
@@ -308,7 +314,7 @@ def sparseness(h: int, w: int, arch: Architecture, effort: Effort, cfg: FitConfi
     """How much sparser than the recipe's tuning a fitting step samples the image: 0 where a step samples
     cfg.decay_fraction of it or more (256x256 crops at 4k pixels a step), 1 where a quarter of that or less (768x512,
     on every device), linear in the share between (only the ends are measured). Only modulated networks with long
-    stages (effort 4 up) were measured at full size; the rest keep the crops' recipe (0)."""
+    stages (effort 3 up) were measured at full size; the rest keep the crops' recipe (0)."""
     if not arch.mod_widths or effort.iters < cfg.matrix_decay_iters:
         return 0.0
     share = 1 / (step_stride(h, w, effort) ** 2 * cfg.decay_fraction)
@@ -493,7 +499,7 @@ class Fitter:
         plain = not arch.mod_widths
         self.stride = step_stride(self.h, self.w, effort)
         # The decays of the input layer and the modulation, and the sparse steps' rate, were measured with long
-        # stages only; short ones (efforts 1-3) keep the rates and decays they were tuned with.
+        # stages only; short ones (efforts 1-2) keep the rates and decays they were tuned with.
         self.long_stages = effort.iters >= cfg.matrix_decay_iters
         sparse = sparseness(self.h, self.w, arch, effort, cfg)
         self.step_scale = 1 - (1 - cfg.sparse_lr) * sparse  # the optimizer divides the decays by it
