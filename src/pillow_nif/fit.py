@@ -310,12 +310,17 @@ def tile_grid(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     return best[1]
 
 
+def long_stages(effort: Effort, cfg: FitConfig) -> bool:
+    """Whether `effort`'s stages take the long stages' recipe (FitConfig.matrix_decay_iters: efforts 3 up)."""
+    return effort.iters >= cfg.matrix_decay_iters
+
+
 def sparseness(h: int, w: int, arch: Architecture, effort: Effort, cfg: FitConfig) -> float:
     """How much sparser than the recipe's tuning a fitting step samples the image: 0 where a step samples
     cfg.decay_fraction of it or more (256x256 crops at 4k pixels a step), 1 where a quarter of that or less (768x512,
     on every device), linear in the share between (only the ends are measured). Only modulated networks with long
     stages (effort 3 up) were measured at full size; the rest keep the crops' recipe (0)."""
-    if not arch.mod_widths or effort.iters < cfg.matrix_decay_iters:
+    if not arch.mod_widths or not long_stages(effort, cfg):
         return 0.0
     share = 1 / (step_stride(h, w, effort) ** 2 * cfg.decay_fraction)
     return min(1.0, max(0.0, (1 - share) / 0.75))
@@ -500,7 +505,7 @@ class Fitter:
         self.stride = step_stride(self.h, self.w, effort)
         # The decays of the input layer and the modulation, and the sparse steps' rate, were measured with long
         # stages only; short ones (efforts 1-2) keep the rates and decays they were tuned with.
-        self.long_stages = effort.iters >= cfg.matrix_decay_iters
+        self.long_stages = long_stages(effort, cfg)
         sparse = sparseness(self.h, self.w, arch, effort, cfg)
         self.step_scale = 1 - (1 - cfg.sparse_lr) * sparse  # the optimizer divides the decays by it
         # Sparse steps also end the fit with a gentle stage and tune longer at a lower rate (FitConfig.polish).
