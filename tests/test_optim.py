@@ -156,7 +156,7 @@ def test_fitting_trains_the_genesis_matrices_with_muon_and_tuning_uses_adamw():
         assert muon == expected and len(expected) == len(arch.widths) + 1 == 5
         assert adamw == {id(t) for _, t in named} - expected
         assert isinstance(f.optimizer(1e-3, 0.0, tuning=True), AdamW)
-    # short stages (effort 2: 1 x 500 steps) fitted small smooth images erratically with the input and modulation
+    # short stages (effort 2: 2 x 400 steps) fitted small smooth images erratically with the input and modulation
     # decays (NOTES.md #194): those decay as asked, and the input layer stays on AdamW (Muon there was measured with
     # its decay only); the period's offset has a group of its own, at cfg.period_lr x the rate (NOTES.md #188)
     f = fit.Fitter(target, arch, "cpu", fit.EFFORTS[2], cfg, 0)

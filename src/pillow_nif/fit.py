@@ -64,9 +64,15 @@ class Effort:
 # Effort 3 then took a quarter of effort 4's time for 1.5 dB less. 2 x 800 steps with the long stages' recipe beat
 # 2 x 400 with the short one by +0.70 / +0.93 / +1.10 dB on all 24 crops at 0.3 / 0.6 / 1.0 bpp (72 of 72 up) in
 # 1.6-1.7x the time, and by +0.99 dB at 768x512, 0.3 bpp (8 of 8 up) in 2.0x, half of effort 4's (NOTES.md #194).
+# Effort 2 had one stage of 500 steps; 2 x 400 (a restart to fall back from, as effort 3 had before) beat it by
+# +0.18 / +0.37 / +0.52 dB on all 24 crops at 0.3 / 0.6 / 1.0 bpp (70 of 72 up) in 1.35-1.40x the time, by +0.53 dB
+# at 768x512, 0.3 bpp (8 of 8 up) in 1.19x, and on the mean of 4 seeds at each of 18 centres of 128-256 pixels
+# (+0.10 ... +1.01 dB; the worst seed higher on 17; kodim20's 128x128 at 2.0 bpp: 32.9-37.9 dB, now 37.2-37.9, two
+# seeds by the refit, FitConfig.refit_loss).
+# 2 x 300 gained a fifth as much at 768x512, 2 x 250 lost (NOTES.md #195).
 EFFORTS = {
     1: Effort(1, 300, 1, 40, 1 << 12),
-    2: Effort(1, 500, 1, 60, 1 << 12),
+    2: Effort(2, 400, 1, 60, 1 << 12),
     3: Effort(2, 800, 1, 80, 1 << 12),
     4: Effort(2, 1500, 2, 80, 1 << 12),
     5: Effort(2, 4000, 2, 80, 1 << 12),
