@@ -70,8 +70,12 @@ class Effort:
 # (+0.10 ... +1.01 dB; the worst seed higher on 17; kodim20's 128x128 at 2.0 bpp: 32.9-37.9 dB, now 37.2-37.9, two
 # seeds by the refit, FitConfig.refit_loss).
 # 2 x 300 gained a fifth as much at 768x512, 2 x 250 lost (NOTES.md #195).
+# Effort 1's one stage of 300 steps became 400: +0.49 dB at 768x512, 0.3 bpp (8 of 8 up) in 1.07x the time, +0.36 /
+# +0.41 / +0.49 on the 24 crops (71 of 72 up) in 1.75 / 1.17 / 1.16x (at 0.3 bpp its networks now modulate,
+# SHORT_STAGE), and on the mean of 4 seeds at each of 10 centres of 128-192 pixels (+0.46 ... +1.31 dB); 2 x 200
+# gained less for more time (NOTES.md #196).
 EFFORTS = {
-    1: Effort(1, 300, 1, 40, 1 << 12),
+    1: Effort(1, 400, 1, 40, 1 << 12),
     2: Effort(2, 400, 1, 60, 1 << 12),
     3: Effort(2, 800, 1, 80, 1 << 12),
     4: Effort(2, 1500, 2, 80, 1 << 12),
@@ -380,7 +384,9 @@ def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tu
 # effort 5, the deep shape with modulation (16, 8) gained +0.65 dB, all 8 up (modulation alone on (1, .5, .25):
 # +0.35 to +0.39); on 4 crops +0.65 at 0.22 bpp (2.6k), +0.43 at 0.18 (2.1k), -0.14 at 0.15 (1.8k) (#137).
 # Efforts 2-4 gained +0.14 to +0.25 at 0.3 bpp; effort 1's single 300-step stage lost 0.56, so shorter stages
-# keep plain networks to 5000 parameters (at 0.6 bpp, 7k parameters, plain ones lost 0.39 dB there too).
+# keep plain networks to 5000 parameters (at 0.6 bpp, 7k parameters, plain ones lost 0.39 dB there too). Since
+# effort 1 has 400 steps (#196) no level's stages are that short: there modulation was +0.14 dB (17 of 24 crops up at
+# 0.3 bpp against 1 x 400 plain; 1.54x the time).
 # Small images are another matter: where a step samples a quarter of the image or more (up to 16k pixels at 4k a
 # step: 128x128, 96x96), the short stages of efforts 2-4 fitted modulated networks of 2000-5000 parameters worse
 # and erratically, and rounded them worse. The plain networks' files were better on 11 of 12 points at effort 2 (6
@@ -419,8 +425,9 @@ def choose_architecture(width: int, height: int, channels: int, param_budget: fl
     nyquist counts them to ~4 pixels along the longer side, where a period covers the most pixels: at 768x512
     that is one more than the shorter side's count: +0.12 dB at 1.0 bpp (4 of 4 images up), +0.03 at 0.6, +0.05
     at 0.3 (2 images each; NOTES.md #157).
-    Modulation and a fourth sine layer pay from DEEP_PARAMS up; from SHORT_DEEP_PARAMS in effort 1's short stages,
-    and in those of efforts 1-4 where a step samples a quarter of the image or more (small images).
+    Modulation and a fourth sine layer pay from DEEP_PARAMS up; from SHORT_DEEP_PARAMS in stages under SHORT_STAGE
+    steps (no level's since effort 1 has 400), and in the stages of efforts 1-4 where a step samples a quarter of the
+    image or more (small images).
     """
     n = max(width, height)
     nyquist = int(math.log(max(n, 8) / 4) / math.log(cfg.pe_scale)) + 1  # periods down to ~4 pixels
