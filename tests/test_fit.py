@@ -229,8 +229,8 @@ def test_effort_2_fits_a_smooth_160px_image_at_the_seeds_that_collapsed(one_thre
 
 def test_effort_2_fits_a_smooth_128px_image_at_the_seed_that_fell(one_thread):
     # kodim20's 128x128 centre at 2.0 bpp (5850 parameters, modulated), effort 2: one stage of 500 steps gave
-    # 37.6-37.9 dB at seeds 0-2 and 32.9 at seed 3 (fitted at 34.3 dB, too low for a refit to be tried); two stages of
-    # 400 with a restart gave 37.2-37.9 at all four, seeds 1 and 3 by the refit's plain network (NOTES.md #195).
+    # 37.6-37.9 dB at seeds 0-2 and 32.9 at seed 3 (fitted at 34.3 dB; rounding cost 1.4 dB, under refit_loss, so no
+    # refit); two stages of 400 with a restart gave 37.2-37.9 at all four, seeds 1 and 3 by the refit (NOTES.md #195).
     path = SHARED / "datasets" / "kodak" / "kodim20.png"
     if not path.exists():
         pytest.skip("../shared/datasets/kodak is not available")
