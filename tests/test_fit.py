@@ -155,15 +155,20 @@ def test_small_images_modulate_only_larger_networks_in_short_stages():
         assert bool(fit.plan_encode(im, 1.0, "auto", {}, cfg, fit.EFFORTS[effort]).header.arch.mod_widths) == modulated
 
 
+def _kodim20_crop(box):
+    """kodim20 from ../shared (half of it flat sky: where short fits went astray), cropped to `box`; skips without it."""
+    path = SHARED / "datasets" / "kodak" / "kodim20.png"
+    if not path.exists():
+        pytest.skip("../shared/datasets/kodak is not available")
+    return Image.open(path).convert("RGB").crop(box)
+
+
 def test_effort_2_fits_a_small_image_with_a_flat_sky_at_every_seed():
     # The centre 96x96 of kodim20 (half of it flat sky) at 2.0 bpp, effort 2: its modulated networks' files came out
     # at 27.0 to 36.6 dB with the seed (seeds 0-7, one thread; at 2 threads seeds 0-3 gave 24.3-36.2), the network's
     # output gone nearly flat at the worst; the plain network's at 36.4-37.1 (NOTES.md #187). A user saving a
     # thumbnail at a low effort would have got any of them.
-    path = SHARED / "datasets" / "kodak" / "kodim20.png"
-    if not path.exists():
-        pytest.skip("../shared/datasets/kodak is not available")
-    im = Image.open(path).convert("RGB").crop((336, 208, 432, 304))
+    im = _kodim20_crop((336, 208, 432, 304))
     psnrs = [encode_image(im, bpp=2.0, effort=2, device="cpu", seed=s).psnr for s in range(4)]
     assert min(psnrs) > 35.5, psnrs
 
@@ -219,10 +224,7 @@ def test_effort_2_fits_a_smooth_160px_image_at_the_seeds_that_collapsed(one_thre
     # kodim20's 160x160 centre (much of it flat sky) at 2.0 bpp, effort 2: with the period's offset at the common rate
     # 2 of 8 seeds came out near a flat image (17.2 and 20.4 dB, seeds 2 and 6, one thread) and the rest at 36.0-37.1;
     # with cfg.period_lr all 8 at 36.5-37.6 (seeds 2 and 6: 37.60 and 36.55; benchmarks/NOTES.md #188).
-    path = SHARED / "datasets" / "kodak" / "kodim20.png"
-    if not path.exists():
-        pytest.skip("../shared/datasets/kodak is not available")
-    im = Image.open(path).convert("RGB").crop((304, 176, 464, 336))
+    im = _kodim20_crop((304, 176, 464, 336))
     psnrs = [encode_image(im, bpp=2.0, effort=2, device="cpu", seed=s).psnr for s in (2, 6)]
     assert min(psnrs) > 35.0, psnrs
 
@@ -231,10 +233,7 @@ def test_effort_2_fits_a_smooth_128px_image_at_the_seed_that_fell(one_thread):
     # kodim20's 128x128 centre at 2.0 bpp (5850 parameters, modulated), effort 2: one stage of 500 steps gave
     # 37.6-37.9 dB at seeds 0-2 and 32.9 at seed 3 (fitted at 34.3 dB; rounding cost 1.4 dB, under refit_loss, so no
     # refit); two stages of 400 with a restart gave 37.2-37.9 at all four, seeds 1 and 3 by the refit (NOTES.md #195).
-    path = SHARED / "datasets" / "kodak" / "kodim20.png"
-    if not path.exists():
-        pytest.skip("../shared/datasets/kodak is not available")
-    im = Image.open(path).convert("RGB").crop((320, 192, 448, 320))
+    im = _kodim20_crop((320, 192, 448, 320))
     result = encode_image(im, bpp=2.0, effort=2, device="cpu", seed=3)
     assert result.psnr > 36.0, result.psnr
 
