@@ -156,7 +156,7 @@ def test_small_images_modulate_only_larger_networks_in_short_stages():
 
 
 def _kodim20_crop(box):
-    """kodim20 from ../shared (half of it flat sky: where short fits went astray), cropped to `box`; skips without it."""
+    """kodim20 from ../shared (half of it flat sky: where short fits went astray), cropped to `box`; else a skip."""
     path = SHARED / "datasets" / "kodak" / "kodim20.png"
     if not path.exists():
         pytest.skip("../shared/datasets/kodak is not available")
