@@ -77,17 +77,26 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     """encode_image for a list of PIL images (or arrays), fitting like images together.
 
     Every option means what it means to encode_image and applies to every image; `metadata`, a list of
-    dicts with keys icc_profile/exif/xmp, gives per-image metadata instead (as the CLI needs).
+    dicts with keys icc_profile/exif/xmp, gives per-image metadata instead (as the CLI needs), and `bpp` may be a
+    list of one bpp per image (as tiles.py shares a large image's bits out by the tiles' content).
     `use_fused` trains with the Triton sine-layer kernel (CUDA, or TRITON_INTERPRET=1): 2.2x slower than torch's
     step on an H200 (benchmarks/NOTES.md round 43), so off by default.
     `on_result(index, result)` is called as each image is done (groups finish in order of first image).
     `measure`: the results' PSNRs, as encode_image's (encode_many keeps only the bytes).
     """
-    target_bpp, effort, device = fit.check_encode_options(bpp, quality, effort, device, seed, colour)
+    images = list(images)
+    each = bpp if isinstance(bpp, (list, tuple)) else None
+    one = None if each is not None else bpp
+    target_bpp, effort, device = fit.check_encode_options(one, quality, effort, device, seed, colour)
+    if each is not None:
+        if len(each) != len(images):
+            raise ValueError(f"bpp has {len(each)} entries for {len(images)} images")
+        for b in each:
+            fit.check_options(b)
+    bpps = [float(b) for b in each] if each is not None else [target_bpp] * len(images)
     if use_fused and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("use_fused needs CUDA (or TRITON_INTERPRET=1, for tests)")
     cfg = config or fit.FitConfig()
-    images = list(images)
     if metadata is not None and len(metadata) != len(images):
         raise ValueError(f"metadata has {len(metadata)} entries for {len(images)} images")
     common = dict(icc_profile=icc_profile, exif=exif, xmp=xmp)
@@ -96,12 +105,12 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     meta = [metadata[i] if metadata is not None else common for i in range(len(images))]
     images = [_as_image(im) for im in images]
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
-    large = {i: tiles.plan_tiles(im, target_bpp, {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
+    large = {i: tiles.plan_tiles(im, bpps[i], {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
              for i, im in enumerate(images) if fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)}
-    jobs = [_plan(i, im, target_bpp, colour, meta[i], cfg, eff) for i, im in enumerate(images) if i not in large]
+    jobs = [_plan(i, im, bpps[i], colour, meta[i], cfg, eff) for i, im in enumerate(images) if i not in large]
 
     def replan(job: _Job, c: fit.FitConfig) -> fit.Plan:  # the plan of a refit (fit.refit)
-        return _plan(job.index, job.image, target_bpp, colour, meta[job.index], c, eff).plan
+        return _plan(job.index, job.image, bpps[job.index], colour, meta[job.index], c, eff).plan
 
     bar = fit._progress(progress, sum(fit.fit_work(j.header, eff, cfg) for j in jobs))
     results: list[fit.EncodeResult | None] = [None] * len(images)
@@ -118,7 +127,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     finally:
         bar.close()
     for i in sorted(large):
-        results[i] = tiles.encode_tiled(images[i], target_bpp, effort, device, seed, progress, meta[i], colour, cfg,
+        results[i] = tiles.encode_tiled(images[i], bpps[i], effort, device, seed, progress, meta[i], colour, cfg,
                                         measure, large[i])
         if on_result is not None:
             on_result(i, results[i])

@@ -164,6 +164,10 @@ class FitConfig:
     # Each tile's network also covers this many pixels beyond each edge it shares with another tile, and the decoder
     # blends the two across those 2 x tile_margin pixels: tiles fitted apart otherwise meet at a visible step.
     tile_margin: int = 8
+    # The tiles' bits follow their content (tiles.tile_rates): a tile's bpp is proportional to the error of a JPEG
+    # of it at quality 30 raised to this power, within `tile_rate_range` of the mean. 0: one bpp for all tiles.
+    tile_rate_exponent: float = 0.75
+    tile_rate_range: tuple[float, float] = (0.5, 2.0)
     pe_scale: float = 1.4
     omega: float = 45.0  # sine factor of genesis and modulation layers: 45 beat 30 by 0.2-0.4 dB, 60 lost
     mod_sigma: float = 10.0

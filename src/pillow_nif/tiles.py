@@ -4,17 +4,20 @@ One network's fitting work grows as the square of the image's pixels at a given 
 them, and so does a step's share of the image (at least 1/64, fit.step_stride). At effort 5 and 0.5 bpp a
 1920x1080 photo is 28 times the work of a 768x512 encode and a 12-megapixel one 965 times (on this project's 2-core
 CPU, weeks); as tiles of at most FitConfig.tile_pixels, 5.7 and 48 times: linear in the pixels. The tiles of one
-size are the like images batch.encode_batch fits as one stacked network (on a GPU, batched matmuls over the tiles).
+size and rate are the like images batch.encode_batch fits as one stacked network (on a GPU, batched matmuls over
+the tiles).
 
-The file's bytes are shared out in proportion to each tile's pixels (one bpp for every tile), after the tiled
-container's own (bitstream.tiled_overhead); the metadata is stored once, in the container. Each tile's network is
-fitted to its box grown by FitConfig.tile_margin pixels beyond each edge it shares with another tile; the decoder
-blends neighbours across those margins (render.render_tiled), at the stored size or any other.
+The file's bytes, after the tiled container's own (bitstream.tiled_overhead), are shared out by each tile's pixels
+and content (tile_rates): a busy tile gets more bits a pixel than a flat one. The metadata is stored once, in the
+container. Each tile's network is fitted to its box grown by FitConfig.tile_margin pixels beyond each edge it shares
+with another tile; the decoder blends neighbours across those margins (render.render_tiled), at the stored size or
+any other.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import time
 
@@ -23,8 +26,65 @@ import numpy as np
 from . import bitstream, fit
 
 
+# The quality of the JPEG whose error ranks the tiles (tile_rates). Across the 24 Kodak images the log of that error
+# (each channel as a greyscale JPEG) followed the log of the effort-5 file's MSE at 0.3 / 0.5 / 1.0 bpp with
+# correlation 0.980 / 0.985 / 0.982 (quality 75: 0.96-0.98; the error of a 4x smaller copy: 0.92-0.94), at a slope
+# of 1.5; 8 ms for a 768x512 image. NOTES.md #198.
+RANK_QUALITY = 30
+# Rates are rounded to quarter-octave levels, so that like tiles keep one architecture and are still fitted as one
+# stacked network.
+RATE_LEVELS = 4
+
+
+def _jpeg_error(pixels: np.ndarray) -> float:
+    """Mean square error, in 8-bit units, of pixels (H, W, C in [0, 1]) through a JPEG at RANK_QUALITY, each channel
+    a greyscale image (any mode; no chroma subsampling to favour one channel)."""
+    from PIL import Image
+
+    err = 0.0
+    for c in range(pixels.shape[2]):
+        plane = np.round(pixels[..., c] * 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(plane).save(buf, "JPEG", quality=RANK_QUALITY)
+        with Image.open(buf) as im:
+            err += float(np.mean((np.asarray(im, dtype=np.float64) - plane) ** 2))
+    return err / pixels.shape[2]
+
+
+def tile_rates(image, boxes, cfg: fit.FitConfig) -> list[float]:
+    """Each tile's bpp relative to the tiles' mean (their mean, weighted by their pixels, is 1): proportional to its
+    _jpeg_error ** cfg.tile_rate_exponent within cfg.tile_rate_range, in steps of 1/RATE_LEVELS octave (then all
+    scaled by the same factor, up to 1.19, to spend what the rounding left).
+
+    Why: the whole image's MSE is the tiles' mean, and a tile's MSE at r bpp goes about as a / r (the 24 Kodak
+    images' effort-5 files: slopes -0.82 ... -1.26 in log-log, 0.3 to 1.0 bpp), so the bits are best spent where
+    the slopes a / r**2 are equal: r proportional to sqrt(a). A tile's a goes as its JPEG error to the power 1.5,
+    hence 0.75. NOTES.md #198."""
+    from .imaging import prepare_image
+
+    area = np.array([(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes], dtype=np.float64)
+    if cfg.tile_rate_exponent == 0 or len(boxes) < 2:
+        return [1.0] * len(boxes)
+    err = np.array([_jpeg_error(prepare_image(image.crop(box))[0]) for box in boxes])
+    weight = (err + 0.01) ** cfg.tile_rate_exponent  # + 0.01: a flat tile's error is 0
+    lo, hi = cfg.tile_rate_range
+
+    def rates(scale: float) -> np.ndarray:  # non-decreasing in scale
+        level = np.floor(RATE_LEVELS * np.log2(np.clip(scale * weight, lo, hi)) + 1e-9)
+        return np.clip(2.0 ** (level / RATE_LEVELS), lo, hi)
+
+    # the largest scale whose rates' mean is at most 1 (bisection in log space), then the rounding's leftover
+    # shared by all: like tiles stay alike
+    a, b = 1e-12 / weight.max(), 1e12 / weight.min()
+    for _ in range(200):
+        mid = math.sqrt(a * b)
+        a, b = (mid, b) if np.average(rates(mid), weights=area) <= 1 else (a, mid)
+    r = rates(a)
+    return [float(x) for x in r / np.average(r, weights=area)]
+
+
 def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.FitConfig, effort: fit.Effort):
-    """(grid, the tiles' bpp, the file's budget in bytes) of an image over cfg.tile_pixels; OSError for a mode NIF
+    """(grid, each tile's bpp, the file's budget in bytes) of an image over cfg.tile_pixels; OSError for a mode NIF
     cannot hold and ValueError for a budget too small for the tiles, before any work."""
     from .imaging import storage_mode
 
@@ -36,20 +96,32 @@ def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.F
     extents = grid.extents()
     outer, per_tile = bitstream.tiled_overhead(metadata)
     budget = int(target_bpp * w * h // 8)
-    # One bpp for all tiles, over the pixels their networks cover (the overlaps twice); a byte a tile kept back, so
-    # that no tile's float budget rounds above its share.
+    # The bits over the pixels the networks cover (the overlaps twice), shared by tile_rates; a byte a tile kept
+    # back, so that no tile's float budget rounds above its share.
     share = budget - outer - (per_tile + 1) * len(extents)
-    tile_bpp = 8 * share / sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in extents)
-    try:
+    mean_bpp = 8 * share / sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in extents)
+
+    def check(bpps):  # each tile planned as encode_batch will plan it (like tiles once)
         if share <= 0:
             raise ValueError("nothing is left for the networks")
-        sizes = {(x1 - x0, y1 - y0): (x0, y0, x1, y1) for x0, y0, x1, y1 in extents}
-        for box in sizes.values():  # a tile of each size is planned as encode_batch will plan it
-            fit.plan_encode(image.crop(box), tile_bpp, colour, {}, cfg, effort)
+        planned = set()
+        for (x0, y0, x1, y1), bpp in zip(extents, bpps):
+            if (x1 - x0, y1 - y0, bpp) not in planned:
+                planned.add((x1 - x0, y1 - y0, bpp))
+                fit.plan_encode(image.crop((x0, y0, x1, y1)), bpp, colour, {}, cfg, effort)
+
+    uniform = [mean_bpp] * len(extents)
+    try:
+        bpps = [mean_bpp * r for r in tile_rates(image, extents, cfg)] if share > 0 else uniform
+        try:
+            check(bpps)
+        except ValueError:  # a flat tile's share too small for a network: one bpp for all, if that is enough
+            bpps = uniform
+            check(bpps)
     except ValueError as e:
         raise ValueError(f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, stored as "
                          f"{grid.columns}x{grid.rows} tiles: too few for their networks ({e})") from e
-    return grid, tile_bpp, budget
+    return grid, bpps, budget
 
 
 def encode_tiled(image, target_bpp: float, effort: int, device: str, seed: int, progress, metadata: dict,
@@ -61,9 +133,9 @@ def encode_tiled(image, target_bpp: float, effort: int, device: str, seed: int, 
 
     t0 = time.perf_counter()
     metadata = {k: bytes(v) for k, v in metadata.items() if v}
-    grid, tile_bpp, budget = plan or plan_tiles(image, target_bpp, metadata, colour, cfg, fit.EFFORTS[effort])
+    grid, tile_bpps, budget = plan or plan_tiles(image, target_bpp, metadata, colour, cfg, fit.EFFORTS[effort])
     w, h, boxes = grid.width, grid.height, grid.extents()
-    results = encode_batch([image.crop(box) for box in boxes], bpp=tile_bpp, effort=effort, device=device, seed=seed,
+    results = encode_batch([image.crop(box) for box in boxes], bpp=tile_bpps, effort=effort, device=device, seed=seed,
                            progress=progress, colour=colour, config=dataclasses.replace(cfg, tile_pixels=0),
                            measure=measure)  # a tile's extent may exceed tile_pixels by its margins: never tiled
     data = bitstream.dumps_tiled(bitstream.TiledFile(grid, [r.data for r in results], metadata))
