@@ -51,10 +51,10 @@ def _jpeg_error(pixels: np.ndarray) -> float:
     return err / pixels.shape[2]
 
 
-def tile_rates(image, boxes, cfg: fit.FitConfig) -> list[float]:
-    """Each tile's bpp relative to the tiles' mean (their mean, weighted by their pixels, is 1): proportional to its
-    _jpeg_error ** cfg.tile_rate_exponent within cfg.tile_rate_range, in steps of 1/RATE_LEVELS octave (then all
-    scaled by the same factor, up to 1.19, to spend what the rounding left).
+def tile_rates(crops, cfg: fit.FitConfig) -> list[float]:
+    """Each tile's bpp (crops: PIL images of the tiles' extents) relative to the tiles' mean (their mean, weighted by
+    their pixels, is 1): proportional to its _jpeg_error ** cfg.tile_rate_exponent within cfg.tile_rate_range, in
+    steps of 1/RATE_LEVELS octave (then all scaled by the same factor, up to 1.19, to spend what the rounding left).
 
     Why: the whole image's MSE is the tiles' mean, and a tile's MSE at r bpp goes about as a / r (the 24 Kodak
     images' effort-5 files: slopes -0.82 ... -1.26 in log-log, 0.3 to 1.0 bpp), so the bits are best spent where
@@ -62,10 +62,10 @@ def tile_rates(image, boxes, cfg: fit.FitConfig) -> list[float]:
     hence 0.75. NOTES.md #198."""
     from .imaging import prepare_image
 
-    area = np.array([(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes], dtype=np.float64)
-    if cfg.tile_rate_exponent == 0 or len(boxes) < 2:
-        return [1.0] * len(boxes)
-    err = np.array([_jpeg_error(prepare_image(image.crop(box))[0]) for box in boxes])
+    area = np.array([c.width * c.height for c in crops], dtype=np.float64)
+    if cfg.tile_rate_exponent == 0 or len(crops) < 2:
+        return [1.0] * len(crops)
+    err = np.array([_jpeg_error(prepare_image(c)[0]) for c in crops])
     weight = (err + 0.01) ** cfg.tile_rate_exponent  # + 0.01: a flat tile's error is 0
     lo, hi = cfg.tile_rate_range
 
@@ -100,19 +100,20 @@ def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.F
     # back, so that no tile's float budget rounds above its share.
     share = budget - outer - (per_tile + 1) * len(extents)
     mean_bpp = 8 * share / sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in extents)
+    crops = [image.crop(box) for box in extents]
 
     def check(bpps):  # each tile planned as encode_batch will plan it (like tiles once)
         if share <= 0:
             raise ValueError("nothing is left for the networks")
         planned = set()
-        for (x0, y0, x1, y1), bpp in zip(extents, bpps):
-            if (x1 - x0, y1 - y0, bpp) not in planned:
-                planned.add((x1 - x0, y1 - y0, bpp))
-                fit.plan_encode(image.crop((x0, y0, x1, y1)), bpp, colour, {}, cfg, effort)
+        for crop, bpp in zip(crops, bpps):
+            if (crop.size, bpp) not in planned:
+                planned.add((crop.size, bpp))
+                fit.plan_encode(crop, bpp, colour, {}, cfg, effort)
 
     uniform = [mean_bpp] * len(extents)
     try:
-        bpps = [mean_bpp * r for r in tile_rates(image, extents, cfg)] if share > 0 else uniform
+        bpps = [mean_bpp * r for r in tile_rates(crops, cfg)] if share > 0 else uniform
         try:
             check(bpps)
         except ValueError:  # a flat tile's share too small for a network: one bpp for all, if that is enough
