@@ -7,10 +7,15 @@ network's do. A failure prints the seed to replay it with NIF_TEST_SEED.
 
 Tolerance, against the float64 reference (the exact values): each output's and gradient's largest error within 1e-4
 of its largest value, or, where fp32 cannot give that (torch's own fp32 step misses it too: sums of many terms that
-cancel, such as a deep modulation's biases, were 1-4e-4 off), within 4x the error of subgrid.py's fp32 torch. The
-period's bias is a single sum over every pixel whose terms cancel ~500-fold (seed 126), so its error is measured
-against the sum of its terms' sizes (central differences in float64), as an fp32 sum's error scales. The TF32 pass
-(FitConfig.tf32) is held to 4x the error of torch with TF32 operands, at SIREN's own bound.
+cancel, such as a deep modulation's biases, were 1-4e-4 off), within 4x the error of subgrid.py's fp32 torch. That
+error is itself a draw from the rounding noise: the largest of three runs, two with every weight nudged by up to an
+ulp, since one run's can be small by luck (a CI run's seed 195835528: 2.1e-5, where the nudged runs gave 3.9e-5 and
+2.5e-5 and the fused pass, whose interpreter sums a slab's pixels in order, 1.1e-4). The period's bias is a single
+sum over every pixel whose terms cancel ~500-fold (seed 126), so its error is measured against the sum of its terms'
+sizes (central differences in float64), as an fp32 sum's error scales; so is the output layer's bias, the sum of dy,
+which no nudge of the weights changes (seed 1157: 1.7e-5 in torch's pairwise sum, 1.2e-4 in order, of the largest
+channel's sum). The TF32 pass (FitConfig.tf32) is held to 4x the error of torch with TF32 operands, at SIREN's own
+bound.
 """
 
 import dataclasses
@@ -93,10 +98,12 @@ def period_bias_terms(net: SubgridNetwork, t64: dict, rows, cols, dy) -> float:
     return float(((outputs(eps) - outputs(-eps)) * dy).sum(0).abs().sum() / (2 * eps))
 
 
-def errors(arch: Architecture, h: int, w: int, rows, cols, t64: dict, g: torch.Generator, nets: dict) -> dict:
-    """Per net of `nets` (name: (network, device, dispatch mode or None)), the largest error of its output and of
-    every gradient against the float64 reference, relative to the reference's largest value (the period's bias:
-    to its terms' sizes). The output's gradient is random, from `g`."""
+def errors(arch: Architecture, h: int, w: int, rows, cols, t64: dict, g: torch.Generator, nets: dict,
+           nudged: tuple = ()) -> dict:
+    """Per net of `nets` (name: (network, device, dispatch mode or None)), the largest error of its output and of every
+    gradient against the float64 reference, relative to the reference's largest value (the period's and the output's
+    biases: to their terms' sizes). The output's gradient is random, from `g`. The nets named in `nudged` get every
+    weight moved by up to one unit in fp32's last place (from `g`): the same sums, rounded differently."""
     import contextlib
 
     exact = SubgridNetwork(arch, h, w, "cpu", dtype=torch.float64)
@@ -105,13 +112,17 @@ def errors(arch: Architecture, h: int, w: int, rows, cols, t64: dict, g: torch.G
     results = {}
     for name, (net, device, mode) in nets.items():
         dtype = torch.float64 if name == "exact" else torch.float32
-        ws = {n: t.to(device, dtype, copy=True).requires_grad_() for n, t in t64.items()}
+        ws = {n: t * (1 + (torch.rand(t.shape, generator=g, dtype=t.dtype) * 2 - 1) * 2**-23) if name in nudged else t
+              for n, t in t64.items()}
+        ws = {n: t.to(device, dtype, copy=True).requires_grad_() for n, t in ws.items()}
         with mode if mode is not None else contextlib.nullcontext():
             out = net.forward(ws, *on(device, rows, cols))
             if dy is None:
                 dy = torch.randn(out.shape, generator=g, dtype=torch.float64)
             results[name] = [out.detach(), *torch.autograd.grad(out, list(ws.values()), dy.to(device, dtype))]
     scales = [float(t.abs().max()) for t in results["exact"]]
+    # The output layer's bias gradient is the sum of dy over the pixels: its terms are dy's own (+1: the output)
+    scales[1 + list(t64).index(f"genesis.{len(arch.widths)}.bias")] = float(dy.abs().sum(1).max())
     if arch.mod_widths:
         scales[-1] = period_bias_terms(exact, t64, rows, cols, dy)
     for name, res in results.items():
@@ -131,11 +142,15 @@ def test_output_and_gradients_match_the_float64_reference(case):
     pixels = 3000 if case == 0 else rng.randint(1, 600)
     rows, cols = sample(rng, g, h, w, drawn=case % 2 == 0, pixels=pixels)
     t64 = trained_like(arch, g)
-    err = errors(arch, h, w, rows, cols, t64, g, {"torch": (SubgridNetwork(arch, h, w, "cpu"), "cpu", None),
-                                                  "fused": (FusedNetwork(arch, h, w, DEVICE), DEVICE, None)})
+    torch32 = SubgridNetwork(arch, h, w, "cpu")
+    floors = ("torch", "torch, nudged", "torch, nudged again")
+    err = errors(arch, h, w, rows, cols, t64, g, {**{k: (torch32, "cpu", None) for k in floors},
+                                                  "fused": (FusedNetwork(arch, h, w, DEVICE), DEVICE, None)},
+                 nudged=floors[1:])
     msg = f"NIF_TEST_SEED={seed} (case {case}): {arch}, {h}x{w}, {pixels} pixels asked"
     for n, e in err["fused"].items():
-        assert e <= max(TOL, 4 * err["torch"][n]), f"{n}: {e:.2e} (torch fp32 {err['torch'][n]:.2e}), {msg}"
+        floor = max(err[k][n] for k in floors)
+        assert e <= max(TOL, 4 * floor), f"{n}: {e:.2e} (torch fp32 {floor:.2e}), {msg}"
 
 
 def test_tf32_stays_within_tf32s_own_error():
