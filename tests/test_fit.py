@@ -320,6 +320,29 @@ def test_measured_step_allocation_beats_rms_steps_at_the_same_budget():
     assert err[1] < err[0]
 
 
+def test_the_step_allocation_measures_on_the_efforts_pixels(monkeypatch):
+    """Efforts 1-2 measure the allocation's distortions on half the pixels of the others (Effort.alloc_pixels: a
+    quarter of effort 1's time at 768x512), single and batched encodes alike."""
+    from pillow_nif import fit
+    from pillow_nif.batch import encode_many
+
+    f, plan = _fitted()  # 64x48
+    factor = fit._estimate_factor(plan.header, fit._tensors(f.model), plan.budget, plan.metadata)
+    strides, asked = [], []
+    measure = fit._OneTensorMSE
+    monkeypatch.setattr(fit, "_OneTensorMSE", lambda m, t, stride: strides.append(stride) or measure(m, t, stride))
+    for pixels in (1 << 15, 768, 700):
+        fit.allocate_steps(f.model, f.target, plan.header, plan.budget, plan.metadata, factor, pixels)
+    assert strides == [1, 2, 3]  # every s-th row and column: 3072 pixels, then 768, then 12 x 16
+    allocate = fit.allocate_steps
+    monkeypatch.setattr(fit, "allocate_steps", lambda *a: asked.append(a[-1]) or allocate(*a))
+    im = photo(40, 32)
+    encode_image(im, bpp=2.0, effort=1)
+    encode_many([im, im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], bpp=2.0, effort=1)
+    assert asked == [1 << 14] * 3
+    assert [fit.EFFORTS[e].alloc_pixels for e in range(1, 10)] == [1 << 14] * 2 + [1 << 15] * 7
+
+
 def test_a_tensor_of_few_values_far_from_zero_is_not_rounded_coarsely():
     """A few values cost a few bits at any step, so the allocation must be free to round them finely: the period's
     offset (one scalar) at the coarsest ladder's finest step alone cost 8 % of one fit's MSE (NOTES.md #117).

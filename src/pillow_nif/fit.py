@@ -42,6 +42,10 @@ class Effort:
     qat_stages: int
     qat_iters: int
     batch: int  # pixels per step, on every device (a strided subgrid when the image is larger)
+    # Pixels of each of the step allocation's measurements (allocate_steps: every tensor at up to 31 steps, each a
+    # pass of the network from that tensor's layer on). At 768x512, effort 1, 1.0 bpp, the 32k of efforts 3-9 took
+    # a quarter of the encode; 16k gave the same files' PSNR to -0.005 dB (8 images; 8k: -0.03) (NOTES.md #199).
+    alloc_pixels: int = 1 << 15
 
 
 # Measured on a 256x256 Kodak crop (CPU): strided batches of 4k pixels and lr 3e-3 reach a given PSNR
@@ -75,8 +79,8 @@ class Effort:
 # SHORT_STAGE), and on the mean of 4 seeds at each of 10 centres of 128-192 pixels (+0.46 ... +1.31 dB); 2 x 200
 # gained less for more time (NOTES.md #196).
 EFFORTS = {
-    1: Effort(1, 400, 1, 40, 1 << 12),
-    2: Effort(2, 400, 1, 60, 1 << 12),
+    1: Effort(1, 400, 1, 40, 1 << 12, 1 << 14),
+    2: Effort(2, 400, 1, 60, 1 << 12, 1 << 14),
     3: Effort(2, 800, 1, 80, 1 << 12),
     4: Effort(2, 1500, 2, 80, 1 << 12),
     5: Effort(2, 4000, 2, 80, 1 << 12),
@@ -1048,11 +1052,12 @@ def rate_control(
 SMALL_TENSOR = 64  # values: allocate_steps gives tensors this small a finer ladder of steps
 
 
-def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: dict, factor: float) -> list[float]:
+def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: dict, factor: float,
+                   pixels: int = 1 << 15) -> list[float]:
     """Per-tensor quantisation steps from measured distortion (a Lagrangian over tensors).
 
     For every tensor and a ladder of steps around `factor` * rms, quantise that tensor alone and
-    measure the image MSE it costs (on a subgrid) and the bits it takes; then pick, for one
+    measure the image MSE it costs (on a subgrid of about `pixels`) and the bits it takes; then pick, for one
     multiplier lambda, the step minimising dMSE + lambda * bits per tensor, with lambda bisected so
     that the estimated file fits the budget.
     """
@@ -1060,7 +1065,7 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
 
     named = model.named_tensors()
     h, w = target.shape[:2]
-    stride = max(1, math.ceil(math.sqrt(h * w / (1 << 15))))  # ~32k pixels per measurement
+    stride = max(1, math.ceil(math.sqrt(h * w / pixels)))
     one_tensor_mse = _OneTensorMSE(model, target, stride)
     base = one_tensor_mse.base
     # 1/32 .. 8 times the uniform step: small tensors (biases, the output layer) go fine. Tensors of a few values
@@ -1225,14 +1230,15 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
     return data
 
 
-def quantise(model, target, plan: Plan, cfg: FitConfig) -> tuple[bytes, list[TensorCoding]]:
+def quantise(model, target, plan: Plan, cfg: FitConfig,
+             alloc_pixels: int = 1 << 15) -> tuple[bytes, list[TensorCoding]]:
     """The file of `model` within the plan's budget and its codings: steps proportional to each
-    tensor's rms, then (cfg.rd_steps) re-allocated by measured distortion."""
+    tensor's rms, then (cfg.rd_steps) re-allocated by distortion measured on ~alloc_pixels (Effort.alloc_pixels)."""
     tensors = _tensors(model)
     scales = None
     if cfg.rd_steps:  # the ladder is centred on the uniform allocation's factor (an estimate suffices)
         factor = _estimate_factor(plan.header, tensors, plan.budget, plan.metadata)
-        scales = allocate_steps(model, target, plan.header, plan.budget, plan.metadata, factor)
+        scales = allocate_steps(model, target, plan.header, plan.budget, plan.metadata, factor, alloc_pixels)
     _, data, codings, _ = rate_control(plan.header, tensors, plan.budget, plan.metadata, scales)
     return data, codings
 
@@ -1324,7 +1330,7 @@ def _fit_and_code(pixels: np.ndarray, maxval: int, plan: Plan, device: str, eff:
     fit_mse = fitter.fit(bar.update)
     fit_pixels = _render_model(fitter.model, header, maxval) if measure else None
     # Quantisation-aware tuning at the steps the rate control picks, then a final rate check.
-    data, codings = quantise(fitter.model, fitter.target, plan, cfg)
+    data, codings = quantise(fitter.model, fitter.target, plan, cfg, eff.alloc_pixels)
     if eff.qat_stages:
         data = tune_and_code(fitter, plan, codings, data, fitter.state(), bar)
     loss = rounding_loss(data, fitter.model, fitter.target, fit_mse)
