@@ -321,8 +321,8 @@ def test_measured_step_allocation_beats_rms_steps_at_the_same_budget():
 
 
 def test_the_step_allocation_measures_on_the_efforts_pixels(monkeypatch):
-    """Efforts 1-2 measure the allocation's distortions on half the pixels of the others (Effort.alloc_pixels: a
-    quarter of effort 1's time at 768x512), single and batched encodes alike."""
+    """Efforts 1-2 measure the allocation's distortions on half the pixels of the others (Effort.alloc_pixels: with
+    32k, up to a quarter of effort 1's time at 768x512), single and batched encodes alike."""
     from pillow_nif import fit
     from pillow_nif.batch import encode_many
 
