@@ -133,9 +133,12 @@ def errors(arch: Architecture, h: int, w: int, rows, cols, t64: dict, g: torch.G
             for name, res in results.items() if name != "exact"}
 
 
-@pytest.mark.parametrize("case", range(6))
-def test_output_and_gradients_match_the_float64_reference(case):
-    seed = SEED + case
+FLOORS = ("torch", "torch, nudged", "torch, nudged again")  # the fp32 runs whose largest error sets the floor
+
+
+def reference_case(seed: int, case: int) -> tuple[str, dict[str, float]]:
+    """One random case of the test below (benchmarks/kernel_tolerance.py draws many): its description and, per
+    tensor, the fused pass's error as a share of what it is allowed, max(TOL, 4 x the floor) (over 1: a failure)."""
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     arch = random_arch(rng, modulated=case % 3 != 2)
     h, w = rng.randint(1, 90), rng.randint(1, 90)
@@ -144,14 +147,23 @@ def test_output_and_gradients_match_the_float64_reference(case):
     rows, cols = sample(rng, g, h, w, drawn=case % 2 == 0, pixels=pixels)
     t64 = trained_like(arch, g)
     torch32 = SubgridNetwork(arch, h, w, "cpu")
-    floors = ("torch", "torch, nudged", "torch, nudged again")
-    err = errors(arch, h, w, rows, cols, t64, g, {**{k: (torch32, "cpu", None) for k in floors},
+    err = errors(arch, h, w, rows, cols, t64, g, {**{k: (torch32, "cpu", None) for k in FLOORS},
                                                   "fused": (FusedNetwork(arch, h, w, DEVICE), DEVICE, None)},
-                 nudged=floors[1:])
-    msg = f"NIF_TEST_SEED={seed} (case {case}): {arch}, {h}x{w}, {pixels} pixels asked"
+                 nudged=FLOORS[1:])
+    about = f"NIF_TEST_SEED={seed - case} (case {case}): {arch}, {h}x{w}, {pixels} pixels asked"
+    shares = {}
     for n, e in err["fused"].items():
-        floor = max(err[k][n] for k in floors)
-        assert e <= max(TOL, 4 * floor), f"{n}: {e:.2e} (torch fp32 {floor:.2e}), {msg}"
+        floor = max(err[k][n] for k in FLOORS)
+        shares[n] = e / max(TOL, 4 * floor)
+        about += f"\n  {n}: {e:.2e} (torch fp32 {floor:.2e})"
+    return about, shares
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_output_and_gradients_match_the_float64_reference(case):
+    about, shares = reference_case(SEED + case, case)
+    over = [n for n, share in shares.items() if share > 1]
+    assert not over, f"over the tolerance: {over}; {about}"
 
 
 def test_tf32_stays_within_tf32s_own_error():

@@ -33,6 +33,9 @@ def quality_to_bpp(quality: float) -> float:
     return QUALITY_MIN_BPP * (QUALITY_MAX_BPP / QUALITY_MIN_BPP) ** ((quality - 1) / 99)
 
 
+ALLOC_PIXELS = 1 << 15  # the step allocation's pixels a measurement at efforts 3-9 (Effort.alloc_pixels)
+
+
 @dataclasses.dataclass(frozen=True)
 class Effort:
     """What one effort level spends. Iterations are optimiser steps on batches of `batch` pixels."""
@@ -45,7 +48,7 @@ class Effort:
     # Pixels of each of the step allocation's measurements (allocate_steps: every tensor at up to 31 steps, each a
     # pass of the network from that tensor's layer on). At 768x512, effort 1, 1.0 bpp, the 32k of efforts 3-9 took
     # a quarter of the encode; 16k gave the same files' PSNR to -0.005 dB (8 images; 8k: -0.03) (NOTES.md #199).
-    alloc_pixels: int = 1 << 15
+    alloc_pixels: int = ALLOC_PIXELS
 
 
 # Measured on a 256x256 Kodak crop (CPU): strided batches of 4k pixels and lr 3e-3 reach a given PSNR
@@ -1053,7 +1056,7 @@ SMALL_TENSOR = 64  # values: allocate_steps gives tensors this small a finer lad
 
 
 def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: dict, factor: float,
-                   pixels: int = 1 << 15) -> list[float]:
+                   pixels: int = ALLOC_PIXELS) -> list[float]:
     """Per-tensor quantisation steps from measured distortion (a Lagrangian over tensors).
 
     For every tensor and a ladder of steps around `factor` * rms, quantise that tensor alone and
@@ -1231,7 +1234,7 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
 
 
 def quantise(model, target, plan: Plan, cfg: FitConfig,
-             alloc_pixels: int = 1 << 15) -> tuple[bytes, list[TensorCoding]]:
+             alloc_pixels: int = ALLOC_PIXELS) -> tuple[bytes, list[TensorCoding]]:
     """The file of `model` within the plan's budget and its codings: steps proportional to each
     tensor's rms, then (cfg.rd_steps) re-allocated by distortion measured on ~alloc_pixels (Effort.alloc_pixels)."""
     tensors = _tensors(model)

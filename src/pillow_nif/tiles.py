@@ -62,9 +62,9 @@ def tile_rates(crops, cfg: fit.FitConfig) -> list[float]:
     hence 0.75. NOTES.md #198."""
     from .imaging import prepare_image
 
-    area = np.array([c.width * c.height for c in crops], dtype=np.float64)
     if cfg.tile_rate_exponent == 0 or len(crops) < 2:
         return [1.0] * len(crops)
+    area = np.array([c.width * c.height for c in crops], dtype=np.float64)
     err = np.array([_jpeg_error(prepare_image(c)[0]) for c in crops])
     weight = (err + 0.01) ** cfg.tile_rate_exponent  # + 0.01: a flat tile's error is 0
     lo, hi = cfg.tile_rate_range
