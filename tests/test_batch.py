@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import JOLTS, Jolted, photo
 
 import pillow_nif
@@ -159,6 +160,32 @@ def test_a_stack_steps_loss_on_drawn_pixels_is_each_images_own():
     for i, net in enumerate(nets):
         for (name, stacked), (_, own) in zip(f.model.named_tensors(), net.named_tensors()):
             torch.testing.assert_close(stacked.grad[i], own.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_low_efforts_measure_their_whole_image_mses_on_a_strided_grid(monkeypatch):
+    """Efforts 1-4 measure the stages, the tuning and the rounding loss on every s-th row and column of an image of
+    s^2 x 64k pixels or more (Effort.mse_pixels; 768x512: every 2nd), a stack each image as its own fit does."""
+    assert [fit.mse_stride(512, 768, EFFORTS[e]) for e in range(1, 10)] == [2] * 4 + [1] * 5
+    assert fit.mse_stride(256, 256, EFFORTS[1]) == 1 and fit.mse_stride(768, 768, EFFORTS[1]) == 3
+    f, targets, eff = drawn_stack()
+    eff = dataclasses.replace(eff, mse_pixels=96 * 80 // 9)
+    f.mse_stride = fit.mse_stride(80, 96, eff)
+    assert f.mse_stride == 3
+    for i, m in enumerate(f.mse()):  # 27 x 32 pixels of each image, against its own network alone
+        net, t = f.model.unstack(i), torch.from_numpy(targets[i])
+        alone = Fitter(targets[i], net.arch, "cpu", eff, FitConfig(), 0)
+        alone.model = net
+        assert alone.mse_stride == 3 and alone.mse() == pytest.approx(m, rel=1e-5)
+        assert m == pytest.approx(fit.image_mse(net, t, stride=3), rel=1e-5)
+        assert m != pytest.approx(fit.image_mse(net, t), rel=1e-3)
+    strides = []
+    loss = fit.rounding_loss
+    monkeypatch.setattr(fit, "rounding_loss", lambda *a: strides.append(a[-1]) or loss(*a))
+    monkeypatch.setitem(EFFORTS, 1, dataclasses.replace(EFFORTS[1], mse_pixels=40 * 32 // 4))
+    im = photo(40, 32)
+    encode_image(im, bpp=2.0, effort=1)
+    encode_many([im, im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], bpp=2.0, effort=1)
+    assert strides == [2] * 3
 
 
 def test_a_worse_stage_sends_only_that_image_back():

@@ -59,6 +59,33 @@ def test_least_squares_recovers_a_filter_and_the_torch_filter_matches_numpy(c, d
     np.testing.assert_allclose(postfilter.squared_errors(u, ref, [zero, coef], 255, dirs, band_pixels=100), want)
 
 
+@pytest.mark.parametrize("step, classes", [(2, 1), (3, 3)])
+def test_the_encoders_choices_sum_every_step_th_row_and_rank_by_the_exact_sums(step, classes):
+    """Large images choose the neighbours and thresholds on every s-th row (row_step): the sums are those of the
+    full image's rows r0, r0 + s, ... (the other rows put in a class of their own here), their design built from
+    the full image's neighbours. removed_error() is the unrounded, unclamped output's error removed, from the sums."""
+    u = smooth_image(31, 23, 3)
+    dirs = tuple(postfilter.OFFSETS[i] for i in (0, 5, 17, 39))
+    target = postfilter.apply_numpy(u, *random_filter(3, 4), dirs) + 0.01 * np.random.default_rng(3).random(u.shape)
+    cls = postfilter.classes(u, postfilter.thresholds_for(u, classes)) if classes > 1 else np.zeros((31, 23), int)
+    kept = np.where((np.arange(31) % step == 0)[:, None], cls, classes)
+    for bp in (23, 5 * 23, 1 << 16):  # bands of 1 row, of 5 (not a multiple of the step) and the whole image
+        got = postfilter.normal_equations(u, target, dirs, cls, classes, bp, step=step)
+        want = postfilter.normal_equations(u, target, dirs, kept, classes + 1)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b[:classes], rtol=1e-12, atol=1e-13)
+    assert postfilter.select(u, target, 4, cls, classes, step=step)[0] == dirs
+    sums = postfilter.normal_equations(u, target, dirs, cls, classes)
+    best = postfilter.solve(*sums)
+    candidates = [best, [0.9 * t for t in best], [np.zeros_like(t) for t in best]]
+    error = lambda f: np.sum((postfilter.apply_numpy(u, *f, dirs, cls) - target) ** 2)  # noqa: E731
+    want = [error(candidates[2]) - error(f) for f in candidates]
+    np.testing.assert_allclose(postfilter.removed_error(*sums, candidates), want, rtol=1e-9, atol=1e-12)
+    assert want[0] > want[1] > want[2] == 0
+    assert postfilter.row_step(512, 768) == 2 and postfilter.row_step(384, 512) == 1
+    assert postfilter.row_step(768, 768) == 3 and postfilter.row_step(1, 1) == 1
+
+
 def test_the_encoders_selection_finds_the_neighbours_a_filter_uses():
     """Forward selection over all 40 offsets: a target made by a filter on 5 scattered offsets (one 4 pixels away)
     gets those 5 back, in OFFSETS order, with their coefficients."""
@@ -284,6 +311,9 @@ def test_the_least_squares_sums_on_torch_tensors_are_numpys(device):
         for a, b in zip(got, want):
             assert isinstance(a, np.ndarray)
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for got, want in zip(postfilter.normal_equations(ut, tt, dirs, clt, 3, 200, step=3),
+                         postfilter.normal_equations(u, target, dirs, cls, 3, 200, step=3)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     assert postfilter.select(ut, tt, 5, clt, 3)[0] == postfilter.select(u, target, 5, cls, 3)[0] == dirs
     assert postfilter.split(ut, tt, dirs, 3, bins=12) == postfilter.split(u, target, dirs, 3, bins=12)
     assert postfilter.clear_of_pixels(ut, (0.05, 0.2)) == postfilter.clear_of_pixels(u, (0.05, 0.2))
@@ -358,10 +388,12 @@ def test_no_filter_where_the_budget_cannot_afford_one_or_when_asked():
     assert pillow_nif.info(off.data)["version"] <= 5
 
 
-def test_larger_files_get_a_filter_with_classes(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 2])
+def test_larger_files_get_a_filter_with_classes(monkeypatch, rows):
     """768x512 RGB: 2 classes on 12 pairs at 0.3 bpp, 4 at 0.6, 4 on 20 pairs at 1.0 (their reserve 1.4 / 1.3 / 1.2 %
     of the file); an encode with classes is version 8, within its budget, decodes to the PSNR it reports, and its
-    filter pays."""
+    filter pays, with its choices made on every row or (as 768x512) every 2nd."""
+    monkeypatch.setattr(postfilter, "SELECT_PIXELS", 256 * 256 // rows)
     full = 768 * 512
     assert [fit.choose_filter(int(b * full / 8), 3, full) for b in (0.3, 0.6, 1.0)] == [(2, 12), (4, 12), (4, 20)]
     assert fit.choose_filter(12000, 3, full) == (2, 12) and fit.choose_filter(20480, 3, full) == (4, 12)

@@ -200,7 +200,7 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
             files[i] = data
     results = []
     for i, (job, data, (pixels, _, maxval)) in enumerate(zip(group, files, arrays)):
-        loss = fit.rounding_loss(data, fitter.model.unstack(i), targets[i], float(fit_mses[i]))
+        loss = fit.rounding_loss(data, fitter.model.unstack(i), targets[i], float(fit_mses[i]), fitter.mse_stride)
         data = fit.add_post_filter(data, pixels, maxval, job.plan, device)
         data, fp, plan = fit.refit(data, fit_pixels[i], loss, job.plan, lambda c: replan(job, c), pixels, maxval,
                                    device, eff, cfg, seed, bar, measure)
@@ -364,15 +364,17 @@ class BatchFitter(fit.Fitter):
         return self.terms.reshape(-1, self.count, self.channels).mean((0, 2))
 
     def mse(self, weights=None) -> np.ndarray:
-        """Per-image full-image MSE in network units."""
-        rows = max(1, (1 << 16) // (self.w * self.count))
+        """Per-image MSE over the image (every mse_stride-th row and column, as fit.Fitter.mse) in network units."""
+        s = self.mse_stride
+        cols = range(0, self.w, s)
+        rows = max(1, (1 << 16) // (len(cols) * self.count)) * s
         total = torch.zeros(self.count, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for r0 in range(0, self.h, rows):
-                r1 = min(self.h, r0 + rows)
-                d = self.model(*self.axes(range(r0, r1), range(self.w)), weights) - self.target[r0:r1]
-                total += (d * d).reshape(r1 - r0, self.w, self.count, self.channels).sum((0, 1, 3)).double()
-        return total.cpu().numpy() / (self.h * self.w * self.channels)
+                band = range(r0, min(self.h, r0 + rows), s)
+                d = self.model(*self.axes(band, cols), weights) - self.target[band.start : band.stop : s, ::s]
+                total += (d * d).reshape(len(band), len(cols), self.count, self.channels).sum((0, 1, 3)).double()
+        return total.cpu().numpy() / (len(range(0, self.h, s)) * len(cols) * self.channels)
 
     def clip_gradients(self):
         """fit.Fitter.clip_gradients per image (a stacked tensor's row i belongs to image i), so that one

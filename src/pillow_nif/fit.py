@@ -49,6 +49,11 @@ class Effort:
     # pass of the network from that tensor's layer on). At 768x512, effort 1, 1.0 bpp, the 32k of efforts 3-9 took
     # a quarter of the encode; 16k gave the same files' PSNR to -0.005 dB (8 images; 8k: -0.03) (NOTES.md #199).
     alloc_pixels: int = ALLOC_PIXELS
+    # Pixels, at least, of the fit's whole-image MSEs (Fitter.mse: the stages', the tuning's, rounding_loss's), on a
+    # strided grid (mse_stride); 0: every pixel. Each is a pass of the network over the image: at 768x512 five of
+    # them took 2.1 s of effort 1's 16 s. Every 2nd row and column there made the same files at efforts 1, 3 and 4
+    # (28 encodes) in 0.89-0.96x the time (NOTES.md #202); efforts 5-9 (1-2 % of their time) keep every pixel.
+    mse_pixels: int = 0
 
 
 # Measured on a 256x256 Kodak crop (CPU): strided batches of 4k pixels and lr 3e-3 reach a given PSNR
@@ -82,10 +87,10 @@ class Effort:
 # SHORT_STAGE), and on the mean of 4 seeds at each of 10 centres of 128-192 pixels (+0.46 ... +1.31 dB); 2 x 200
 # gained less for more time (NOTES.md #196).
 EFFORTS = {
-    1: Effort(1, 400, 1, 40, 1 << 12, 1 << 14),
-    2: Effort(2, 400, 1, 60, 1 << 12, 1 << 14),
-    3: Effort(2, 800, 1, 80, 1 << 12),
-    4: Effort(2, 1500, 2, 80, 1 << 12),
+    1: Effort(1, 400, 1, 40, 1 << 12, 1 << 14, 1 << 16),
+    2: Effort(2, 400, 1, 60, 1 << 12, 1 << 14, 1 << 16),
+    3: Effort(2, 800, 1, 80, 1 << 12, mse_pixels=1 << 16),
+    4: Effort(2, 1500, 2, 80, 1 << 12, mse_pixels=1 << 16),
     5: Effort(2, 4000, 2, 80, 1 << 12),
     6: Effort(2, 4000, 2, 100, 1 << 13),
     7: Effort(3, 4000, 3, 100, 1 << 13),
@@ -309,6 +314,11 @@ def step_stride(h: int, w: int, effort: Effort) -> int:
     return max(1, math.ceil(math.sqrt(h * w / max(effort.batch, h * w // 64))))
 
 
+def mse_stride(h: int, w: int, effort: Effort) -> int:
+    """The row and column stride of a fit's whole-image MSEs: at least effort.mse_pixels pixels (1: all)."""
+    return max(1, math.isqrt(h * w // effort.mse_pixels)) if effort.mse_pixels else 1
+
+
 def tile_grid(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     """(columns, rows) of the tiles an image is stored as (FitConfig.tile_pixels): (1, 1) up to max_pixels pixels;
     beyond, the fewest tiles of at most max_pixels each that are no more elongated than 2:1 (or than the image),
@@ -527,6 +537,7 @@ class Fitter:
         self.model = NIF(arch).initialize(self.gen).to(device)
         plain = not arch.mod_widths
         self.stride = step_stride(self.h, self.w, effort)
+        self.mse_stride = mse_stride(self.h, self.w, effort)
         # The decays of the input layer and the modulation, and the sparse steps' rate, were measured with long
         # stages only; short ones (efforts 1-2) keep the rates and decays they were tuned with.
         self.long_stages = long_stages(effort, cfg)
@@ -617,8 +628,9 @@ class Fitter:
             loss = loss + self.cfg.ssim_weight * (1 - ssim(pred, target))
         return loss
 
-    def mse(self, weights=None, stride: int = 1) -> float:
-        return image_mse(self.model, self.target, weights, stride)
+    def mse(self, weights=None) -> float:
+        """The model's MSE over the image (every mse_stride-th row and column), in network units."""
+        return image_mse(self.model, self.target, weights, self.mse_stride)
 
     def state(self):
         return copy.deepcopy(self.model.state_dict())
@@ -1207,24 +1219,32 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
     u, target = postfilter.on_device(u, pixels, device)  # on CUDA the least-squares sums are made there
     thresholds = postfilter.thresholds_for(u, plan.filter_classes) if plan.filter_classes > 1 else ()
     cls = postfilter.classes(u, thresholds) if thresholds else None
-    dirs, (mix, taps, offset) = postfilter.select(u, target, plan.filter_taps, cls, len(thresholds) + 1)
+    rows = postfilter.row_step(*pixels.shape[:2])  # the choices on every rows-th row, the coefficients on all
+    dirs = postfilter.select(u, target, plan.filter_taps, cls, len(thresholds) + 1, step=rows)[0]
     if thresholds:  # neighbours chosen on equal classes; classes split where they help most, clear of pixels
-        thresholds = postfilter.clear_of_pixels(u, postfilter.split(u, target, dirs, plan.filter_classes))
+        thresholds = postfilter.clear_of_pixels(u, postfilter.split(u, target, dirs, plan.filter_classes, step=rows))
         cls = postfilter.classes(u, thresholds)
-        mix, taps, offset = postfilter.fit(u, target, dirs, cls, len(thresholds) + 1)
+    sums = postfilter.normal_equations(u, target, dirs, cls, len(thresholds) + 1)
+    mix, taps, offset = postfilter.solve(*sums)
     quantised = [[_quantise_tensor(t, s) for t, s in zip((mix, taps, offset), steps)] for steps in FILTER_STEPS]
-    zero = [np.zeros_like(t) for t in (mix, taps, offset)]  # no filter: the error to beat
-    errors = postfilter.squared_errors(u, target, [zero] + [[sym * step for step, _, sym in q] for q in quantised],
-                                       maxval, dirs, cls)
+    candidates = [[sym * step for step, _, sym in q] for q in quantised]
+    # Rounded coefficients ranked by the error they remove from the exact sums; the best checked on the rounded,
+    # clamped output against none. (Their removed errors differed by ~1e-5 of the image's, NOTES.md #201.)
+    removed = postfilter.removed_error(*sums, candidates)
+    order = [k for k in np.argsort(-removed, kind="stable") if removed[k] > 0]
+    zero = [np.zeros_like(t) for t in (mix, taps, offset)]
+    if not order:
+        return data
+    none, best = postfilter.squared_errors(u, target, [zero, candidates[order[0]]], maxval, dirs, cls)
+    if best >= none:
+        return data
     arch = dataclasses.replace(f.header.arch, filter_mask=postfilter.mask_of(dirs), filter_thresholds=thresholds)
     header = dataclasses.replace(f.header, arch=arch)
     n = len(f.codings)
     shapes = [s for _, s in arch.tensor_shapes()[:n]]
     flat = entropy.decode(f.stream, f.codings, [int(np.prod(s)) for s in shapes], f.header.arch.sine_layers(), arch.pe_dim)
     syms = [s.reshape(shape) for s, shape in zip(flat, shapes)]
-    for k in np.argsort(errors[1:], kind="stable"):
-        if errors[1 + k] >= errors[0]:
-            break
+    for k in order:
         q = quantised[k]
         codings = f.codings + [_coding(n + j, sym, step, qmax)[0] for j, (step, qmax, sym) in enumerate(q)]
         out = _file(header, codings, syms + [sym for _, _, sym in q], plan.metadata)
@@ -1336,14 +1356,14 @@ def _fit_and_code(pixels: np.ndarray, maxval: int, plan: Plan, device: str, eff:
     data, codings = quantise(fitter.model, fitter.target, plan, cfg, eff.alloc_pixels)
     if eff.qat_stages:
         data = tune_and_code(fitter, plan, codings, data, fitter.state(), bar)
-    loss = rounding_loss(data, fitter.model, fitter.target, fit_mse)
+    loss = rounding_loss(data, fitter.model, fitter.target, fit_mse, fitter.mse_stride)
     return add_post_filter(data, pixels, maxval, plan, device), fit_pixels, loss
 
 
-def rounding_loss(data: bytes, model, target, fit_mse: float) -> float:
+def rounding_loss(data: bytes, model, target, fit_mse: float, stride: int = 1) -> float:
     """How many dB the network `data` stores (before any post-filter) is below the fit `model` of `target`, whose
-    MSE is fit_mse (network space)."""
-    coded = image_mse(model, target, _file_weights(data, model))
+    MSE is fit_mse (network space; both over every stride-th row and column)."""
+    coded = image_mse(model, target, _file_weights(data, model), stride)
     return 10 * math.log10(coded / fit_mse) if fit_mse > 0 else math.inf
 
 
