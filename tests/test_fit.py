@@ -321,26 +321,29 @@ def test_measured_step_allocation_beats_rms_steps_at_the_same_budget():
 
 
 def test_the_step_allocation_measures_on_the_efforts_pixels(monkeypatch):
-    """Efforts 1-2 measure the allocation's distortions on half the pixels of the others (Effort.alloc_pixels: with
-    32k, up to a quarter of effort 1's time at 768x512), single and batched encodes alike."""
+    """Effort 1 measures the allocation's distortions on a quarter of the pixels of efforts 3-9, by the output's
+    change, effort 2 on half (Effort.alloc_pixels: with 32k, up to a quarter of effort 1's time at 768x512), single
+    and batched encodes alike."""
     from pillow_nif import fit
     from pillow_nif.batch import encode_many
 
     f, plan = _fitted()  # 64x48
     factor = fit._estimate_factor(plan.header, fit._tensors(f.model), plan.budget, plan.metadata)
     strides, asked = [], []
-    measure = fit._OneTensorMSE
-    monkeypatch.setattr(fit, "_OneTensorMSE", lambda m, t, stride: strides.append(stride) or measure(m, t, stride))
+    measure = fit._OneTensorCost
+    monkeypatch.setattr(fit, "_OneTensorCost", lambda m, t, stride, *a: strides.append(stride) or measure(m, t, stride))
     for pixels in (1 << 15, 768, 700):
         fit.allocate_steps(f.model, f.target, plan.header, plan.budget, plan.metadata, factor, pixels)
     assert strides == [1, 2, 3]  # every s-th row and column: 3072 pixels, then 768, then 12 x 16
     allocate = fit.allocate_steps
-    monkeypatch.setattr(fit, "allocate_steps", lambda *a: asked.append(a[-1]) or allocate(*a))
+    monkeypatch.setattr(fit, "allocate_steps", lambda *a: asked.append(a[6:]) or allocate(*a))
     im = photo(40, 32)
     encode_image(im, bpp=2.0, effort=1)
     encode_many([im, im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], bpp=2.0, effort=1)
-    assert asked == [1 << 14] * 3
-    assert [fit.EFFORTS[e].alloc_pixels for e in range(1, 10)] == [1 << 14] * 2 + [1 << 15] * 7
+    encode_image(im, bpp=2.0, effort=2)
+    assert asked == [(1 << 13, True)] * 3 + [(1 << 14, False)]  # (pixels, the output's change)
+    assert [fit.EFFORTS[e].alloc_pixels for e in range(1, 10)] == [1 << 13, 1 << 14] + [1 << 15] * 7
+    assert [fit.EFFORTS[e].alloc_change for e in range(1, 10)] == [True] + [False] * 8
 
 
 def test_a_tensor_of_few_values_far_from_zero_is_not_rounded_coarsely():
@@ -645,29 +648,43 @@ def test_saving_does_not_decode_what_it_wrote(monkeypatch, tmp_path):
     assert pillow_nif.encode_many([im], bpp=2.0, effort=1, device="cpu") == [stacked.data]
 
 
+@pytest.mark.parametrize("change", [False, True])  # the MSE's change (efforts 2-9), the output's (effort 1)
 @pytest.mark.parametrize("keep", [True, False])  # its layers' inputs kept, or (a huge image) whole passes
 @pytest.mark.parametrize("budget", [600, 8000])  # plain, modulated
-def test_one_tensor_mse_from_its_layer_on_is_the_whole_pass(budget, keep, monkeypatch):
-    # The step allocation measures each tensor rounded alone, starting from that tensor's layer: any tensor, any
-    # change, it must be image_mse's value to the bit (the file depends on it).
+def test_one_tensor_cost_from_its_layer_on_is_the_whole_pass(budget, keep, change, monkeypatch):
+    # The step allocation measures what each tensor rounded alone costs the image, starting from that tensor's
+    # layer: any tensor, any change, it must be a whole pass's value to the bit (the file depends on it). The
+    # output's change is the same whatever the target (its residual only adds noise on a subgrid).
     import torch
 
-    from pillow_nif.fit import EFFORTS, Fitter, _OneTensorMSE, image_mse
+    from pillow_nif.fit import EFFORTS, Fitter, _bands, _OneTensorCost, image_mse
 
     cfg = FitConfig()
     target = np.random.default_rng(2).uniform(-1, 1, (61, 75, 3))
     f = Fitter(target, choose_architecture(75, 61, 3, budget, cfg), "cpu", EFFORTS[1], cfg, 0)
     if not keep:
-        monkeypatch.setattr(_OneTensorMSE, "KEEP", 0)
-    one = _OneTensorMSE(f.model, f.target, 2)
+        monkeypatch.setattr(_OneTensorCost, "KEEP", 0)
+    one = _OneTensorCost(f.model, f.target, 2, change)
+    other = _OneTensorCost(f.model, f.target.flip(0) + 0.1, 2, change)  # another target, the same network
     assert (one.bands[0][3] is not None) == keep
-    assert one.base == image_mse(f.model, f.target, stride=2)
+    base = image_mse(f.model, f.target, stride=2)
+    assert one.base == base  # the fit's own MSE there
+    own = torch.zeros_like(f.target)  # the network's output on the subgrid, by whole passes
+    with torch.no_grad():
+        for ys, xs, band in _bands(own, 2):
+            band.copy_(f.model(ys, xs))
     g = torch.Generator().manual_seed(0)
     for name, t in f.model.named_tensors():
+        assert one(name, t) == 0, name
         changed = t.detach() + (0.3 * t.detach().abs().mean() + 0.01) * torch.randn(t.shape, generator=g)
-        whole = image_mse(f.model, f.target, {**dict(f.model.named_tensors()), name: changed}, 2)
-        assert one(name, changed) == whole, name
-        assert whole != image_mse(f.model, f.target, stride=2), name  # the change shows
+        weights = {**dict(f.model.named_tensors()), name: changed}
+        if change:
+            whole = image_mse(f.model, own, weights, 2)
+            assert one(name, changed) == whole == other(name, changed), name
+            assert whole > 0, name  # the change shows
+        else:
+            assert one(name, changed) == image_mse(f.model, f.target, weights, 2) - base != 0, name
+            assert one(name, changed) != other(name, changed), name
 
 
 def _corner(box=(0, 0, 96, 64)):

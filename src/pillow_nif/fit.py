@@ -47,13 +47,20 @@ class Effort:
     batch: int  # pixels per step, on every device (a strided subgrid when the image is larger)
     # Pixels of each of the step allocation's measurements (allocate_steps: every tensor at up to 31 steps, each a
     # pass of the network from that tensor's layer on). At 768x512, effort 1, 1.0 bpp, the 32k of efforts 3-9 took
-    # a quarter of the encode; 16k gave the same files' PSNR to -0.005 dB (8 images; 8k: -0.03) (NOTES.md #199).
+    # a quarter of the encode; 16k (efforts 1-2) gave the same files' PSNR to -0.005 dB (8 images; 8k: -0.03)
+    # (NOTES.md #199). Measuring the output's change (alloc_change), 8k gave effort 1's files within 0.002 dB of 16k's
+    # on the mean (16 encodes) in half the allocation's time (NOTES.md #204).
     alloc_pixels: int = ALLOC_PIXELS
     # Pixels, at least, of the fit's whole-image MSEs (Fitter.mse: the stages', the tuning's, rounding_loss's), on a
     # strided grid (mse_stride); 0: every pixel. Each is a pass of the network over the image: at 768x512 five of
     # them took 2.1 s of effort 1's 16 s. Every 2nd row and column there made the same files at efforts 1, 3 and 4
     # (28 encodes) in 0.89-0.96x the time (NOTES.md #202); efforts 5-9 (1-2 % of their time) keep every pixel.
     mse_pixels: int = 0
+    # The allocation measures a rounding by the output's change (_OneTensorCost), not the MSE's: effort 1's files
+    # +0.012 / +0.008 dB at 0.3 / 1.0 bpp (8 images each, 13 of 16 up) and 8k pixels enough; effort 2's -0.008 /
+    # -0.005 (4 images: 6 of 8 up, two -0.04), effort 5's +0.004 / -0.002 (8 256x256 crops), so they keep the MSE's
+    # and their files (NOTES.md #204).
+    alloc_change: bool = False
 
 
 # Measured on a 256x256 Kodak crop (CPU): strided batches of 4k pixels and lr 3e-3 reach a given PSNR
@@ -87,7 +94,7 @@ class Effort:
 # SHORT_STAGE), and on the mean of 4 seeds at each of 10 centres of 128-192 pixels (+0.46 ... +1.31 dB); 2 x 200
 # gained less for more time (NOTES.md #196).
 EFFORTS = {
-    1: Effort(1, 400, 1, 40, 1 << 12, 1 << 14, 1 << 16),
+    1: Effort(1, 400, 1, 40, 1 << 12, 1 << 13, 1 << 16, alloc_change=True),
     2: Effort(2, 400, 1, 60, 1 << 12, 1 << 14, 1 << 16),
     3: Effort(2, 800, 1, 80, 1 << 12, mse_pixels=1 << 16),
     4: Effort(2, 1500, 2, 80, 1 << 12, mse_pixels=1 << 16),
@@ -923,31 +930,40 @@ def image_mse(model, target, weights=None, stride: int = 1) -> float:
         return _mean_square((model(ys, xs, weights), t) for ys, xs, t in _bands(target, stride))
 
 
-class _OneTensorMSE:
-    """image_mse of `model` with one tensor replaced, evaluated from that tensor's layer on: the layers before it
-    are the model's own, kept per band from one pass (model.grid_layers; the same operations, so the same values).
-    The step allocation measures every tensor at up to 31 steps; a tensor after the genesis network's wide first
-    layers then costs a fraction of a whole pass. Past KEEP kept floats (a huge image's wide network) every
-    measurement is a whole pass, as image_mse's."""
+class _OneTensorCost:
+    """What replacing one tensor of `model` costs over a subgrid (every stride-th row and column): the change of
+    the image's MSE against the target (image_mse's values), or with `change` the mean square change of the
+    model's output. Evaluated from that tensor's layer on: the layers before it are the model's own, kept per band
+    from one pass (model.grid_layers; the same operations, so the same values). The step allocation measures every
+    tensor at up to 31 steps; a tensor after the genesis network's wide first layers then costs a fraction of a
+    whole pass. Past KEEP kept floats (a huge image's wide network) every measurement is a whole pass.
+
+    The MSE's change holds a cross term, 2 x the residual times the output's change, whose mean over the whole
+    image is ~0 for a fitted network (its gradient times a rounding) and whose mean over a subgrid is noise; noise
+    at a fine step can win a coarse one: one 8-value tensor of a kodim23 network went 5.7x coarser on it. Without
+    it effort 1's files gained ~0.01 dB and 8k pixels became enough (the MSE's change had lost 0.03 dB on 8k); at
+    efforts 2 and 5 the two were even within the tuning's noise (NOTES.md #204; Effort.alloc_change)."""
 
     KEEP = 1 << 26  # 256 MB of float32 activations
 
-    def __init__(self, model, target, stride: int):
+    def __init__(self, model, target, stride: int, change: bool = False):
         import torch
 
         from .model import grid_layers
 
         self.arch, self.tensors = model.arch, dict(model.named_tensors())
-        self.bands, preds = [], []
+        self.bands, fits = [], []
         h, w = target.shape[:2]
         width = sum(self.arch.widths) + sum(self.arch.mod_widths) + 1
         keep = math.ceil(h / stride) * math.ceil(w / stride) * width <= self.KEEP
         with torch.no_grad():
             for ys, xs, t in _bands(target, stride):
                 inputs: list | None = [] if keep else None
-                preds.append((grid_layers(self.arch, self.tensors, ys, xs, inputs=inputs), t))
-                self.bands.append((ys, xs, t, inputs))
-        self.base = _mean_square(preds)  # the model's own MSE, image_mse's value, from the same pass
+                own = grid_layers(self.arch, self.tensors, ys, xs, inputs=inputs)
+                fits.append((own, t))
+                self.bands.append((ys, xs, own if change else t, inputs))  # what a replaced tensor's output meets
+        self.base = _mean_square(fits)  # the model's own MSE on the subgrid, image_mse's value, from the same pass
+        self.zero = 0.0 if change else self.base
 
     def __call__(self, name: str, tensor) -> float:
         import torch
@@ -957,8 +973,8 @@ class _OneTensorMSE:
         p = {**self.tensors, name: tensor}
         k = layer_index(self.arch, name) if self.bands[0][3] is not None else 0
         with torch.no_grad():
-            return _mean_square((grid_layers(self.arch, p, ys, xs, k, *(inputs[k] if inputs else (None, None))), t)
-                                for ys, xs, t, inputs in self.bands)
+            return _mean_square((grid_layers(self.arch, p, ys, xs, k, *(inputs[k] if inputs else (None, None))), ref)
+                                for ys, xs, ref, inputs in self.bands) - self.zero
 
 
 def torch_randint(gen, high: int) -> int:
@@ -1068,21 +1084,20 @@ SMALL_TENSOR = 64  # values: allocate_steps gives tensors this small a finer lad
 
 
 def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: dict, factor: float,
-                   pixels: int = ALLOC_PIXELS) -> list[float]:
+                   pixels: int = ALLOC_PIXELS, change: bool = False) -> list[float]:
     """Per-tensor quantisation steps from measured distortion (a Lagrangian over tensors).
 
     For every tensor and a ladder of steps around `factor` * rms, quantise that tensor alone and
-    measure the image MSE it costs (on a subgrid of about `pixels`) and the bits it takes; then pick, for one
-    multiplier lambda, the step minimising dMSE + lambda * bits per tensor, with lambda bisected so
-    that the estimated file fits the budget.
+    measure what it costs the image (on a subgrid of about `pixels`: the MSE's change, or with `change` the output's
+    mean square change; _OneTensorCost) and the bits it takes; then pick, for one multiplier lambda, the step
+    minimising cost + lambda * bits per tensor, with lambda bisected so that the estimated file fits the budget.
     """
     import torch
 
     named = model.named_tensors()
     h, w = target.shape[:2]
     stride = max(1, math.ceil(math.sqrt(h * w / pixels)))
-    one_tensor_mse = _OneTensorMSE(model, target, stride)
-    base = one_tensor_mse.base
+    cost = _OneTensorCost(model, target, stride, change)
     # 1/32 .. 8 times the uniform step: small tensors (biases, the output layer) go fine. Tensors of a few values
     # cost a few bits at any step and go on down to 1/4096 while rounding them still costs something: the period's
     # offset (one scalar, scaled into every sine) at 1/32 alone cost 8 % of one fit's MSE (kodim02 crop, 0.6 bpp;
@@ -1098,12 +1113,12 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
             continue
         uniform = factor * _rms(a)  # this tensor's step in the uniform allocation
         first = k  # from the coarsest step down: to 1/32, then on while a small tensor's rounding still costs
-        while first > first_large or (first > 0 and a.size <= SMALL_TENSOR and dist[i, first] > 1e-3 * base):
+        while first > first_large or (first > 0 and a.size <= SMALL_TENSOR and dist[i, first] > 1e-3 * cost.base):
             first -= 1
             steps[i, first], qmax, sym = _quantise_tensor(a, uniform * mults[first])
             bits[i, first] = _coding(i, sym, steps[i, first], qmax)[1]
             quantised = torch.from_numpy(sym * steps[i, first]).to(t.dtype).to(t.device)
-            dist[i, first] = one_tensor_mse(name, quantised) - base
+            dist[i, first] = cost(name, quantised)
         # Coarser never helps: make distortion non-decreasing in the step (measurement noise).
         dist[i, first:] = np.maximum.accumulate(np.maximum(dist[i, first:], 0.0))
     # Plus the bits the neurons' arrangement carries (all of them unless neurons tie, which is rare).
@@ -1253,15 +1268,16 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
     return data
 
 
-def quantise(model, target, plan: Plan, cfg: FitConfig,
-             alloc_pixels: int = ALLOC_PIXELS) -> tuple[bytes, list[TensorCoding]]:
+def quantise(model, target, plan: Plan, cfg: FitConfig, alloc_pixels: int = ALLOC_PIXELS,
+             alloc_change: bool = False) -> tuple[bytes, list[TensorCoding]]:
     """The file of `model` within the plan's budget and its codings: steps proportional to each
     tensor's rms, then (cfg.rd_steps) re-allocated by distortion measured on ~alloc_pixels (Effort.alloc_pixels)."""
     tensors = _tensors(model)
     scales = None
     if cfg.rd_steps:  # the ladder is centred on the uniform allocation's factor (an estimate suffices)
         factor = _estimate_factor(plan.header, tensors, plan.budget, plan.metadata)
-        scales = allocate_steps(model, target, plan.header, plan.budget, plan.metadata, factor, alloc_pixels)
+        scales = allocate_steps(model, target, plan.header, plan.budget, plan.metadata, factor, alloc_pixels,
+                                alloc_change)
     _, data, codings, _ = rate_control(plan.header, tensors, plan.budget, plan.metadata, scales)
     return data, codings
 
@@ -1353,7 +1369,7 @@ def _fit_and_code(pixels: np.ndarray, maxval: int, plan: Plan, device: str, eff:
     fit_mse = fitter.fit(bar.update)
     fit_pixels = _render_model(fitter.model, header, maxval) if measure else None
     # Quantisation-aware tuning at the steps the rate control picks, then a final rate check.
-    data, codings = quantise(fitter.model, fitter.target, plan, cfg, eff.alloc_pixels)
+    data, codings = quantise(fitter.model, fitter.target, plan, cfg, eff.alloc_pixels, eff.alloc_change)
     if eff.qat_stages:
         data = tune_and_code(fitter, plan, codings, data, fitter.state(), bar)
     loss = rounding_loss(data, fitter.model, fitter.target, fit_mse, fitter.mse_stride)
