@@ -57,7 +57,7 @@ class Effort:
     # (28 encodes) in 0.89-0.96x the time (NOTES.md #202); efforts 5-9 (1-2 % of their time) keep every pixel.
     mse_pixels: int = 0
     # The allocation measures a rounding by the output's change (_OneTensorCost), not the MSE's: effort 1's files
-    # +0.012 / +0.008 dB at 0.3 / 1.0 bpp (8 images each, 13 of 16 up) and 8k pixels enough; effort 2's -0.008 /
+    # +0.012 / +0.008 dB at 0.3 / 1.0 bpp (8 images each, 13 of 16 up or even) and 8k pixels enough; effort 2's -0.008 /
     # -0.005 (4 images: 6 of 8 up, two -0.04), effort 5's +0.004 / -0.002 (8 256x256 crops), so they keep the MSE's
     # and their files (NOTES.md #204).
     alloc_change: bool = False
@@ -1271,7 +1271,8 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
 def quantise(model, target, plan: Plan, cfg: FitConfig, alloc_pixels: int = ALLOC_PIXELS,
              alloc_change: bool = False) -> tuple[bytes, list[TensorCoding]]:
     """The file of `model` within the plan's budget and its codings: steps proportional to each
-    tensor's rms, then (cfg.rd_steps) re-allocated by distortion measured on ~alloc_pixels (Effort.alloc_pixels)."""
+    tensor's rms, then (cfg.rd_steps) re-allocated by distortion measured on ~alloc_pixels (Effort.alloc_pixels;
+    the output's change with alloc_change, Effort.alloc_change)."""
     tensors = _tensors(model)
     scales = None
     if cfg.rd_steps:  # the ladder is centred on the uniform allocation's factor (an estimate suffices)
