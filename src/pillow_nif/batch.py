@@ -184,7 +184,7 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
     for i, (job, (_, _, maxval)) in enumerate(zip(group, arrays)):
         model = fitter.model.unstack(i)
         fit_pixels.append(fit._render_model(model, job.header, maxval) if measure else None)
-        data, coding = fit.quantise(model, targets[i], job.plan, cfg, eff.alloc_pixels, eff.alloc_change)
+        data, coding = fit.quantise(model, targets[i], job.plan, cfg, eff)
         codings.append(coding)
         files.append(data)
     if eff.qat_stages:  # as fit.tune_and_code, the tuning for the whole group at once

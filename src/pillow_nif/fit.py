@@ -1247,9 +1247,9 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
     # clamped output against none. (Their removed errors differed by ~1e-5 of the image's, NOTES.md #201.)
     removed = postfilter.removed_error(*sums, candidates)
     order = [k for k in np.argsort(-removed, kind="stable") if removed[k] > 0]
-    zero = [np.zeros_like(t) for t in (mix, taps, offset)]
     if not order:
         return data
+    zero = [np.zeros_like(t) for t in (mix, taps, offset)]
     none, best = postfilter.squared_errors(u, target, [zero, candidates[order[0]]], maxval, dirs, cls)
     if best >= none:
         return data
@@ -1268,17 +1268,17 @@ def add_post_filter(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, de
     return data
 
 
-def quantise(model, target, plan: Plan, cfg: FitConfig, alloc_pixels: int = ALLOC_PIXELS,
-             alloc_change: bool = False) -> tuple[bytes, list[TensorCoding]]:
+def quantise(model, target, plan: Plan, cfg: FitConfig,
+             effort: Effort = EFFORTS[5]) -> tuple[bytes, list[TensorCoding]]:
     """The file of `model` within the plan's budget and its codings: steps proportional to each
-    tensor's rms, then (cfg.rd_steps) re-allocated by distortion measured on ~alloc_pixels (Effort.alloc_pixels;
-    the output's change with alloc_change, Effort.alloc_change)."""
+    tensor's rms, then (cfg.rd_steps) re-allocated by distortion measured as the effort says (Effort.alloc_pixels,
+    Effort.alloc_change)."""
     tensors = _tensors(model)
     scales = None
     if cfg.rd_steps:  # the ladder is centred on the uniform allocation's factor (an estimate suffices)
         factor = _estimate_factor(plan.header, tensors, plan.budget, plan.metadata)
-        scales = allocate_steps(model, target, plan.header, plan.budget, plan.metadata, factor, alloc_pixels,
-                                alloc_change)
+        scales = allocate_steps(model, target, plan.header, plan.budget, plan.metadata, factor, effort.alloc_pixels,
+                                effort.alloc_change)
     _, data, codings, _ = rate_control(plan.header, tensors, plan.budget, plan.metadata, scales)
     return data, codings
 
@@ -1370,7 +1370,7 @@ def _fit_and_code(pixels: np.ndarray, maxval: int, plan: Plan, device: str, eff:
     fit_mse = fitter.fit(bar.update)
     fit_pixels = _render_model(fitter.model, header, maxval) if measure else None
     # Quantisation-aware tuning at the steps the rate control picks, then a final rate check.
-    data, codings = quantise(fitter.model, fitter.target, plan, cfg, eff.alloc_pixels, eff.alloc_change)
+    data, codings = quantise(fitter.model, fitter.target, plan, cfg, eff)
     if eff.qat_stages:
         data = tune_and_code(fitter, plan, codings, data, fitter.state(), bar)
     loss = rounding_loss(data, fitter.model, fitter.target, fit_mse, fitter.mse_stride)
