@@ -131,6 +131,38 @@ def test_bad_options_fail_before_work_and_leave_no_file(tmp_path):
         assert not p.exists()
 
 
+def test_an_interrupted_or_failed_save_leaves_no_empty_file(tmp_path, monkeypatch):
+    # Pillow and imageio open the file before the encoder's minutes of fitting; Ctrl-C there, or any error under
+    # imageio (which hands Pillow its own file object), had left an empty .nif behind.
+    iio = pytest.importorskip("imageio.v3")
+    from pillow_nif import fit
+
+    im, arr = photo(32, 32), np.asarray(photo(32, 32))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit, "encode_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        im.save(tmp_path / "a.nif", bpp=1)
+    with pytest.raises(KeyboardInterrupt):
+        iio.imwrite(tmp_path / "b.nif", arr, bpp=1)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="bpp"):
+        iio.imwrite(tmp_path / "c.nif", arr, bpp=0)
+    with pytest.raises(ValueError, match="needs at least"):
+        iio.imwrite(tmp_path / "d.nif", np.asarray(photo(16, 16)), bpp=0.1)
+    assert list(tmp_path.iterdir()) == []
+    # What the caller wrote to a file of its own is left alone, and so is a file object not on disk.
+    with open(tmp_path / "e.nif", "wb") as f:
+        f.write(b"mine")
+        with pytest.raises(ValueError):
+            im.save(f, format="NIF", bpp=0)
+    assert (tmp_path / "e.nif").read_bytes() == b"mine"
+    with pytest.raises(ValueError):
+        im.save(io.BytesIO(), format="NIF", bpp=0)
+
+
 def test_too_small_budget_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="needs at least"):
         photo(16, 16).save(tmp_path / "x.nif", bpp=0.1)

@@ -15,6 +15,8 @@ Save options (``im.save("x.nif", ...)``; each also documented in the README):
 
 from __future__ import annotations
 
+import os
+
 from PIL import Image, ImageFile
 
 from . import bitstream
@@ -97,10 +99,33 @@ def _save(im: Image.Image, fp, filename) -> None:
         opts["xmp"] = opts["xmp"].encode()
     from .fit import encode_image
 
-    result = encode_image(im, **opts, measure=False)
+    try:
+        result = encode_image(im, **opts, measure=False)
+    except BaseException as e:
+        _discard_empty(fp, filename, pillow_removes=isinstance(e, Exception))
+        raise
     fp.write(result.data)
     if hasattr(fp, "flush"):
         fp.flush()
+
+
+def _discard_empty(fp, filename, pillow_removes: bool) -> None:
+    """Remove the empty file a failed save leaves at `filename`: the caller opened it for writing before the encode,
+    which writes nothing until its minutes of fitting are done. Pillow removes a file it opened itself (mode "w+b")
+    and created, but only on an Exception: an interrupted encode (Ctrl-C) left an empty file, and imageio's
+    imwrite, which opens the file ("wb") and hands Pillow the object, left one on every error, a bad option's too."""
+    try:
+        empty = fp.tell() == 0 and os.fstat(fp.fileno()).st_size == 0  # tell(): bytes still in its buffer count
+        if not filename or not empty or not os.path.samefile(fp.fileno(), filename):
+            return
+    except (AttributeError, OSError, ValueError):  # not a file on disk (BytesIO, a pipe), or already closed
+        return
+    if pillow_removes and "+" in getattr(fp, "mode", ""):
+        return  # Pillow's own file: it removes it if it made it (removing it here would fail its os.remove)
+    try:
+        os.remove(filename)
+    except OSError:
+        pass
 
 
 def register(device: str | None = None, backend: str | None = None) -> None:
