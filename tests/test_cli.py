@@ -56,6 +56,20 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
         main(["decode", str(bad), "out.png", "--size", "abc"])
 
 
+def test_ctrl_c_is_reported_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    from pillow_nif import fit
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    src = tmp_path / "in.png"
+    photo(16, 16).save(src)
+    monkeypatch.setattr(fit, "encode_image", interrupted)
+    assert main(["encode", str(src), str(tmp_path / "x.nif"), "--bpp", "4", "--quiet"]) == 130
+    assert "nif encode: interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
 def test_failed_decode_leaves_no_output(tmp_path):
     bad = tmp_path / "bad.nif"
     bad.write_bytes(b"\x8bNIF\r\n\x1a\x01" + bytes(10))

@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, FormatError) as e:
         print(f"nif {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C in a fit's minutes: no traceback; every file written is whole (write_atomic)
+        print(f"\nnif {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process the signal ended
 
 
 if __name__ == "__main__":
