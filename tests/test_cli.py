@@ -1,4 +1,6 @@
 import json
+import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -68,6 +70,64 @@ def test_ctrl_c_is_reported_and_leaves_no_file(tmp_path, capsys, monkeypatch):
     assert main(["encode", str(src), str(tmp_path / "x.nif"), "--bpp", "4", "--quiet"]) == 130
     assert "nif encode: interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def test_outputs_are_written_as_files_are(tmp_path, monkeypatch):
+    # mkstemp's temporary files made every output 0600, and a symlink was replaced by a file
+    import os
+    import stat
+
+    monkeypatch.chdir(tmp_path)
+    photo(16, 16).save("in.png")
+    old = os.umask(0o022)
+    try:
+        assert main(["encode", "in.png", "new.nif", "--bpp", "60", "--effort", "1", "--quiet"]) == 0
+        assert stat.S_IMODE(os.stat("new.nif").st_mode) == 0o644
+        pathlib.Path("kept.nif").write_bytes(b"old")
+        os.chmod("kept.nif", 0o640)
+        os.symlink("kept.nif", "link.nif")
+        assert main(["encode", "in.png", "link.nif", "--bpp", "60", "--effort", "1", "--quiet"]) == 0
+        assert os.path.islink("link.nif") and stat.S_IMODE(os.stat("kept.nif").st_mode) == 0o640
+        assert Image.open("kept.nif").size == (16, 16)
+        assert main(["decode", "new.nif", "out.png"]) == 0
+        assert stat.S_IMODE(os.stat("out.png").st_mode) == 0o644
+    finally:
+        os.umask(old)
+    assert not [p for p in os.listdir() if p.endswith(".tmp")]
+
+
+def test_outputs_checked_before_any_fitting(tmp_path, capsys, monkeypatch):
+    from pillow_nif import fit
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before the outputs were checked")
+
+    monkeypatch.setattr(fit, "encode_image", no_fit)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    photo(16, 16).save("a.png")
+    photo(16, 16).save("sub/a.bmp")
+    cases = [(["a.png", "sub/a.bmp", "--out-dir", "out"], "both be written to"),  # one over the other, before
+             (["a.png", "missing.png", "--out-dir", "out"], "no input file"),
+             (["a.png", "sub"], "is a directory"),
+             (["a.png", "nowhere/x.nif"], "no folder")]
+    for args, message in cases:
+        assert main(["encode", *args, "--bpp", "60", "--quiet"]) == 1
+        assert message in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "sub"]  # no --out-dir made for a run that failed
+
+
+def test_decode_keeps_the_metadata_and_reports_a_bomb(tmp_path, capsys, monkeypatch):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    src = tmp_path / "m.nif"
+    photo(16, 16).save(src, bpp=60, effort=1, exif=exif, icc_profile=b"icc" * 50)
+    assert main(["decode", str(src), str(tmp_path / "m.jpg")]) == 0
+    out = Image.open(tmp_path / "m.jpg")
+    assert out.getexif()[0x0112] == 6 and out.info["icc_profile"] == b"icc" * 50
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert main(["decode", str(src), str(tmp_path / "big.png"), "--size", "3000x3000"]) == 1
+    assert "exceeds limit" in capsys.readouterr().err
 
 
 def test_failed_decode_leaves_no_output(tmp_path):

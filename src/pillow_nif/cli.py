@@ -6,8 +6,9 @@ import argparse
 import json
 import os
 import pathlib
+import secrets
+import stat
 import sys
-import tempfile
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -19,19 +20,38 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: never a partial file at `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".nif-", suffix=".tmp", dir=directory)
+    """Write to a temporary file beside `path`, then rename: never a partial file at `path`. The file gets the
+    permissions an ordinary write would (the umask's for a new file, an existing file's own); through a symlink
+    its target is replaced."""
+    target = os.path.realpath(path)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = None
+    # os.open applies the umask to 0o666 as open() does (tempfile.mkstemp's files were 0600)
+    tmp = os.path.join(os.path.dirname(target), f".nif-{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+
+
+def check_output(path: str) -> None:
+    """Fail before minutes of fitting where `path` cannot be written: a directory, or a folder that is not there."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"output {path} is a directory")
+    folder = os.path.dirname(os.path.realpath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no folder {folder} to write {path} in")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,12 +87,22 @@ def _encode(args) -> int:
 
     check_options(args.bpp, args.quality, args.effort, args.device, args.seed)
     if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
         jobs = [(src, os.path.join(args.out_dir, pathlib.Path(src).stem + ".nif")) for src in args.inputs]
+        names: dict[str, str] = {}
+        for src, dst in jobs:
+            if dst in names:  # a.png and b/a.jpg would both write a.nif, one over the other
+                raise ValueError(f"{names[dst]} and {src} would both be written to {dst}")
+            names[dst] = src
+        for src in args.inputs:
+            if not os.path.isfile(src):
+                raise FileNotFoundError(f"no input file {src}")
+        os.makedirs(args.out_dir, exist_ok=True)
     elif len(args.inputs) == 2:
         jobs = [tuple(args.inputs)]
     else:
         raise SystemExit("nif encode: give INPUT OUTPUT, or several inputs with --out-dir DIR")
+    for _, dst in jobs:
+        check_output(dst)
     opts = dict(bpp=args.bpp, quality=args.quality, effort=args.effort, device=args.device, seed=args.seed,
                 progress=not args.quiet)
     keys = ("icc_profile", "exif", "xmp")
@@ -109,13 +139,15 @@ def _decode(args) -> int:
 
     from .render import decode
 
+    check_output(args.output)
     im = decode(args.input, size=args.size, device=args.device, backend=args.backend)
     ext = os.path.splitext(args.output)[1]
     fmt = Image.registered_extensions().get(ext.lower())
     if fmt is None:
         raise SystemExit(f"nif decode: unknown output extension {ext!r}")
     buf = io.BytesIO()
-    im.save(buf, format=fmt)
+    # The metadata the .nif holds goes on where the format takes it (Pillow's savers ignore what they cannot store).
+    im.save(buf, format=fmt, **{k: im.info[k] for k in ("icc_profile", "exif", "xmp") if im.info.get(k)})
     write_atomic(args.output, buf.getvalue())
     print(f"{args.output}: {im.width}x{im.height} {im.mode}")
     return 0
@@ -132,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .bitstream import FormatError
 
+    from PIL.Image import DecompressionBombError
+
     try:
         return {"encode": _encode, "decode": _decode, "info": _info}[args.command](args)
-    except (ValueError, OSError, FormatError) as e:
+    except (ValueError, OSError, FormatError, DecompressionBombError) as e:
         print(f"nif {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C in a fit's minutes: no traceback; every file written is whole (write_atomic)
