@@ -13,10 +13,50 @@ from pillow_nif.fit import FitConfig, check_options, choose_architecture, encode
 
 
 @pytest.mark.parametrize("bad", [dict(bpp=0), dict(bpp=-1), dict(bpp="1"), dict(bpp=True), dict(effort=0),
-                                 dict(effort=42), dict(effort=2.5), dict(quality=101), dict(seed=1.5)])
+                                 dict(effort=42), dict(effort=2.5), dict(quality=101), dict(seed=1.5),
+                                 dict(seed=1 << 64), dict(seed=-(1 << 63) - 1)])
 def test_bad_options(bad):
     with pytest.raises(ValueError):
         check_options(**bad)
+
+
+def test_numpy_scalars_are_options_like_pythons():
+    # bpp=np.float32(0.5) was refused with "bpp must be a positive number, got np.float32(0.5)"
+    assert check_options(np.float32(0.5), None, np.int64(3), "cpu", np.int64(7)) == (0.5, 3)
+    assert check_options(quality=np.float64(50))[0] == check_options(quality=50)[0]
+    im = photo(24, 16)
+    assert pillow_nif.encode(im, bpp=np.float32(8), effort=np.int64(1), seed=np.uint8(2)) == pillow_nif.encode(
+        im, bpp=8, effort=1, seed=2)
+
+
+def test_metadata_given_or_from_info_as_image_save_keeps_it():
+    from PIL import Image
+
+    im = photo(24, 16)
+    im.info["icc_profile"] = b"from-info"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = pillow_nif.encode(im, bpp=12, effort=1, exif=exif, xmp="<x/>")  # an Exif object and text XMP
+    assert bitstream.loads(data).metadata == {"icc_profile": b"from-info", "exif": exif.tobytes(), "xmp": b"<x/>"}
+    assert pillow_nif.decode(data).getexif()[0x0112] == 6
+    assert bitstream.loads(pillow_nif.encode_many([im], bpp=12, effort=1)[0]).metadata == {"icc_profile": b"from-info"}
+    assert bitstream.loads(pillow_nif.encode(im, bpp=12, effort=1, icc_profile=b"")).metadata == {}
+    for bad in (dict(exif=7), dict(icc_profile=[1, 2, 3]), dict(exif="text"), dict(xmp=1.5)):
+        with pytest.raises(ValueError, match="must be bytes"):
+            pillow_nif.encode(im, bpp=12, **bad)
+    with pytest.raises(ValueError, match="keys"):
+        pillow_nif.encode_many([im], bpp=12, metadata=[{"exfi": b"x"}])
+
+
+def test_encoding_and_decoding_leave_torchs_random_state_alone():
+    # nn.Linear's own initialisation drew from torch's global generator on every encode and decode
+    import torch
+
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    pillow_nif.decode(pillow_nif.encode(photo(16, 16), bpp=8, effort=1))
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_a_higher_effort_never_spends_less():

@@ -163,6 +163,19 @@ def test_an_interrupted_or_failed_save_leaves_no_empty_file(tmp_path, monkeypatc
         im.save(io.BytesIO(), format="NIF", bpp=0)
 
 
+def test_frames_one_file_each(tmp_path):
+    # imageio writes a stack with save_all: Pillow had no NIF handler for it and raised KeyError, leaving an empty file
+    iio = pytest.importorskip("imageio.v3")
+    with pytest.raises(ValueError, match="one image"):
+        iio.imwrite(tmp_path / "a.nif", np.zeros((2, 16, 16, 3), np.uint8), bpp=60, effort=1)
+    im = photo(16, 16)
+    with pytest.raises(ValueError, match="one image"):
+        im.save(tmp_path / "b.nif", save_all=True, append_images=[im], bpp=60, effort=1)
+    assert list(tmp_path.iterdir()) == []
+    im.save(tmp_path / "c.nif", save_all=True, bpp=60, effort=1)  # one frame is one image
+    assert Image.open(tmp_path / "c.nif").size == (16, 16)
+
+
 def test_too_small_budget_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="needs at least"):
         photo(16, 16).save(tmp_path / "x.nif", bpp=0.1)

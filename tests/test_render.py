@@ -46,6 +46,15 @@ def test_bad_arguments():
         pick_backend("opencl", "cpu")
     with pytest.raises(ValueError, match="device"):
         pillow_nif.decode(b"", device="quantum")
+    for size in ("55", (True, True), (10.0, 5), (3,), 7):  # "55" was decoded at 5x5, (True, True) at 1x1
+        with pytest.raises(ValueError, match="pair of integers"):
+            check_size(size)
+    assert check_size((np.int64(7), 5)) == (7, 5)
+    with pytest.raises(ValueError, match="device"):
+        pillow_nif.decode(b"", device=None)
+    for bad in (dict(device="gpu"), dict(backend="opencl")):  # refused here, not at every later load()
+        with pytest.raises(ValueError):
+            pillow_nif.register(**bad)
 
 
 def test_bomb_check(small_nif, monkeypatch):

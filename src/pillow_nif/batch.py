@@ -88,6 +88,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     each = bpp if isinstance(bpp, (list, tuple)) else None
     one = None if each is not None else bpp
     target_bpp, effort, device = fit.check_encode_options(one, quality, effort, device, seed, colour)
+    seed = int(seed)  # a NumPy integer too
     if each is not None:
         if len(each) != len(images):
             raise ValueError(f"bpp has {len(each)} entries for {len(images)} images")
@@ -102,8 +103,10 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     common = dict(icc_profile=icc_profile, exif=exif, xmp=xmp)
     eff = fit.EFFORTS[effort]
     # Every image is checked (mode, budget) before any fitting starts.
-    meta = [metadata[i] if metadata is not None else common for i in range(len(images))]
+    if metadata is not None and any(set(m) - set(fit.METADATA) for m in metadata):
+        raise ValueError(f"metadata entries take the keys {', '.join(fit.METADATA)}")
     images = [_as_image(im) for im in images]
+    meta = [fit.metadata_of(im, **(metadata[i] if metadata is not None else common)) for i, im in enumerate(images)]
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
     large = {i: tiles.plan_tiles(im, bpps[i], {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
              for i, im in enumerate(images) if fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)}
@@ -141,7 +144,7 @@ def _as_image(image):
 
 
 def _plan(index: int, image, target_bpp: float, colour: str, meta: dict, cfg: fit.FitConfig, eff: fit.Effort) -> _Job:
-    p = fit.plan_encode(image, target_bpp, colour, {k: meta.get(k) for k in ("icc_profile", "exif", "xmp")}, cfg, eff)
+    p = fit.plan_encode(image, target_bpp, colour, meta, cfg, eff)
     return _Job(index, image, p)
 
 
@@ -239,9 +242,9 @@ class StackedNIF(nn.Module):
 
     def unstack(self, i: int):
         """Network i as a plain model.NIF (a copy)."""
-        from .model import NIF
+        from .model import blank_nif
 
-        model = NIF(self.arch).to(self.stack[0].device)
+        model = blank_nif(self.arch, self.stack[0].device)
         with torch.no_grad():
             for (_, dst), src in zip(model.named_tensors(), self.stack):
                 dst.copy_(src[i])

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import numbers
 import time
 from typing import Callable
 
@@ -29,7 +30,7 @@ QUALITY_MIN_BPP, QUALITY_MAX_BPP = 0.05, 2.0
 
 
 def quality_to_bpp(quality: float) -> float:
-    """quality 1..100 maps log-linearly onto 0.05..2.0 bpp (50 -> 0.31, 75 -> 0.78, 90 -> 1.3)."""
+    """quality 1..100 maps log-linearly onto 0.05..2.0 bpp (50 -> 0.31, 75 -> 0.78, 90 -> 1.38)."""
     return QUALITY_MIN_BPP * (QUALITY_MAX_BPP / QUALITY_MIN_BPP) ** ((quality - 1) / 99)
 
 
@@ -298,20 +299,28 @@ class EncodeResult:
     tiles: tuple[int, int] = (1, 1)  # (columns, rows) of a tiled file (format version 9)
 
 
+def check_device(device) -> None:
+    """ValueError unless `device` names a device ('auto', 'cpu', 'cuda', 'cuda:N'); whether it is there is
+    resolve_device's to say."""
+    if not isinstance(device, str) or not (
+        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
 def resolve_device(device: str) -> str:
     import torch
 
+    check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return device
-    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available")
-        if device != "cuda" and int(device[5:]) >= torch.cuda.device_count():
-            raise ValueError(f"no such CUDA device: {device!r}")
-        return device
-    raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    if device != "cuda" and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"no such CUDA device: {device!r}")
+    return device
 
 
 def step_stride(h: int, w: int, effort: Effort) -> int:
@@ -384,21 +393,47 @@ def fit_work(header: Header, effort: Effort, cfg: FitConfig) -> int:
 
 
 def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tuple[float, int]:
-    """Validate user options before any work; return (target bpp, effort)."""
+    """Validate user options before any work; return (target bpp, effort). NumPy's scalars count as numbers."""
     if bpp is not None:
-        if isinstance(bpp, bool) or not isinstance(bpp, (int, float)) or not math.isfinite(bpp) or bpp <= 0:
+        if isinstance(bpp, bool) or not isinstance(bpp, numbers.Real) or not math.isfinite(bpp) or bpp <= 0:
             raise ValueError(f"bpp must be a positive number, got {bpp!r}")
     if quality is not None:
-        if isinstance(quality, bool) or not isinstance(quality, (int, float)) or not 1 <= quality <= 100:
+        if isinstance(quality, bool) or not isinstance(quality, numbers.Real) or not 1 <= quality <= 100:
             raise ValueError(f"quality must be between 1 and 100, got {quality!r}")
-    if isinstance(effort, bool) or not isinstance(effort, int) or effort not in EFFORTS:
+    if isinstance(effort, bool) or not isinstance(effort, numbers.Integral) or effort not in EFFORTS:
         raise ValueError(f"effort must be an integer from 1 to 9, got {effort!r}")
     if not isinstance(device, str):
         raise ValueError(f"device must be a string, got {device!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    # torch.Generator.manual_seed's range; past it torch raised an overflow deep in the fit
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(1 << 63) <= seed < 1 << 64:
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {seed!r}")
     target = float(bpp) if bpp is not None else quality_to_bpp(quality) if quality is not None else DEFAULT_BPP
-    return target, effort
+    return target, int(effort)
+
+
+METADATA = ("icc_profile", "exif", "xmp")
+
+
+def metadata_of(image, icc_profile=None, exif=None, xmp=None) -> dict[str, bytes]:
+    """The metadata a file of `image` stores: each option as given, None taking the image's own (`im.info`, as
+    Image.save keeps it), b"" none. Bytes-like values, an Image.Exif for exif, text for xmp; else ValueError."""
+    from PIL import Image
+
+    info = getattr(image, "info", {})
+    out = {}
+    for key, value in zip(METADATA, (icc_profile, exif, xmp)):
+        value = info.get(key) if value is None else value
+        if value is None:
+            continue
+        if key == "exif" and isinstance(value, Image.Exif):
+            value = value.tobytes()
+        elif key == "xmp" and isinstance(value, str):
+            value = value.encode()
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise ValueError(f"{key} must be bytes{' or Image.Exif' if key == 'exif' else ''}"
+                             f"{' or str' if key == 'xmp' else ''}, got {type(value).__name__}")
+        out[key] = bytes(value)
+    return out
 
 
 # ---- architecture from the budget ------------------------------------------------------------------
@@ -534,14 +569,14 @@ class Fitter:
     def __init__(self, target: np.ndarray, arch: Architecture, device: str, effort: Effort, cfg: FitConfig, seed: int):
         import torch
 
-        from .model import NIF
+        from .model import blank_nif
 
         self.torch = torch
         self.cfg, self.effort, self.device = cfg, effort, device
         self.h, self.w, _ = target.shape
         self.target = torch.from_numpy(target).float().to(device)  # (H, W, C) in [-1, 1]
         self.gen = torch.Generator().manual_seed(seed)  # every random draw of the fit comes from here
-        self.model = NIF(arch).initialize(self.gen).to(device)
+        self.model = blank_nif(arch).initialize(self.gen).to(device)
         plain = not arch.mod_widths
         self.stride = step_stride(self.h, self.w, effort)
         self.mse_stride = mse_stride(self.h, self.w, effort)
@@ -1339,10 +1374,11 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     Image.save) skip both: at 768x512 on this project's CPU 0.8-1.8 s of each encode, and on CUDA the decode's
     Triton kernel is compiled for each new architecture."""
     target_bpp, effort, device = check_encode_options(bpp, quality, effort, device, seed, colour)
+    seed = int(seed)  # a NumPy integer too
     cfg = config or FitConfig()
     t0 = time.perf_counter()
     eff = EFFORTS[effort]
-    metadata = dict(icc_profile=icc_profile, exif=exif, xmp=xmp)
+    metadata = metadata_of(image, icc_profile, exif, xmp)
     if tile_grid(*image.size, cfg.tile_pixels) != (1, 1):
         from .tiles import encode_tiled
 

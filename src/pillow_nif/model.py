@@ -210,6 +210,15 @@ class NIF(nn.Module):
         return self.genesis[-1](h)
 
 
+def blank_nif(arch: Architecture, device="cpu") -> NIF:
+    """A NIF whose tensors are uninitialised, for callers that set every one (a fit's initialize, a decoder's
+    weights): made on the meta device, so that it draws nothing from torch's global RNG, which nn.Linear's own
+    initialisation did on every decode and encode, under the caller's feet."""
+    with torch.device("meta"):
+        model = NIF(arch)
+    return model.to_empty(device=device)
+
+
 # ---- decoding: constants folded into the weights -------------------------------------------------
 
 

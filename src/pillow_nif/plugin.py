@@ -89,14 +89,11 @@ def _save(im: Image.Image, fp, filename) -> None:
         device=info.get("device", "auto"),
         seed=info.get("seed", 0),
         progress=info.get("progress", False),
-        icc_profile=info.get("icc_profile", im.info.get("icc_profile")),
-        exif=info.get("exif", im.info.get("exif")),
-        xmp=info.get("xmp", im.info.get("xmp")),
+        # None keeps im.info's (fit.metadata_of, which also takes an Image.Exif and text XMP)
+        icc_profile=info.get("icc_profile"),
+        exif=info.get("exif"),
+        xmp=info.get("xmp"),
     )
-    if isinstance(opts["exif"], Image.Exif):
-        opts["exif"] = opts["exif"].tobytes()
-    if isinstance(opts["xmp"], str):
-        opts["xmp"] = opts["xmp"].encode()
     from .fit import encode_image
 
     try:
@@ -107,6 +104,15 @@ def _save(im: Image.Image, fp, filename) -> None:
     fp.write(result.data)
     if hasattr(fp, "flush"):
         fp.flush()
+
+
+def _save_all(im: Image.Image, fp, filename) -> None:
+    """save_all=True (imageio writes a stack of frames so): one frame is saved as ever, more are refused."""
+    frames = getattr(im, "n_frames", 1) + len(im.encoderinfo.get("append_images", []))
+    if frames > 1:
+        _discard_empty(fp, filename, pillow_removes=True)
+        raise ValueError(f"a NIF file holds one image, not {frames}: save each frame to a file of its own")
+    _save(im, fp, filename)
 
 
 def _discard_empty(fp, filename, pillow_removes: bool) -> None:
@@ -129,12 +135,21 @@ def _discard_empty(fp, filename, pillow_removes: bool) -> None:
 
 
 def register(device: str | None = None, backend: str | None = None) -> None:
-    """Register the NIF format with Pillow (done on import); optionally set decode device/backend."""
+    """Register the NIF format with Pillow (done on import); optionally set decode device/backend (ValueError here
+    for a name that is neither, not at every later load())."""
     if device is not None:
+        from .fit import check_device
+
+        check_device(device)
         _options["device"] = device
     if backend is not None:
+        from .render import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
         _options["backend"] = backend
     Image.register_open(NifImageFile.format, NifImageFile, _accept)
     Image.register_save(NifImageFile.format, _save)
+    Image.register_save_all(NifImageFile.format, _save_all)
     Image.register_extension(NifImageFile.format, ".nif")
     Image.register_mime(NifImageFile.format, "image/x-nif")

@@ -8,6 +8,7 @@ Backends: "torch" (CPU or CUDA, the reference maths of model.py in bands of rows
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 
 import numpy as np
@@ -34,10 +35,14 @@ def read_bytes(data_or_path) -> bytes:
 
 
 def check_size(size, what="size") -> tuple[int, int]:
+    # integers only: int() of each item took "55" as 5x5 and (True, True) as 1x1
     try:
-        w, h = (int(v) for v in size)
+        w, h = size
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a (width, height) pair, got {size!r}") from None
+        w = h = None
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (w, h)) or isinstance(size, str):
+        raise ValueError(f"{what} must be a (width, height) pair of integers, got {size!r}")
+    w, h = int(w), int(h)
     if not (1 <= w <= bitstream.MAX_DIM and 1 <= h <= bitstream.MAX_DIM):
         raise ValueError(f"{what} {w}x{h} out of range")
     return w, h
@@ -47,7 +52,7 @@ def load_network(f: NifFile, device: str = "cpu"):
     """Entropy decode and dequantise the weights, fold the constants: a model.FoldedNetwork."""
     import torch
 
-    from .model import NIF, fold
+    from .model import blank_nif, fold
 
     arch = f.header.arch
     shapes = arch.tensor_shapes()
@@ -57,7 +62,7 @@ def load_network(f: NifFile, device: str = "cpu"):
         name: torch.from_numpy(s.reshape(shape).astype(np.float64) * c.step)
         for (name, shape), s, c in zip(shapes, syms, f.codings)
     }
-    model = NIF(arch)
+    model = blank_nif(arch, "meta")  # fold reads the weights given, the model only for its architecture
     maxval = (1 << f.header.bits) - 1
     net = fold(model, f.header.colour, float(maxval), weights)
     if arch.filter_mask:
