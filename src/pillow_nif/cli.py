@@ -139,12 +139,12 @@ def _decode(args) -> int:
 
     from .render import decode
 
-    check_output(args.output)
-    im = decode(args.input, size=args.size, device=args.device, backend=args.backend)
     ext = os.path.splitext(args.output)[1]
     fmt = Image.registered_extensions().get(ext.lower())
     if fmt is None:
         raise SystemExit(f"nif decode: unknown output extension {ext!r}")
+    check_output(args.output)
+    im = decode(args.input, size=args.size, device=args.device, backend=args.backend)
     buf = io.BytesIO()
     # The metadata the .nif holds goes on where the format takes it (Pillow's savers ignore what they cannot store).
     im.save(buf, format=fmt, **{k: im.info[k] for k in ("icc_profile", "exif", "xmp") if im.info.get(k)})
@@ -162,9 +162,9 @@ def _info(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .bitstream import FormatError
-
     from PIL.Image import DecompressionBombError
+
+    from .bitstream import FormatError
 
     try:
         return {"encode": _encode, "decode": _decode, "info": _info}[args.command](args)
