@@ -93,6 +93,9 @@ def test_truncated_file_raises(small_nif, tmp_path):
         p.write_bytes(data[:n])
         with pytest.raises(OSError, match="truncated"):
             Image.open(p).load()
+    p.write_bytes(data + b"\n")  # appended: the message says where
+    with pytest.raises(OSError, match="1 byte after the last whole chunk"):
+        Image.open(p).load()
 
 
 def test_verify_passes_on_a_good_file(small_nif):

@@ -674,8 +674,9 @@ def iter_chunks(data: bytes, offset: int = len(SIGNATURE)):
     """Yield (type, payload) of each chunk, checking lengths and CRCs."""
     pos = offset
     while pos < len(data):
-        if pos + 8 > len(data):
-            raise FormatError("truncated chunk header")
+        if pos + 8 > len(data):  # a cut file, or bytes appended to a whole one: no end chunk tells them apart
+            n = len(data) - pos
+            raise FormatError(f"truncated chunk header ({n} byte{'s' * (n > 1)} after the last whole chunk)")
         kind, length = struct.unpack_from(">4sI", data, pos)
         if not kind.isalpha():
             raise FormatError(f"invalid chunk type {kind!r}")
