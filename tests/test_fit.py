@@ -370,20 +370,63 @@ def test_the_step_allocation_measures_on_the_efforts_pixels(monkeypatch):
     f, plan = _fitted()  # 64x48
     factor = fit._estimate_factor(plan.header, fit._tensors(f.model), plan.budget, plan.metadata)
     strides, asked = [], []
-    measure = fit._OneTensorCost
-    monkeypatch.setattr(fit, "_OneTensorCost", lambda m, t, stride, *a: strides.append(stride) or measure(m, t, stride))
+    measure, slopes = fit._OneTensorCost, []
+
+    def spy(m, t, stride, change=False, slope=None):
+        strides.append(stride)
+        slopes.append(slope is not None)
+        return measure(m, t, stride, change, slope)
+
+    monkeypatch.setattr(fit, "_OneTensorCost", spy)
     for pixels in (1 << 15, 768, 700):
-        fit.allocate_steps(f.model, f.target, plan.header, plan.budget, plan.metadata, factor, pixels)
+        fit.allocate_steps(f.model, f.target, plan.header, plan.budget, plan.metadata, factor, pixels, False, True)
     assert strides == [1, 2, 3]  # every s-th row and column: 3072 pixels, then 768, then 12 x 16
+    assert slopes == [False, False, True]  # the control variate from a subgrid of 1/9 of the image on
     allocate = fit.allocate_steps
     monkeypatch.setattr(fit, "allocate_steps", lambda *a: asked.append(a[6:]) or allocate(*a))
     im = photo(40, 32)
     encode_image(im, bpp=2.0, effort=1)
     encode_many([im, im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], bpp=2.0, effort=1)
     encode_image(im, bpp=2.0, effort=2)
-    assert asked == [(1 << 13, True)] * 3 + [(1 << 14, False)]  # (pixels, the output's change)
+    assert asked == [(1 << 13, True, False)] * 3 + [(1 << 14, False, False)]  # (pixels, output's change, control)
     assert [fit.EFFORTS[e].alloc_pixels for e in range(1, 10)] == [1 << 13, 1 << 14] + [1 << 15] * 7
     assert [fit.EFFORTS[e].alloc_change for e in range(1, 10)] == [True] + [False] * 8
+    assert [fit.EFFORTS[e].alloc_control for e in range(1, 10)] == [False] * 4 + [True] * 5
+
+
+def test_the_control_variate_takes_the_first_order_part_from_the_whole_image():
+    """A rounding's cost measured on a subgrid: the MSE's change there has a first-order part (the subgrid's
+    gradient times the change) that is noise against the whole image's; the control variate (allocate_steps'
+    `control`) replaces it with the image's, so that for small changes it is the image's cost and the subgrid's
+    MSE is not. mse_gradients must be autograd's gradient of image_mse, on every pixel and on a subgrid."""
+    import torch
+
+    from pillow_nif.fit import EFFORTS, Fitter, _bands, _OneTensorCost, image_mse, mse_gradients
+
+    cfg = FitConfig()
+    target = np.random.default_rng(3).uniform(-1, 1, (61, 75, 3))
+    f = Fitter(target, choose_architecture(75, 61, 3, 8000, cfg), "cpu", EFFORTS[1], cfg, 0)
+    named = f.model.named_tensors()
+    for stride in (1, 3):
+        p = [t.detach().requires_grad_() for _, t in named]
+        weights = {n: q for (n, _), q in zip(named, p)}
+        total = sum(((f.model(ys, xs, weights) - t) ** 2).sum() for ys, xs, t in _bands(f.target, stride))
+        count = f.target[::stride, ::stride].numel()
+        ours = mse_gradients(f.model, f.target, stride)
+        for (name, _), g in zip(named, torch.autograd.grad(total / count, p)):
+            torch.testing.assert_close(ours[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    image, sub = mse_gradients(f.model, f.target), mse_gradients(f.model, f.target, 3)
+    control = _OneTensorCost(f.model, f.target, 3, slope={k: image[k] - sub[k] for k in image})
+    plain = _OneTensorCost(f.model, f.target, 3)
+    base = image_mse(f.model, f.target)
+    g = torch.Generator().manual_seed(1)
+    off_control = off_plain = 0.0
+    for name, t in named:
+        changed = t.detach() + 1e-3 * (t.detach().abs().mean() + 0.01) * torch.randn(t.shape, generator=g)
+        whole = image_mse(f.model, f.target, {**dict(named), name: changed}) - base
+        off_control += abs(control(name, changed) - whole)
+        off_plain += abs(plain(name, changed) - whole)
+    assert off_control < 0.2 * off_plain  # 0.07 as written: what is left is second order
 
 
 def test_a_tensor_of_few_values_far_from_zero_is_not_rounded_coarsely():

@@ -62,6 +62,12 @@ class Effort:
     # -0.005 (4 images: 6 of 8 up, two -0.04), effort 5's +0.004 / -0.002 (8 256x256 crops), so they keep the MSE's
     # and their files (NOTES.md #204).
     alloc_change: bool = False
+    # The MSE's change with its first-order part, noise of either sign on a subgrid, swapped for the whole image's
+    # (a control variate, _OneTensorCost's `slope`), where the subgrid is at most 1/9 of the image (CONTROL_STRIDE):
+    # it predicted each rounding's cost over the image best on all 5 allocations measured; effort 5's files at
+    # 768x512 +0.017 dB at 0.3 bpp (6 of 8 up), even at 1.0 (4), same time (NOTES.md #205). On 256x256 (a quarter
+    # of the pixels measured) there was little noise to take: crops even, so they keep their files.
+    alloc_control: bool = False
 
 
 # Measured on a 256x256 Kodak crop (CPU): strided batches of 4k pixels and lr 3e-3 reach a given PSNR
@@ -99,11 +105,11 @@ EFFORTS = {
     2: Effort(2, 400, 1, 60, 1 << 12, 1 << 14, 1 << 16),
     3: Effort(2, 800, 1, 80, 1 << 12, mse_pixels=1 << 16),
     4: Effort(2, 1500, 2, 80, 1 << 12, mse_pixels=1 << 16),
-    5: Effort(2, 4000, 2, 80, 1 << 12),
-    6: Effort(2, 4000, 2, 100, 1 << 13),
-    7: Effort(3, 4000, 3, 100, 1 << 13),
-    8: Effort(3, 4000, 3, 150, 1 << 14),
-    9: Effort(4, 4000, 4, 150, 1 << 14),
+    5: Effort(2, 4000, 2, 80, 1 << 12, alloc_control=True),
+    6: Effort(2, 4000, 2, 100, 1 << 13, alloc_control=True),
+    7: Effort(3, 4000, 3, 100, 1 << 13, alloc_control=True),
+    8: Effort(3, 4000, 3, 150, 1 << 14, alloc_control=True),
+    9: Effort(4, 4000, 4, 150, 1 << 14, alloc_control=True),
 }
 
 
@@ -977,11 +983,16 @@ class _OneTensorCost:
     image is ~0 for a fitted network (its gradient times a rounding) and whose mean over a subgrid is noise; noise
     at a fine step can win a coarse one: one 8-value tensor of a kodim23 network went 5.7x coarser on it. Without
     it effort 1's files gained ~0.01 dB and 8k pixels became enough (the MSE's change had lost 0.03 dB on 8k); at
-    efforts 2 and 5 the two were even within the tuning's noise (NOTES.md #204; Effort.alloc_change)."""
+    efforts 2 and 5 the two were even within the tuning's noise (NOTES.md #204; Effort.alloc_change).
+    That noise is the cross term's first-order part; its second-order part (the residual times the network's
+    curvature) is no noise: positive at the coarse steps of large tensors (7 % of a first layer's cost at twice its
+    step), and the output's change misses it. `slope` (the image's gradient less the subgrid's, by name) swaps the
+    first-order part for the whole image's: the MSE's change then predicted the image's best on all 5 captured
+    allocations (NOTES.md #205; Effort.alloc_control)."""
 
     KEEP = 1 << 26  # 256 MB of float32 activations
 
-    def __init__(self, model, target, stride: int, change: bool = False):
+    def __init__(self, model, target, stride: int, change: bool = False, slope: dict | None = None):
         import torch
 
         from .model import grid_layers
@@ -999,6 +1010,7 @@ class _OneTensorCost:
                 self.bands.append((ys, xs, own if change else t, inputs))  # what a replaced tensor's output meets
         self.base = _mean_square(fits)  # the model's own MSE on the subgrid, image_mse's value, from the same pass
         self.zero = 0.0 if change else self.base
+        self.slope = slope  # by name: added to the cost times the tensor's change (the control variate)
 
     def __call__(self, name: str, tensor) -> float:
         import torch
@@ -1008,8 +1020,31 @@ class _OneTensorCost:
         p = {**self.tensors, name: tensor}
         k = layer_index(self.arch, name) if self.bands[0][3] is not None else 0
         with torch.no_grad():
-            return _mean_square((grid_layers(self.arch, p, ys, xs, k, *(inputs[k] if inputs else (None, None))), ref)
+            cost = _mean_square((grid_layers(self.arch, p, ys, xs, k, *(inputs[k] if inputs else (None, None))), ref)
                                 for ys, xs, ref, inputs in self.bands) - self.zero
+            if self.slope is not None:
+                cost += float((self.slope[name].double() * (tensor - self.tensors[name]).double()).sum())
+        return cost
+
+
+def mse_gradients(model, target, stride: int = 1) -> dict:
+    """The gradient of image_mse (every stride-th row and column) by each of `model`'s tensors, by name; summed
+    over _bands, so that memory is one band's activations."""
+    import torch
+
+    from .model import grid_layers
+
+    names, tensors = zip(*model.named_tensors())
+    p = {n: t.detach().requires_grad_() for n, t in zip(names, tensors)}
+    grads = [torch.zeros_like(t) for t in tensors]
+    count = math.ceil(target.shape[0] / stride) * math.ceil(target.shape[1] / stride) * target.shape[2]
+    with torch.enable_grad():
+        for ys, xs, t in _bands(target, stride):
+            loss = ((grid_layers(model.arch, p, ys, xs) - t) ** 2).sum() / count
+            for g, d in zip(grads, torch.autograd.grad(loss, list(p.values()), allow_unused=True)):
+                if d is not None:
+                    g += d
+    return dict(zip(names, grads))
 
 
 def torch_randint(gen, high: int) -> int:
@@ -1116,15 +1151,17 @@ def rate_control(
 
 
 SMALL_TENSOR = 64  # values: allocate_steps gives tensors this small a finer ladder of steps
+CONTROL_STRIDE = 3  # allocate_steps' control variate from a subgrid of every 3rd row and column (1/9) on
 
 
 def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: dict, factor: float,
-                   pixels: int = ALLOC_PIXELS, change: bool = False) -> list[float]:
+                   pixels: int = ALLOC_PIXELS, change: bool = False, control: bool = False) -> list[float]:
     """Per-tensor quantisation steps from measured distortion (a Lagrangian over tensors).
 
     For every tensor and a ladder of steps around `factor` * rms, quantise that tensor alone and
     measure what it costs the image (on a subgrid of about `pixels`: the MSE's change, or with `change` the output's
-    mean square change; _OneTensorCost) and the bits it takes; then pick, for one multiplier lambda, the step
+    mean square change; _OneTensorCost; with `control` and a subgrid of at most 1/9 of the image, the MSE's change
+    with the whole image's first-order part, Effort.alloc_control) and the bits it takes; then pick, for one multiplier lambda, the step
     minimising cost + lambda * bits per tensor, with lambda bisected so that the estimated file fits the budget.
     """
     import torch
@@ -1132,7 +1169,11 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
     named = model.named_tensors()
     h, w = target.shape[:2]
     stride = max(1, math.ceil(math.sqrt(h * w / pixels)))
-    cost = _OneTensorCost(model, target, stride, change)
+    slope = None
+    if control and not change and stride >= CONTROL_STRIDE:  # the subgrid's first-order part out, the image's in
+        image, sub = mse_gradients(model, target), mse_gradients(model, target, stride)
+        slope = {k: image[k] - sub[k] for k in image}
+    cost = _OneTensorCost(model, target, stride, change, slope)
     # 1/32 .. 8 times the uniform step: small tensors (biases, the output layer) go fine. Tensors of a few values
     # cost a few bits at any step and go on down to 1/4096 while rounding them still costs something: the period's
     # offset (one scalar, scaled into every sine) at 1/32 alone cost 8 % of one fit's MSE (kodim02 crop, 0.6 bpp;
@@ -1307,13 +1348,13 @@ def quantise(model, target, plan: Plan, cfg: FitConfig,
              effort: Effort = EFFORTS[5]) -> tuple[bytes, list[TensorCoding]]:
     """The file of `model` within the plan's budget and its codings: steps proportional to each
     tensor's rms, then (cfg.rd_steps) re-allocated by distortion measured as the effort says (Effort.alloc_pixels,
-    Effort.alloc_change)."""
+    Effort.alloc_change, Effort.alloc_control)."""
     tensors = _tensors(model)
     scales = None
     if cfg.rd_steps:  # the ladder is centred on the uniform allocation's factor (an estimate suffices)
         factor = _estimate_factor(plan.header, tensors, plan.budget, plan.metadata)
         scales = allocate_steps(model, target, plan.header, plan.budget, plan.metadata, factor, effort.alloc_pixels,
-                                effort.alloc_change)
+                                effort.alloc_change, effort.alloc_control)
     _, data, codings, _ = rate_control(plan.header, tensors, plan.budget, plan.metadata, scales)
     return data, codings
 
