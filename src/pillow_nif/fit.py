@@ -1161,8 +1161,9 @@ def allocate_steps(model, target, header: Header, budget_bytes: int, metadata: d
     For every tensor and a ladder of steps around `factor` * rms, quantise that tensor alone and
     measure what it costs the image (on a subgrid of about `pixels`: the MSE's change, or with `change` the output's
     mean square change; _OneTensorCost; with `control` and a subgrid of at most 1/9 of the image, the MSE's change
-    with the whole image's first-order part, Effort.alloc_control) and the bits it takes; then pick, for one multiplier lambda, the step
-    minimising cost + lambda * bits per tensor, with lambda bisected so that the estimated file fits the budget.
+    with the whole image's first-order part, Effort.alloc_control) and the bits it takes; then pick, for one
+    multiplier lambda, the step minimising cost + lambda * bits per tensor, with lambda bisected so that the
+    estimated file fits the budget.
     """
     import torch
 
