@@ -104,8 +104,7 @@ def _encode(args) -> int:
     for _, dst in jobs:
         check_output(dst)
     opts = dict(bpp=args.bpp, quality=args.quality, effort=args.effort, device=args.device, seed=args.seed,
-                progress=not args.quiet)
-    keys = ("icc_profile", "exif", "xmp")
+                progress=not args.quiet)  # the metadata: each image's own (fit.metadata_of)
 
     def done(dst, im, result):
         write_atomic(dst, result.data)
@@ -116,7 +115,7 @@ def _encode(args) -> int:
         src, dst = jobs[0]
         with Image.open(src) as im:
             im.load()
-            done(dst, im, encode_image(im, **opts, **{k: im.info.get(k) for k in keys}))
+            done(dst, im, encode_image(im, **opts))
         return 0
     # Several inputs: fitted together where they share a size and architecture (pillow_nif.batch);
     # each file is written as soon as its group is done.
@@ -127,8 +126,7 @@ def _encode(args) -> int:
         with Image.open(src) as im:
             im.load()
         images.append(im)
-    metadata = [{k: im.info.get(k) for k in keys} for im in images]
-    encode_batch(images, metadata=metadata, on_result=lambda i, r: done(jobs[i][1], images[i], r), **opts)
+    encode_batch(images, on_result=lambda i, r: done(jobs[i][1], images[i], r), **opts)
     return 0
 
 
@@ -137,6 +135,7 @@ def _decode(args) -> int:
 
     from PIL import Image
 
+    from .fit import METADATA
     from .render import decode
 
     ext = os.path.splitext(args.output)[1]
@@ -147,7 +146,7 @@ def _decode(args) -> int:
     im = decode(args.input, size=args.size, device=args.device, backend=args.backend)
     buf = io.BytesIO()
     # The metadata the .nif holds goes on where the format takes it (Pillow's savers ignore what they cannot store).
-    im.save(buf, format=fmt, **{k: im.info[k] for k in ("icc_profile", "exif", "xmp") if im.info.get(k)})
+    im.save(buf, format=fmt, **{k: im.info[k] for k in METADATA if im.info.get(k)})
     write_atomic(args.output, buf.getvalue())
     print(f"{args.output}: {im.width}x{im.height} {im.mode}")
     return 0
