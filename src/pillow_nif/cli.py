@@ -64,19 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--bpp", type=float, help="bits per pixel of the whole file, a ceiling (default 0.5)")
     e.add_argument("--quality", type=float, help="1..100 onto a 0.05..2.0 bpp ladder (--bpp wins)")
     e.add_argument("--effort", type=int, default=5, help="1..9, encode time against quality (default 5)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto", help="where to fit: auto (CUDA when available), cpu, cuda or cuda:N")
+    e.add_argument("--seed", type=int, default=0,
+                   help="default 0; the same seed, input, options, device and threads give the same file")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
     d = sub.add_parser("decode", help="render a .nif file to an image")
-    d.add_argument("input")
+    d.add_argument("input", help="a .nif file")
     d.add_argument("output", help="output image; its extension picks the format (e.g. .png)")
     d.add_argument("--size", type=_size, help="render at WIDTHxHEIGHT instead of the stored size")
-    d.add_argument("--device", default="auto")
-    d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    d.add_argument("--device", default="auto", help="where to render: auto, cpu, cuda or cuda:N")
+    d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="triton: the fused kernels (CUDA); auto: triton on CUDA, torch on the CPU")
 
     i = sub.add_parser("info", help="print a .nif file's header as JSON")
-    i.add_argument("input")
+    i.add_argument("input", help="a .nif file")
     return p
 
 
