@@ -110,11 +110,13 @@ def test_outputs_checked_before_any_fitting(tmp_path, capsys, monkeypatch):
     cases = [(["a.png", "sub/a.bmp", "--out-dir", "out"], "both be written to"),  # one over the other, before
              (["a.png", "missing.png", "--out-dir", "out"], "no input file"),
              (["a.png", "sub"], "is a directory"),
-             (["a.png", "nowhere/x.nif"], "no folder")]
+             (["a.png", "nowhere/x.nif"], "no folder"),
+             (["a.png", "sub/a.bmp"], "is not a .nif name")]  # two inputs meant, one written over: refused
     for args, message in cases:
         assert main(["encode", *args, "--bpp", "60", "--quiet"]) == 1
         assert message in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["a.png", "sub"]  # no --out-dir made for a run that failed
+    assert Image.open("sub/a.bmp").format == "BMP"
 
 
 def test_decode_keeps_the_metadata_and_reports_a_bomb(tmp_path, capsys, monkeypatch):

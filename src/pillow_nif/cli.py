@@ -101,6 +101,12 @@ def _encode(args) -> int:
         os.makedirs(args.out_dir, exist_ok=True)
     elif len(args.inputs) == 2:
         jobs = [tuple(args.inputs)]
+        # `nif encode a.png b.png` meant as two inputs would write NIF bytes over b.png: refuse another format's name
+        ext = os.path.splitext(args.inputs[1])[1].lower()
+        fmt = Image.registered_extensions().get(ext)
+        if fmt not in (None, "NIF"):
+            raise ValueError(f"{args.inputs[1]} is not a .nif name ({ext} is {fmt}'s): give INPUT OUTPUT.nif, "
+                             "or several inputs with --out-dir DIR")
     else:
         raise SystemExit("nif encode: give INPUT OUTPUT, or several inputs with --out-dir DIR")
     for _, dst in jobs:
