@@ -1,1 +1,2 @@
-"""Triton kernels for decoding NIF images; each is tested against its torch reference in pillow_nif.model."""
+"""Triton kernels: nif_decode (the fused decoder; reference pillow_nif.model), nif_train (the training forward and
+backward; reference pillow_nif.subgrid) and sine_layer (one modulated sine layer; its own reference())."""

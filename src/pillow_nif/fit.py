@@ -30,7 +30,7 @@ QUALITY_MIN_BPP, QUALITY_MAX_BPP = 0.05, 2.0
 
 
 def quality_to_bpp(quality: float) -> float:
-    """quality 1..100 maps log-linearly onto 0.05..2.0 bpp (50 -> 0.31, 75 -> 0.78, 90 -> 1.38)."""
+    """quality 1..100 maps log-linearly onto 0.05..2.0 bpp (50 -> 0.31, 75 -> 0.79, 90 -> 1.38)."""
     return QUALITY_MIN_BPP * (QUALITY_MAX_BPP / QUALITY_MIN_BPP) ** ((quality - 1) / 99)
 
 
