@@ -138,3 +138,28 @@ def test_failed_decode_leaves_no_output(tmp_path):
     assert main(["decode", str(bad), str(tmp_path / "o.png")]) == 1
     assert not (tmp_path / "o.png").exists()
     assert np.array_equal(sorted(p.name for p in tmp_path.iterdir()), ["bad.nif"])
+
+
+def test_threads_sets_torchs_threads_for_the_command_only(tmp_path, capsys, monkeypatch):
+    import types
+
+    import torch
+
+    from pillow_nif import fit
+
+    seen = []
+
+    def fake_fit(im, **opts):  # what a fit would see, without fitting
+        seen.append(torch.get_num_threads())
+        return types.SimpleNamespace(data=b"nif", bpp=0.1, psnr=30.0, seconds=0.0)
+
+    monkeypatch.setattr(fit, "encode_image", fake_fit)
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1
+    src = tmp_path / "a.png"
+    photo(16, 16).save(src)
+    assert main(["encode", str(src), str(tmp_path / "a.nif"), "--threads", str(want), "--quiet"]) == 0
+    assert seen == [want] and torch.get_num_threads() == before
+    with pytest.raises(SystemExit) as e:  # argparse's usage error
+        main(["encode", str(src), str(tmp_path / "b.nif"), "--threads", "0"])
+    assert e.value.code == 2 and "at least 1" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -54,6 +55,32 @@ def check_output(path: str) -> None:
         raise FileNotFoundError(f"no folder {folder} to write {path} in")
 
 
+THREADS_HELP = "CPU threads (default: torch's, one per core); 1 where other work keeps the cores busy"
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"needs at least 1, not {n}")
+    return n
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch's CPU threads set to `n` for one command (main may run inside a longer-lived process: tests)."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nif", description="Neural Imaging Format: encode, decode, inspect .nif files")
     sub = p.add_subparsers(dest="command", required=True)
@@ -68,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0,
                    help="default 0; the same seed, input, options, device and threads give the same file")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--threads", type=_positive, help=THREADS_HELP)
 
     d = sub.add_parser("decode", help="render a .nif file to an image")
     d.add_argument("input", help="a .nif file")
@@ -76,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", help="where to render: auto, cpu, cuda or cuda:N")
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="triton: the fused kernels (CUDA); auto: triton on CUDA, torch on the CPU")
+    d.add_argument("--threads", type=_positive, help=THREADS_HELP)
 
     i = sub.add_parser("info", help="print a .nif file's header as JSON")
     i.add_argument("input", help="a .nif file")
@@ -174,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     from .bitstream import FormatError
 
     try:
-        return {"encode": _encode, "decode": _decode, "info": _info}[args.command](args)
+        with _torch_threads(getattr(args, "threads", None)):
+            return {"encode": _encode, "decode": _decode, "info": _info}[args.command](args)
     except (ValueError, OSError, FormatError, DecompressionBombError) as e:
         print(f"nif {args.command}: error: {e}", file=sys.stderr)
         return 1
