@@ -59,7 +59,10 @@ THREADS_HELP = "CPU threads (default: torch's, one per core); 1 where other work
 
 
 def _positive(text: str) -> int:
-    n = int(text)
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs a whole number, not {text!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"needs at least 1, not {n}")
     return n
