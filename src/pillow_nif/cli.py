@@ -46,6 +46,13 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
+def format_of(path: str) -> str | None:
+    """The Pillow format a file name's extension picks (None: none does)."""
+    from PIL import Image
+
+    return Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+
+
 def check_output(path: str) -> None:
     """Fail before minutes of fitting where `path` cannot be written: a directory, or a folder that is not there."""
     if os.path.isdir(path):
@@ -134,11 +141,10 @@ def _encode(args) -> int:
     elif len(args.inputs) == 2:
         jobs = [tuple(args.inputs)]
         # `nif encode a.png b.png` meant as two inputs would write NIF bytes over b.png: refuse another format's name
-        ext = os.path.splitext(args.inputs[1])[1].lower()
-        fmt = Image.registered_extensions().get(ext)
+        fmt = format_of(args.inputs[1])
         if fmt not in (None, "NIF"):
-            raise ValueError(f"{args.inputs[1]} is not a .nif name ({ext} is {fmt}'s): give INPUT OUTPUT.nif, "
-                             "or several inputs with --out-dir DIR")
+            raise ValueError(f"{args.inputs[1]} is not a .nif name (that is {fmt}'s extension): give INPUT "
+                             "OUTPUT.nif, or several inputs with --out-dir DIR")
     else:
         raise SystemExit("nif encode: give INPUT OUTPUT, or several inputs with --out-dir DIR")
     for _, dst in jobs:
@@ -173,15 +179,12 @@ def _encode(args) -> int:
 def _decode(args) -> int:
     import io
 
-    from PIL import Image
-
     from .fit import METADATA
     from .render import decode
 
-    ext = os.path.splitext(args.output)[1]
-    fmt = Image.registered_extensions().get(ext.lower())
+    fmt = format_of(args.output)
     if fmt is None:
-        raise SystemExit(f"nif decode: unknown output extension {ext!r}")
+        raise SystemExit(f"nif decode: unknown output extension {os.path.splitext(args.output)[1]!r}")
     check_output(args.output)
     im = decode(args.input, size=args.size, device=args.device, backend=args.backend)
     buf = io.BytesIO()

@@ -40,7 +40,9 @@ def check_size(size, what="size") -> tuple[int, int]:
         w, h = size
     except (TypeError, ValueError):
         w = h = None
-    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (w, h)) or isinstance(size, str):
+    # bytes unpack to integers too: b"55" would be 53x53
+    if isinstance(size, (bytes, bytearray)) or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                       for v in (w, h)):
         raise ValueError(f"{what} must be a (width, height) pair of integers, got {size!r}")
     w, h = int(w), int(h)
     if not (1 <= w <= bitstream.MAX_DIM and 1 <= h <= bitstream.MAX_DIM):
