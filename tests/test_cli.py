@@ -163,3 +163,16 @@ def test_threads_sets_torchs_threads_for_the_command_only(tmp_path, capsys, monk
     with pytest.raises(SystemExit) as e:  # argparse's usage error
         main(["encode", str(src), str(tmp_path / "b.nif"), "--threads", "0"])
     assert e.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
+def test_version_is_the_installed_packages(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out.split()[-1]
+    try:  # pyproject takes its version from pillow_nif.__version__: the two cannot drift apart
+        assert printed == metadata.version("pillow-nif")
+    except metadata.PackageNotFoundError:
+        pytest.skip("pillow-nif is not installed, only on the path")

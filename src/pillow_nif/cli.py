@@ -92,7 +92,10 @@ def _torch_threads(n: int | None):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="nif", description="Neural Imaging Format: encode, decode, inspect .nif files")
+    p.add_argument("--version", action="version", version=f"nif (pillow-nif) {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("encode", help="fit a network to an image and write a .nif file")
