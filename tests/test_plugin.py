@@ -185,6 +185,17 @@ def test_too_small_budget_is_a_clear_error(tmp_path):
     assert not (tmp_path / "x.nif").exists()
 
 
+@pytest.mark.parametrize("size", [(0, 0), (0, 12), (12, 0)])
+def test_an_empty_image_is_refused_as_pillow_refuses_it(tmp_path, size):
+    import pillow_nif
+
+    with pytest.raises(ValueError, match="empty image"):  # was a ZeroDivisionError from the architecture's choice
+        Image.new("RGB", size).save(tmp_path / "x.nif", bpp=8)
+    assert not (tmp_path / "x.nif").exists()
+    with pytest.raises(ValueError, match="empty image"):  # before any image of the batch is fitted
+        pillow_nif.encode_many([photo(16, 16), Image.new("L", size)], bpp=8, effort=1)
+
+
 def test_unsupported_mode_is_refused(tmp_path):
     with pytest.raises(OSError, match="cannot write mode CMYK"):
         photo(16, 16).convert("CMYK").save(tmp_path / "x.nif", bpp=8)

@@ -1241,9 +1241,11 @@ def check_encode_options(bpp, quality, effort, device, seed, colour) -> tuple[fl
 def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitConfig, effort: Effort) -> Plan:
     """Storage mode, colour transform, byte budget and architecture of `image` for a fit at `effort`, without its
     pixels."""
+    w, h = image.size
+    if w < 1 or h < 1:  # Pillow's PNG and TIFF savers' words for it
+        raise ValueError(f"cannot write empty image ({w}x{h})")
     mode = storage_mode(image)  # OSError for modes NIF cannot hold
     c = bitstream.MODES[bitstream.MODE_CODES[mode]][1]
-    w, h = image.size
     col = bitstream.COLOUR_YCBCR if c >= 3 and colour in ("auto", "ycbcr") else bitstream.COLOUR_IDENTITY
     metadata = {k: bytes(v) for k, v in metadata.items() if v}
     budget = int(target_bpp * w * h // 8)
