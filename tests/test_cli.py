@@ -140,6 +140,20 @@ def test_failed_decode_leaves_no_output(tmp_path):
     assert np.array_equal(sorted(p.name for p in tmp_path.iterdir()), ["bad.nif"])
 
 
+def test_decode_to_a_nif_name_is_refused_not_encoded_again(tmp_path, capsys, monkeypatch):
+    from pillow_nif import fit
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("decode fitted a network")
+
+    src = tmp_path / "a.nif"
+    photo(16, 16).save(src, bpp=60, effort=1)
+    monkeypatch.setattr(fit, "encode_image", no_fit)
+    with pytest.raises(SystemExit, match="nif encode"):
+        main(["decode", str(src), str(tmp_path / "b.NIF")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nif"]
+
+
 def test_threads_sets_torchs_threads_for_the_command_only(tmp_path, capsys, monkeypatch):
     import types
 

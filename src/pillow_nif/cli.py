@@ -188,6 +188,9 @@ def _decode(args) -> int:
     fmt = format_of(args.output)
     if fmt is None:
         raise SystemExit(f"nif decode: unknown output extension {os.path.splitext(args.output)[1]!r}")
+    if fmt == "NIF":  # Pillow would fit a new network to the rendered pixels: minutes, at another file's rate
+        raise SystemExit(f"nif decode: {args.output} is a .nif name; decode to an image format (.png, ...), "
+                         "or re-encode with nif encode")
     check_output(args.output)
     im = decode(args.input, size=args.size, device=args.device, backend=args.backend)
     buf = io.BytesIO()
