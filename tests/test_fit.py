@@ -292,6 +292,21 @@ def test_array_input_and_metadata_travel():
     assert f.metadata == {"icc_profile": b"ICC!", "exif": b"Exif\x00\x00II*\x00"}
 
 
+def test_a_path_is_encoded_as_its_image_and_an_unusable_array_named(tmp_path):
+    src = tmp_path / "in.png"
+    photo(30, 20).save(src, icc_profile=b"ICC!")
+    for path in (src, str(src)):  # was "Cannot handle this data type: (1, 1), <U..." from Image.fromarray
+        f = bitstream.loads(pillow_nif.encode(path, bpp=6, effort=1))
+        assert (f.header.width, f.header.height) == (30, 20) and f.metadata == {"icc_profile": b"ICC!"}
+    assert len(pillow_nif.encode_many([str(src), np.asarray(photo(16, 16))], bpp=8, effort=1)) == 2
+    arr = np.asarray(photo(8, 8), dtype=np.float32) / 255
+    for bad in (arr, b"not an image", 3):
+        with pytest.raises(TypeError, match="cannot encode .*uint8"):
+            pillow_nif.encode(bad, bpp=8, effort=1)
+        with pytest.raises(TypeError, match="cannot encode .*uint8"):
+            pillow_nif.encode_many([photo(8, 8), bad], bpp=8, effort=1)
+
+
 def _fitted(width=64, height=48, bpp=2.0, image=None):
     from pillow_nif import fit
     from pillow_nif.colour import to_network_space

@@ -23,17 +23,18 @@ def register(device: str | None = None, backend: str | None = None) -> None:
 
 
 def encode(image, **options) -> bytes:
-    """Fit a NIF network to a PIL image (or an array) and return the .nif file's bytes.
+    """Fit a NIF network to a PIL image (or a file's path, or an array) and return the .nif file's bytes.
 
     Options: bpp, quality, effort, device, seed, progress, icc_profile, exif, xmp (see the README).
     """
     from .fit import encode_image
+    from .imaging import as_image
 
-    return encode_image(_as_image(image), **options, measure=False).data
+    return encode_image(as_image(image), **options, measure=False).data
 
 
 def encode_many(images, **options) -> list[bytes]:
-    """Encode several images with the same options: images of one size and architecture are fitted
+    """Encode several images (each as encode takes it) with the same options: images of one size and architecture are fitted
     together as one stacked network (see pillow_nif.batch), each to the file encode would write. `bpp` may also be
     a list, one bpp per image."""
     from .batch import encode_many as _encode_many
@@ -53,16 +54,6 @@ def info(data_or_path) -> dict:
     from .render import info as _info
 
     return _info(data_or_path)
-
-
-def _as_image(image):
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    import numpy as np
-
-    return Image.fromarray(np.asarray(image))
 
 
 def _register_imageio(config=None) -> None:

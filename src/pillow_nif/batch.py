@@ -43,6 +43,7 @@ from torch import nn
 
 from . import fit, tiles
 from .bitstream import Architecture, Header
+from .imaging import as_image
 from .model import axis_columns, encode_axis, sin_of_product
 from .subgrid import as_slice
 
@@ -105,7 +106,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     # Every image is checked (mode, budget) before any fitting starts.
     if metadata is not None and any(set(m) - set(fit.METADATA) for m in metadata):
         raise ValueError(f"metadata entries take the keys {', '.join(fit.METADATA)}")
-    images = [_as_image(im) for im in images]
+    images = [as_image(im) for im in images]
     meta = [fit.metadata_of(im, **(metadata[i] if metadata is not None else common)) for i, im in enumerate(images)]
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
     large = {i: tiles.plan_tiles(im, bpps[i], {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
@@ -135,12 +136,6 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
         if on_result is not None:
             on_result(i, results[i])
     return results
-
-
-def _as_image(image):
-    from PIL import Image
-
-    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
 
 
 def _plan(index: int, image, target_bpp: float, colour: str, meta: dict, cfg: fit.FitConfig, eff: fit.Effort) -> _Job:

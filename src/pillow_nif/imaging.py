@@ -12,6 +12,30 @@ _CONVERT = {"1": "L", "La": "LA", "RGBa": "RGBA", "RGBX": "RGB", "PA": "RGBA",
             "I;16L": "I;16", "I;16B": "I;16", "I;16N": "I;16"}
 
 
+def as_image(image):
+    """What pillow_nif.encode and encode_many take: a PIL image; a path to an image file (opened and read, its
+    metadata kept); or an (H, W) / (H, W, 2-4) array of uint8, or (H, W) of uint16, as Image.fromarray reads it."""
+    import os
+
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            im.load()
+        return im
+    arr = np.asarray(image)
+    try:
+        if arr.ndim < 2:
+            raise TypeError
+        return Image.fromarray(arr)
+    except TypeError:  # Pillow's own "Cannot handle this data type: (1, 1, 3), <f4" names neither array nor fix
+        raise TypeError(f"cannot encode {type(image).__name__} of {arr.dtype} values in shape {arr.shape}: give a "
+                        "PIL image, a file's path, or an array of uint8 ((H, W) or (H, W, 2-4)) or uint16 ((H, W)); "
+                        "scale floats to 0-255 and cast them") from None
+
+
 def storage_mode(im) -> str:
     """The native mode `im` will be stored as, or OSError for modes NIF cannot hold."""
     mode = im.mode
