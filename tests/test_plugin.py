@@ -1,4 +1,5 @@
 import io
+import os
 import subprocess
 import sys
 import warnings
@@ -14,6 +15,16 @@ import pillow_nif
 def psnr(a, b, peak=255.0):
     mse = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
     return 10 * np.log10(peak**2 / mse)
+
+
+@pytest.mark.parametrize("env, expected", [({}, "1000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
+                                           ({"OMP_WAIT_POLICY": "ACTIVE"}, "None")])
+def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise(env, expected):
+    # A long spin made a two-thread encode 80-90x slower on a machine whose other processes kept the cores busy.
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, pillow_nif; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
 
 
 def test_save_open_round_trip(small_nif):
