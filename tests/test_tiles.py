@@ -140,6 +140,10 @@ def test_encode_many_tiles_the_large_images_only():
 @pytest.mark.parametrize("mode", ["L", "RGBA", "I;16"])
 def test_tiled_encode_keeps_the_mode(mode):
     im = photo(96, 64, "RGBA" if mode == "RGBA" else "L")
+    if mode == "RGBA":  # transparent in the top-left tile only: the opaque tiles keep their alpha (one mode a grid)
+        alpha = Image.new("L", im.size, 255)
+        alpha.paste(Image.linear_gradient("L").resize((30, 20)), (4, 4))
+        im.putalpha(alpha)
     if mode == "I;16":
         im = Image.frombytes("I;16", im.size, (np.asarray(im).astype("<u2") * 257).tobytes())
     r = fit.encode_image(im, bpp=3.0, effort=1, config=TILED)

@@ -43,7 +43,7 @@ from torch import nn
 
 from . import fit, tiles
 from .bitstream import Architecture, Header
-from .imaging import as_image
+from .imaging import as_image, drop_opaque_alpha
 from .model import axis_columns, encode_axis, sin_of_product
 from .subgrid import as_slice
 
@@ -74,7 +74,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
                  icc_profile=None, exif=None, xmp=None, colour="auto", config: fit.FitConfig | None = None,
                  metadata: list[dict] | None = None, use_fused: bool = False,
                  on_result: Callable[[int, fit.EncodeResult], None] | None = None,
-                 measure: bool = True) -> list[fit.EncodeResult]:
+                 measure: bool = True, keep_alpha: bool = False) -> list[fit.EncodeResult]:
     """encode_image for a list of PIL images (or arrays), fitting like images together.
 
     Every option means what it means to encode_image and applies to every image; `metadata`, a list of
@@ -84,6 +84,8 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     step on an H200 (benchmarks/NOTES.md round 43), so off by default.
     `on_result(index, result)` is called as each image is done (groups finish in order of first image).
     `measure`: the results' PSNRs, as encode_image's (encode_many keeps only the bytes).
+    `keep_alpha`: store an opaque alpha channel too (tiles.py: a tile of a partly transparent image keeps the grid's
+    mode), where encode_image drops it (imaging.drop_opaque_alpha).
     """
     images = list(images)
     each = bpp if isinstance(bpp, (list, tuple)) else None
@@ -106,7 +108,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     # Every image is checked (mode, budget) before any fitting starts.
     if metadata is not None and any(set(m) - set(fit.METADATA) for m in metadata):
         raise ValueError(f"metadata entries take the keys {', '.join(fit.METADATA)}")
-    images = [as_image(im) for im in images]
+    images = [im if keep_alpha else drop_opaque_alpha(im) for im in map(as_image, images)]
     meta = [fit.metadata_of(im, **(metadata[i] if metadata is not None else common)) for i, im in enumerate(images)]
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
     large = {i: tiles.plan_tiles(im, bpps[i], {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
