@@ -95,6 +95,21 @@ def test_unknown_ancillary_chunk_is_skipped_and_unknown_critical_refused():
         bs.loads(data + chunk(b"ZZZZ", b"hello"))
 
 
+def test_an_alpha_chunk_is_one_byte_in_an_l_or_rgb_file():
+    data = make_file()
+    f = bs.loads(data + chunk(bs.CHUNK_ALPHA, b"\x80"))
+    assert bs.constant_alpha(f.metadata, "RGB") == 128 and bs.shown_mode("RGB", f.metadata) == "RGBA"
+    assert bs.shown_mode("RGB", bs.loads(data).metadata) == "RGB"
+    for payload in (b"", b"\xff\xff"):
+        with pytest.raises(FormatError, match="bad alpha chunk"):
+            bs.loads(data + chunk(bs.CHUNK_ALPHA, payload))
+    arch4 = dataclasses.replace(ARCH, channels=4)
+    rgba = bs.dumps(NifFile(Header(97, 61, "RGBA", bs.COLOUR_YCBCR, arch4), bs.loads(make_file(arch4)).codings,
+                            b"\x01\x00\x00\x00" * 64))
+    with pytest.raises(FormatError, match="bad alpha chunk"):  # an alpha channel twice
+        bs.loads(rgba + chunk(bs.CHUNK_ALPHA, b"\xff"))
+
+
 def test_header_must_come_first_and_once():
     data = make_file()
     first = data[8 : 8 + 12 + struct.unpack(">I", data[12:16])[0]]

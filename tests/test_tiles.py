@@ -151,6 +151,19 @@ def test_tiled_encode_keeps_the_mode(mode):
     assert out.mode == mode and out.size == (96, 64) and r.psnr > 22
 
 
+def test_tiles_hold_none_of_the_images_metadata_and_the_file_one_alpha_value():
+    im = photo(96, 64, "RGBA")  # opaque: stored as RGB tiles, the 255 once in the tiled file
+    meta = {"icc_profile": b"I" * 300, "exif": b"Exif\x00\x00" + b"E" * 100}
+    im.info.update(meta)  # a crop's info is the image's: it had gone into every tile, out of the tiles' bits
+    r = fit.encode_image(im, bpp=8.0, effort=1, config=TILED)
+    f = bs.loads(r.data)
+    assert f.grid.mode == "RGB" and f.metadata == meta | {"alpha": b"\xff"}
+    assert [t.metadata for t in f.tiles] == [{}] * 4
+    out = pillow_nif.decode(r.data)
+    assert out.mode == "RGBA" and out.info == meta and (np.asarray(out)[..., 3] == 255).all()
+    assert Image.open(io.BytesIO(r.data)).mode == "RGBA" and pillow_nif.info(r.data)["alpha"] == 255
+
+
 # ---- the container, against hostile bytes -----------------------------------------------------------------------
 
 

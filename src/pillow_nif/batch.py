@@ -43,7 +43,7 @@ from torch import nn
 
 from . import fit, tiles
 from .bitstream import Architecture, Header
-from .imaging import as_image, drop_opaque_alpha
+from .imaging import as_image, split_constant_alpha
 from .model import axis_columns, encode_axis, sin_of_product
 from .subgrid import as_slice
 
@@ -84,8 +84,8 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     step on an H200 (benchmarks/NOTES.md round 43), so off by default.
     `on_result(index, result)` is called as each image is done (groups finish in order of first image).
     `measure`: the results' PSNRs, as encode_image's (encode_many keeps only the bytes).
-    `keep_alpha`: store an opaque alpha channel too (tiles.py: a tile of a partly transparent image keeps the grid's
-    mode), where encode_image drops it (imaging.drop_opaque_alpha).
+    `keep_alpha`: fit an alpha channel of one value too (tiles.py: a tile of a partly transparent image keeps the
+    grid's mode), where encode_image stores its value alone (imaging.split_constant_alpha).
     """
     images = list(images)
     each = bpp if isinstance(bpp, (list, tuple)) else None
@@ -108,8 +108,10 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     # Every image is checked (mode, budget) before any fitting starts.
     if metadata is not None and any(set(m) - set(fit.METADATA) for m in metadata):
         raise ValueError(f"metadata entries take the keys {', '.join(fit.METADATA)}")
-    images = [im if keep_alpha else drop_opaque_alpha(im) for im in map(as_image, images)]
-    meta = [fit.metadata_of(im, **(metadata[i] if metadata is not None else common)) for i, im in enumerate(images)]
+    split = [(im, None) if keep_alpha else split_constant_alpha(im) for im in map(as_image, images)]
+    images = [im for im, _ in split]
+    meta = [fit.metadata_of(im, **(metadata[i] if metadata is not None else common))
+            | ({"alpha": bytes([alpha])} if alpha is not None else {}) for i, (im, alpha) in enumerate(split)]
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
     large = {i: tiles.plan_tiles(im, bpps[i], {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
              for i, im in enumerate(images) if fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)}

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import bitstream, entropy
 from .bitstream import Architecture, Header, NifFile, TensorCoding
-from .imaging import drop_opaque_alpha, prepare_image, storage_mode
+from .imaging import prepare_image, split_constant_alpha, storage_mode
 
 DEFAULT_BPP = 0.5
 QUALITY_MIN_BPP, QUALITY_MAX_BPP = 0.05, 2.0
@@ -1422,8 +1422,8 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     cfg = config or FitConfig()
     t0 = time.perf_counter()
     eff = EFFORTS[effort]
-    image = drop_opaque_alpha(image)
-    metadata = metadata_of(image, icc_profile, exif, xmp)
+    image, alpha = split_constant_alpha(image)
+    metadata = metadata_of(image, icc_profile, exif, xmp) | ({"alpha": bytes([alpha])} if alpha is not None else {})
     if tile_grid(*image.size, cfg.tile_pixels) != (1, 1):
         from .tiles import encode_tiled
 

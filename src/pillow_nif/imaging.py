@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# Stored natively: these keep their mode through a round trip (LA and RGBA where their alpha is not all opaque).
+# Stored natively: these keep their mode through a round trip (LA and RGBA with one alpha value as L and RGB).
 NATIVE_MODES = ("L", "LA", "RGB", "RGBA", "I;16")
 # Converted explicitly (documented): bilevel to grey, palette to RGB(A), premultiplied to straight,
 # the 16-bit byte orders and 32-bit integer grey (when its values fit 16 bits) to I;16.
@@ -53,17 +53,19 @@ def storage_mode(im) -> str:
     raise OSError(f"cannot write mode {mode} as NIF (supported: {supported}, and 1, P, PA, La, RGBa, I in 0..65535)")
 
 
-def drop_opaque_alpha(im):
-    """`im` as it is stored: an alpha channel that is opaque everywhere is dropped (LA to L, RGBA to RGB; as libwebp
-    does), since fitting one cost the colours 1.7-2.3 dB at 0.5 bpp (session 70) though the network gets its 255s
-    exactly. Pillow's conversions keep `info` (the metadata)."""
+def split_constant_alpha(im):
+    """(`im` without its alpha channel, the alpha's value) where that channel is one value everywhere (an opaque
+    RGBA or LA image), else (im, None). The file then stores L or RGB and the value (bitstream.CHUNK_ALPHA), and
+    decodes as LA or RGBA again: fitting an opaque alpha cost the colours 0.75-1.4 dB at 0.5 bpp (session 70), though
+    the network got its 255s exactly. Pillow's conversions keep `info` (the metadata)."""
     mode = storage_mode(im)
     if mode not in ("LA", "RGBA"):
-        return im
+        return im, None
     full = im if im.mode == mode else im.convert(mode)  # P, PA, La, RGBa
-    if full.getchannel("A").getextrema()[0] < 255:
-        return im
-    return full.convert(mode[:-1])
+    lo, hi = full.getchannel("A").getextrema()
+    if lo != hi:
+        return im, None
+    return full.convert(mode[:-1]), lo
 
 
 def prepare_image(im) -> tuple[np.ndarray, str, int]:
@@ -82,10 +84,14 @@ def prepare_image(im) -> tuple[np.ndarray, str, int]:
     return arr / 255.0, mode, 255
 
 
-def to_image(pixels: np.ndarray, mode: str):
-    """PIL image from an (H, W, C) integer array in `mode`'s range."""
+def to_image(pixels: np.ndarray, mode: str, alpha: int | None = None):
+    """PIL image from an (H, W, C) integer array in `mode`'s range; `alpha`: a constant alpha channel to add (an L
+    or RGB file's aLPH chunk), which makes it LA or RGBA."""
     from PIL import Image
 
+    if alpha is not None:
+        pixels = np.concatenate([pixels, np.full(pixels.shape[:2] + (1,), alpha, pixels.dtype)], axis=2)
+        mode += "A"
     if mode == "I;16":
         h, w = pixels.shape[:2]
         return Image.frombytes("I;16", (w, h), np.ascontiguousarray(pixels[..., 0]).astype("<u2").tobytes())

@@ -39,9 +39,13 @@ class NifImageFile(ImageFile.ImageFile):
         self._nif_header = header
         # Image.open checks this size against MAX_IMAGE_PIXELS as _open returns; nothing is allocated before.
         self._size = (header.width, header.height)
-        self._mode = header.mode
+        metadata = bitstream.read_metadata(data)
+        try:
+            self._mode = bitstream.shown_mode(header.mode, metadata)  # + A where the file stores one alpha value
+        except bitstream.FormatError:  # damaged after its header: load() names it, as for any other chunk
+            self._mode = header.mode
         self._render_size = self._size
-        self.info.update(bitstream.read_metadata(data))
+        self.info.update({k: v for k, v in metadata.items() if k != "alpha"})
 
     def draft(self, mode, size):
         """Render at (at least) `size` instead of the stored size: the network is continuous."""
@@ -69,7 +73,7 @@ class NifImageFile(ImageFile.ImageFile):
                 pixels = render_file(nif, self._render_size, device=_options["device"], backend=_options["backend"])
             except bitstream.FormatError as e:
                 raise OSError(f"cannot decode NIF file: {e}") from e
-            self.im = to_image(pixels, self.mode).im
+            self.im = to_image(pixels, nif.header.mode, bitstream.constant_alpha(nif.metadata, nif.header.mode)).im
             if self._exclusive_fp and self.fp:
                 self.fp.close()
             self.fp = None

@@ -301,7 +301,8 @@ def render_file(f: NifFile | TiledFile, size=None, device: str = "auto", backend
 
 
 def decode_array(data_or_path, size=None, device: str = "auto", backend: str = "auto") -> np.ndarray:
-    """(height, width, channels) uint8 (uint16 for I;16) pixels of a .nif file."""
+    """(height, width, channels) uint8 (uint16 for I;16) pixels of a .nif file, the channels it stores (decode adds
+    a constant alpha channel)."""
     return render_file(bitstream.loads(read_bytes(data_or_path)), size, device, backend)
 
 
@@ -317,8 +318,9 @@ def decode(data_or_path, size=None, device: str = "auto", backend: str = "auto")
     f = bitstream.loads(read_bytes(data_or_path))
     w, h = check_size(size) if size is not None else (f.header.width, f.header.height)
     Image._decompression_bomb_check((w, h))
-    im = to_image(render_file(f, (w, h), device, backend), f.header.mode)
-    im.info.update(f.metadata)
+    im = to_image(render_file(f, (w, h), device, backend), f.header.mode, bitstream.constant_alpha(f.metadata,
+                                                                                                    f.header.mode))
+    im.info.update({k: v for k, v in f.metadata.items() if k != "alpha"})
     return im
 
 
@@ -331,7 +333,8 @@ def info(data_or_path) -> dict:
         return _info(f.tiles[0], data) | {
             "version": f.version, "width": g.width, "height": g.height, "bpp": len(data) * 8 / (g.width * g.height),
             "tiles": [g.columns, g.rows], "tile_margin": g.margin,
-            "params": sum(t.header.arch.num_params() for t in f.tiles), "metadata": sorted(f.metadata),
+            "params": sum(t.header.arch.num_params() for t in f.tiles), "metadata": _metadata(f),
+            "mode": bitstream.shown_mode(g.mode, f.metadata), "alpha": bitstream.constant_alpha(f.metadata, g.mode),
         }
     return _info(f, data)
 
@@ -344,7 +347,8 @@ def _info(f: NifFile, data: bytes) -> dict:
         "version": f.version,
         "width": h.width,
         "height": h.height,
-        "mode": h.mode,
+        "mode": bitstream.shown_mode(h.mode, f.metadata),
+        "alpha": bitstream.constant_alpha(f.metadata, h.mode),  # the one alpha value of a file that stores it alone
         "colour": {0: "rgb", 1: "ycbcr"}[h.colour],
         "bytes": len(data),
         "bpp": len(data) * 8 / (h.width * h.height),
@@ -359,8 +363,12 @@ def _info(f: NifFile, data: bytes) -> dict:
         "post_filter_classes": a.filter_classes,
         "tiles": [1, 1],
         "tile_margin": 0,
-        "metadata": sorted(f.metadata),
+        "metadata": _metadata(f),
     }
+
+
+def _metadata(f) -> list[str]:
+    return sorted(k for k in f.metadata if k != "alpha")
 
 
 __all__ = ["decode", "decode_array", "info", "load_network", "render", "FormatError"]
