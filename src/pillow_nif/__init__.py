@@ -43,9 +43,9 @@ def encode(image, **options) -> bytes:
 
 
 def encode_many(images, **options) -> list[bytes]:
-    """Encode several images (each as encode takes it) with the same options: images of one size and architecture are fitted
-    together as one stacked network (see pillow_nif.batch), each to the file encode would write. `bpp` may also be
-    a list, one bpp per image."""
+    """Encode several images (each as encode takes it) with the same options: images of one size and architecture
+    are fitted together as one stacked network (see pillow_nif.batch), each to the file encode would write. `bpp`
+    may also be a list, one bpp per image."""
     from .batch import encode_many as _encode_many
 
     return _encode_many(images, **options)

@@ -318,8 +318,8 @@ def decode(data_or_path, size=None, device: str = "auto", backend: str = "auto")
     f = bitstream.loads(read_bytes(data_or_path))
     w, h = check_size(size) if size is not None else (f.header.width, f.header.height)
     Image._decompression_bomb_check((w, h))
-    im = to_image(render_file(f, (w, h), device, backend), f.header.mode, bitstream.constant_alpha(f.metadata,
-                                                                                                    f.header.mode))
+    alpha = bitstream.constant_alpha(f.metadata, f.header.mode)
+    im = to_image(render_file(f, (w, h), device, backend), f.header.mode, alpha)
     im.info.update({k: v for k, v in f.metadata.items() if k != "alpha"})
     return im
 
