@@ -175,6 +175,15 @@ def test_an_interrupted_or_failed_save_leaves_no_empty_file(tmp_path, monkeypatc
     assert (tmp_path / "e.nif").read_bytes() == b"mine"
     with pytest.raises(ValueError):
         im.save(io.BytesIO(), format="NIF", bpp=0)
+    # An empty file the caller opened stays too: what it writes after the failure had gone into a deleted file.
+    with open(tmp_path / "f.img", "wb") as f:
+        with pytest.raises(ValueError):
+            im.save(f, format="NIF", bpp=0.01)
+        im.save(f, format="PNG")  # the caller's fallback
+    with open(tmp_path / "g.nif", "wb") as f:
+        with pytest.raises(ValueError):
+            iio.imwrite(f, arr, extension=".nif", bpp=0.01)
+    assert Image.open(tmp_path / "f.img").format == "PNG" and (tmp_path / "g.nif").exists()
 
 
 def test_frames_one_file_each(tmp_path):

@@ -16,6 +16,7 @@ Save options (``im.save("x.nif", ...)``; each also documented in the README):
 from __future__ import annotations
 
 import os
+import sys
 
 from PIL import Image, ImageFile
 
@@ -120,22 +121,42 @@ def _save_all(im: Image.Image, fp, filename) -> None:
 
 
 def _discard_empty(fp, filename, pillow_removes: bool) -> None:
-    """Remove the empty file a failed save leaves at `filename`: the caller opened it for writing before the encode,
-    which writes nothing until its minutes of fitting are done. Pillow removes a file it opened itself (mode "w+b")
-    and created, but only on an Exception: an interrupted encode (Ctrl-C) left an empty file, and imageio's
-    imwrite, which opens the file ("wb") and hands Pillow the object, left one on every error, a bad option's too."""
+    """Remove the empty file a failed save leaves at `filename` where the save's caller opened it, since the encoder
+    writes nothing until its minutes of fitting are done: Pillow's Image.save removes a file it created on an
+    Exception, but not on Ctrl-C, and imageio's imwrite, which opens the file ("wb") and hands Pillow the object,
+    left one on every error. A file object the user opened is left alone: removing it had sent whatever the user
+    wrote to it after the failure (another format's bytes, say) into a deleted file."""
+    opener = _opener(fp)
+    if opener is None or (opener == "pillow" and pillow_removes):
+        return
     try:
         empty = fp.tell() == 0 and os.fstat(fp.fileno()).st_size == 0  # tell(): bytes still in its buffer count
         if not filename or not empty or not os.path.samefile(fp.fileno(), filename):
             return
     except (AttributeError, OSError, ValueError):  # not a file on disk (BytesIO, a pipe), or already closed
         return
-    if pillow_removes and "+" in getattr(fp, "mode", ""):
-        return  # Pillow's own file: it removes it if it made it (removing it here would fail its os.remove)
     try:
         os.remove(filename)
     except OSError:
         pass
+
+
+def _opener(fp) -> str | None:
+    """"pillow" or "imageio" where the save in progress opened `fp` itself to create a file (read from their frames:
+    Image.save's open_fp and created, imageio's request for a file name), else None. Versions that name these
+    otherwise give None: an empty file may then be left, never a caller's own file removed."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module, local = frame.f_globals.get("__name__", ""), frame.f_locals
+        if module == "PIL.Image" and frame.f_code.co_name == "save" and local.get("fp") is fp and local.get("open_fp"):
+            return "pillow" if local.get("created") else None
+        request = getattr(local.get("self"), "_request", None) if module.startswith("imageio.") else None
+        if request is not None and getattr(request, "_file", None) is fp:
+            from imageio.core.request import URI_FILENAME
+
+            return "imageio" if getattr(request, "_uri_type", None) == URI_FILENAME else None
+        frame = frame.f_back
+    return None
 
 
 def register(device: str | None = None, backend: str | None = None) -> None:
