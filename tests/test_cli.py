@@ -123,10 +123,19 @@ def test_decode_keeps_the_metadata_and_reports_a_bomb(tmp_path, capsys, monkeypa
     exif = Image.Exif()
     exif[0x0112] = 6
     src = tmp_path / "m.nif"
-    photo(16, 16).save(src, bpp=60, effort=1, exif=exif, icc_profile=b"icc" * 50)
-    assert main(["decode", str(src), str(tmp_path / "m.jpg")]) == 0
-    out = Image.open(tmp_path / "m.jpg")
-    assert out.getexif()[0x0112] == 6 and out.info["icc_profile"] == b"icc" * 50
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
+    photo(16, 16, "RGBA").save(src, bpp=70, effort=1, exif=exif, icc_profile=b"icc" * 50, xmp=xmp)  # opaque
+    for ext in ("jpg", "png", "tif", "webp"):  # an opaque RGBA went to JPEG as "cannot write mode RGBA as JPEG"
+        assert main(["decode", str(src), str(tmp_path / f"m.{ext}")]) == 0
+        out = Image.open(tmp_path / f"m.{ext}")
+        assert out.getexif()[0x0112] == 6 and out.info["icc_profile"] == b"icc" * 50
+        assert out.info["xmp"] == xmp  # PNG's and TIFF's were lost
+        assert out.mode == ("RGBA" if ext in ("png", "tif") else "RGB")  # libwebp drops an opaque alpha itself
+    half = photo(16, 16, "RGBA")
+    half.putpixel((0, 0), (0, 0, 0, 0))
+    half.save(src, bpp=70, effort=1)
+    assert main(["decode", str(src), str(tmp_path / "t.jpg")]) == 1  # a transparency is not dropped silently
+    assert "RGBA" in capsys.readouterr().err and not (tmp_path / "t.jpg").exists()
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     assert main(["decode", str(src), str(tmp_path / "big.png"), "--size", "3000x3000"]) == 1
     assert "exceeds limit" in capsys.readouterr().err

@@ -193,9 +193,29 @@ def _decode(args) -> int:
                          "or re-encode with nif encode")
     check_output(args.output)
     im = decode(args.input, size=args.size, device=args.device, backend=args.backend)
+    # The metadata the .nif holds goes on where the format takes it (Pillow's savers ignore what they cannot store;
+    # PNG's and TIFF's take XMP only as a text chunk or a tag).
+    opts = {k: im.info[k] for k in METADATA if im.info.get(k)}
+    if "xmp" in opts and fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        opts["pnginfo"] = PngInfo()
+        opts["pnginfo"].add_itxt("XML:com.adobe.xmp", opts["xmp"])
+    elif "xmp" in opts and fmt == "TIFF":  # tiffinfo replaces the exif option: the EXIF's tags go with it
+        from PIL import Image
+
+        opts["tiffinfo"] = Image.Exif()
+        if "exif" in opts:
+            opts["tiffinfo"].load(opts["exif"])
+        opts["tiffinfo"][700] = opts["xmp"]  # TIFF's XMP tag
     buf = io.BytesIO()
-    # The metadata the .nif holds goes on where the format takes it (Pillow's savers ignore what they cannot store).
-    im.save(buf, format=fmt, **{k: im.info[k] for k in METADATA if im.info.get(k)})
+    try:
+        im.save(buf, format=fmt, **opts)
+    except OSError:  # e.g. RGBA as JPEG: an opaque alpha (a file's aLPH of 255, usually) goes without loss
+        if im.mode not in ("LA", "RGBA") or im.getchannel("A").getextrema() != (255, 255):
+            raise
+        buf = io.BytesIO()
+        im.convert(im.mode[:-1]).save(buf, format=fmt, **opts)
     write_atomic(args.output, buf.getvalue())
     print(f"{args.output}: {im.width}x{im.height} {im.mode}")
     return 0
