@@ -270,3 +270,8 @@ def test_encode_many_takes_one_bpp_per_image():
         encode_batch(images + images[:1], bpp=[1.5, 4.0], effort=1)
     with pytest.raises(ValueError, match="bpp must be a positive number"):
         encode_batch(images, bpp=[1.5, -1], effort=1)
+    # an array as a list; None takes quality's bpp (it was float(None)'s TypeError from inside)
+    same = encode_batch(images, bpp=np.array([1.5, 4.0]), effort=1, measure=False)
+    assert [r.data for r in same] == [r.data for r in out]
+    mixed = encode_batch(images, bpp=[None, 4.0], quality=90, effort=1, measure=False)
+    assert mixed[1].data == out[1].data and 0.9 * 1.38 <= mixed[0].bpp <= 1.381

@@ -45,7 +45,7 @@ def encode(image, **options) -> bytes:
 def encode_many(images, **options) -> list[bytes]:
     """Encode several images (each as encode takes it) with the same options: images of one size and architecture
     are fitted together as one stacked network (see pillow_nif.batch), each to the file encode would write. `bpp`
-    may also be a list, one bpp per image."""
+    may also be one per image (a list or 1-D array; an entry None takes quality's bpp, or the default)."""
     from .batch import encode_many as _encode_many
 
     return _encode_many(images, **options)

@@ -88,7 +88,8 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     grid's mode), where encode_image stores its value alone (imaging.split_constant_alpha).
     """
     images = list(images)
-    each = bpp if isinstance(bpp, (list, tuple)) else None
+    # one bpp per image: a list, tuple or 1-D array; an entry None takes quality's bpp, or the default
+    each = list(bpp) if isinstance(bpp, (list, tuple)) or getattr(bpp, "ndim", 0) == 1 else None
     one = None if each is not None else bpp
     target_bpp, effort, device = fit.check_encode_options(one, quality, effort, device, seed, colour)
     seed = int(seed)  # a NumPy integer too
@@ -97,7 +98,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
             raise ValueError(f"bpp has {len(each)} entries for {len(images)} images")
         for b in each:
             fit.check_options(b)
-    bpps = [float(b) for b in each] if each is not None else [target_bpp] * len(images)
+    bpps = [target_bpp if b is None else float(b) for b in each] if each is not None else [target_bpp] * len(images)
     if use_fused and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("use_fused needs CUDA (or TRITON_INTERPRET=1, for tests)")
     cfg = config or fit.FitConfig()
