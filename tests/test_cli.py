@@ -102,6 +102,8 @@ def test_outputs_checked_before_any_fitting(tmp_path, capsys, monkeypatch):
     def no_fit(*args, **kwargs):
         raise AssertionError("fitted before the outputs were checked")
 
+    real = fit.encode_image
+
     monkeypatch.setattr(fit, "encode_image", no_fit)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sub").mkdir()
@@ -111,10 +113,14 @@ def test_outputs_checked_before_any_fitting(tmp_path, capsys, monkeypatch):
              (["a.png", "missing.png", "--out-dir", "out"], "no input file"),
              (["a.png", "sub"], "is a directory"),
              (["a.png", "nowhere/x.nif"], "no folder"),
-             (["a.png", "sub/a.bmp"], "is not a .nif name")]  # two inputs meant, one written over: refused
+             (["a.png", "sub/a.bmp"], "is not a .nif name"),  # two inputs meant, one written over: refused
+             (["a.png", "--out-dir", "a.png"], "is not a folder")]
     for args, message in cases:
         assert main(["encode", *args, "--bpp", "60", "--quiet"]) == 1
         assert message in capsys.readouterr().err
+    monkeypatch.setattr(fit, "encode_image", real)  # the budget's refusal: the encoder's own checks, before fitting
+    assert main(["encode", "a.png", "--out-dir", "out", "--bpp", "1", "--quiet"]) == 1
+    assert "needs at least" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["a.png", "sub"]  # no --out-dir made for a run that failed
     assert Image.open("sub/a.bmp").format == "BMP"
 
@@ -158,9 +164,17 @@ def test_decode_to_a_nif_name_is_refused_not_encoded_again(tmp_path, capsys, mon
     src = tmp_path / "a.nif"
     photo(16, 16).save(src, bpp=60, effort=1)
     monkeypatch.setattr(fit, "encode_image", no_fit)
-    with pytest.raises(SystemExit, match="nif encode"):
-        main(["decode", str(src), str(tmp_path / "b.NIF")])
+    assert main(["decode", str(src), str(tmp_path / "b.NIF")]) == 2
+    assert "re-encode with nif encode" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nif"]
+
+
+def test_usage_errors_exit_2_as_argparses_do(tmp_path, capsys):
+    src = tmp_path / "a.png"
+    photo(16, 16).save(src)
+    for args in (["encode", str(src)], ["encode", str(src), str(src), "c.nif"], ["decode", "x.nif", "o.xyz"]):
+        assert main(args) == 2  # were 1, as for a file's error
+        assert capsys.readouterr().err.startswith(f"nif {args[0]}: error: ")
 
 
 def test_threads_sets_torchs_threads_for_the_command_only(tmp_path, capsys, monkeypatch):

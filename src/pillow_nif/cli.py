@@ -62,6 +62,10 @@ def check_output(path: str) -> None:
         raise FileNotFoundError(f"no folder {folder} to write {path} in")
 
 
+class UsageError(Exception):
+    """A command line that asks for nothing runnable: exit status 2, as argparse's own usage errors."""
+
+
 THREADS_HELP = "CPU threads (default: torch's, one per core); 1 where other work keeps the cores busy"
 
 
@@ -140,7 +144,8 @@ def _encode(args) -> int:
         for src in args.inputs:
             if not os.path.isfile(src):
                 raise FileNotFoundError(f"no input file {src}")
-        os.makedirs(args.out_dir, exist_ok=True)
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise NotADirectoryError(f"--out-dir {args.out_dir} is not a folder")
     elif len(args.inputs) == 2:
         jobs = [tuple(args.inputs)]
         # `nif encode a.png b.png` meant as two inputs would write NIF bytes over b.png: refuse another format's name
@@ -149,13 +154,16 @@ def _encode(args) -> int:
             raise ValueError(f"{args.inputs[1]} is not a .nif name (that is {fmt}'s extension): give INPUT "
                              "OUTPUT.nif, or several inputs with --out-dir DIR")
     else:
-        raise SystemExit("nif encode: give INPUT OUTPUT, or several inputs with --out-dir DIR")
+        raise UsageError("give INPUT OUTPUT, or several inputs with --out-dir DIR")
     for _, dst in jobs:
-        check_output(dst)
+        if not args.out_dir or os.path.isdir(args.out_dir):  # a new --out-dir is made when its first file is done,
+            check_output(dst)                               # so that a run refused before then leaves none
     opts = dict(bpp=args.bpp, quality=args.quality, effort=args.effort, device=args.device, seed=args.seed,
                 progress=not args.quiet)  # the metadata: each image's own (fit.metadata_of)
 
     def done(dst, im, result):
+        if args.out_dir:
+            os.makedirs(args.out_dir, exist_ok=True)
         write_atomic(dst, result.data)
         print(f"{dst}: {im.width}x{im.height} {len(result.data)} bytes, {result.bpp:.4f} bpp, "
               f"PSNR {result.psnr:.2f} dB, {result.seconds:.1f} s")
@@ -187,10 +195,10 @@ def _decode(args) -> int:
 
     fmt = format_of(args.output)
     if fmt is None:
-        raise SystemExit(f"nif decode: unknown output extension {os.path.splitext(args.output)[1]!r}")
+        raise UsageError(f"unknown output extension {os.path.splitext(args.output)[1]!r}")
     if fmt == "NIF":  # Pillow would fit a new network to the rendered pixels: minutes, at another file's rate
-        raise SystemExit(f"nif decode: {args.output} is a .nif name; decode to an image format (.png, ...), "
-                         "or re-encode with nif encode")
+        raise UsageError(f"{args.output} is a .nif name; decode to an image format (.png, ...), or re-encode with "
+                         "nif encode")
     check_output(args.output)
     im = decode(args.input, size=args.size, device=args.device, backend=args.backend)
     # The metadata the .nif holds goes on where the format takes it (Pillow's savers ignore what they cannot store;
@@ -237,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _torch_threads(getattr(args, "threads", None)):
             return {"encode": _encode, "decode": _decode, "info": _info}[args.command](args)
+    except UsageError as e:
+        print(f"nif {args.command}: error: {e}", file=sys.stderr)
+        return 2  # as argparse's own usage errors
     except (ValueError, OSError, FormatError, DecompressionBombError) as e:
         print(f"nif {args.command}: error: {e}", file=sys.stderr)
         return 1
