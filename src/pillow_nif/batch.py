@@ -111,8 +111,8 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
         raise ValueError(f"metadata entries take the keys {', '.join(fit.METADATA)}")
     split = [(im, None) if keep_alpha else split_constant_alpha(im) for im in map(as_image, images)]
     images = [im for im, _ in split]
-    meta = [fit.metadata_of(im, **(metadata[i] if metadata is not None else common))
-            | ({"alpha": bytes([alpha])} if alpha is not None else {}) for i, (im, alpha) in enumerate(split)]
+    meta = [fit.metadata_of(im, **(metadata[i] if metadata is not None else common), alpha=alpha)
+            for i, (im, alpha) in enumerate(split)]
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
     large = {i: tiles.plan_tiles(im, bpps[i], {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
              for i, im in enumerate(images) if fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)}

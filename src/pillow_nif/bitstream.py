@@ -738,6 +738,11 @@ def constant_alpha(metadata: dict, mode: str) -> int | None:
     return alpha[0]
 
 
+def image_info(metadata: dict) -> dict:
+    """The metadata a decoded image's `info` shows: ICC, EXIF, XMP (the alpha chunk's value is its channel)."""
+    return {k: v for k, v in metadata.items() if k != "alpha"}
+
+
 def shown_mode(mode: str, metadata: dict) -> str:
     """The mode a file decodes to: its stored mode, with a constant alpha channel added (L to LA, RGB to RGBA)."""
     return mode + "A" if constant_alpha(metadata, mode) is not None else mode

@@ -420,9 +420,10 @@ def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tu
 METADATA = ("icc_profile", "exif", "xmp")
 
 
-def metadata_of(image, icc_profile=None, exif=None, xmp=None) -> dict[str, bytes]:
+def metadata_of(image, icc_profile=None, exif=None, xmp=None, alpha: int | None = None) -> dict[str, bytes]:
     """The metadata a file of `image` stores: each option as given, None taking the image's own (`im.info`, as
-    Image.save keeps it), b"" none. Bytes-like values, an Image.Exif for exif, text for xmp; else ValueError."""
+    Image.save keeps it), b"" none. Bytes-like values, an Image.Exif for exif, text for xmp; else ValueError.
+    `alpha`: the one value of an alpha channel not fitted (imaging.split_constant_alpha; bitstream.CHUNK_ALPHA)."""
     from PIL import Image
 
     info = getattr(image, "info", {})
@@ -439,6 +440,8 @@ def metadata_of(image, icc_profile=None, exif=None, xmp=None) -> dict[str, bytes
             raise ValueError(f"{key} must be bytes{' or Image.Exif' if key == 'exif' else ''}"
                              f"{' or str' if key == 'xmp' else ''}, got {type(value).__name__}")
         out[key] = bytes(value)
+    if alpha is not None:
+        out["alpha"] = bytes([alpha])
     return out
 
 
@@ -1423,7 +1426,7 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     t0 = time.perf_counter()
     eff = EFFORTS[effort]
     image, alpha = split_constant_alpha(image)
-    metadata = metadata_of(image, icc_profile, exif, xmp) | ({"alpha": bytes([alpha])} if alpha is not None else {})
+    metadata = metadata_of(image, icc_profile, exif, xmp, alpha)
     if tile_grid(*image.size, cfg.tile_pixels) != (1, 1):
         from .tiles import encode_tiled
 

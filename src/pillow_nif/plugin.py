@@ -46,7 +46,7 @@ class NifImageFile(ImageFile.ImageFile):
         except bitstream.FormatError:  # damaged after its header: load() names it, as for any other chunk
             self._mode = header.mode
         self._render_size = self._size
-        self.info.update({k: v for k, v in metadata.items() if k != "alpha"})
+        self.info.update(bitstream.image_info(metadata))
 
     def draft(self, mode, size):
         """Render at (at least) `size` instead of the stored size: the network is continuous."""

@@ -320,7 +320,7 @@ def decode(data_or_path, size=None, device: str = "auto", backend: str = "auto")
     Image._decompression_bomb_check((w, h))
     alpha = bitstream.constant_alpha(f.metadata, f.header.mode)
     im = to_image(render_file(f, (w, h), device, backend), f.header.mode, alpha)
-    im.info.update({k: v for k, v in f.metadata.items() if k != "alpha"})
+    im.info.update(bitstream.image_info(f.metadata))
     return im
 
 
@@ -333,7 +333,8 @@ def info(data_or_path) -> dict:
         return _info(f.tiles[0], data) | {
             "version": f.version, "width": g.width, "height": g.height, "bpp": len(data) * 8 / (g.width * g.height),
             "tiles": [g.columns, g.rows], "tile_margin": g.margin,
-            "params": sum(t.header.arch.num_params() for t in f.tiles), "metadata": _metadata(f),
+            "params": sum(t.header.arch.num_params() for t in f.tiles),
+            "metadata": sorted(bitstream.image_info(f.metadata)),
             "mode": bitstream.shown_mode(g.mode, f.metadata), "alpha": bitstream.constant_alpha(f.metadata, g.mode),
         }
     return _info(f, data)
@@ -363,12 +364,9 @@ def _info(f: NifFile, data: bytes) -> dict:
         "post_filter_classes": a.filter_classes,
         "tiles": [1, 1],
         "tile_margin": 0,
-        "metadata": _metadata(f),
+        "metadata": sorted(bitstream.image_info(f.metadata)),
     }
 
-
-def _metadata(f) -> list[str]:
-    return sorted(k for k in f.metadata if k != "alpha")
 
 
 __all__ = ["decode", "decode_array", "info", "load_network", "render", "FormatError"]
