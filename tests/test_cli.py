@@ -213,3 +213,32 @@ def test_version_is_the_installed_packages(capsys):
         assert printed == metadata.version("pillow-nif")
     except metadata.PackageNotFoundError:
         pytest.skip("pillow-nif is not installed, only on the path")
+
+
+def test_exact_keeps_the_colours_under_alpha_0(tmp_path):
+    """--exact reaches the encoder (one input, and several, fitted together): without it the colours no viewer shows
+    are filled, not fitted (imaging.fill_hidden)."""
+    import pillow_nif
+    from test_modes import _cut_out
+
+    im = _cut_out()[0]
+    src = tmp_path / "cut.png"
+    im.save(src)
+    opts = ["--bpp", "4", "--effort", "1", "--quiet"]
+    for flag, exact in (([], False), (["--exact"], True)):
+        assert main(["encode", str(src), str(tmp_path / "one.nif"), *flag, *opts]) == 0
+        assert (tmp_path / "one.nif").read_bytes() == pillow_nif.encode(im, bpp=4, effort=1, exact=exact)
+    (tmp_path / "cut2.png").write_bytes(src.read_bytes())
+    two = ["encode", str(src), str(tmp_path / "cut2.png"), "--out-dir", str(tmp_path / "d"), "--exact"]
+    assert main([*two, *opts]) == 0
+    # The two were fitted as one stack (not byte for byte encode_many's of one), so what shows is how well each
+    # kept the noise under the alpha 0: as encode's exact file does, far better than its default one.
+    ref = np.asarray(im, dtype=np.float64)[..., :3]
+    hidden = np.asarray(im)[..., 3] == 0
+
+    def hidden_error(data):
+        return ((np.asarray(pillow_nif.decode(data), dtype=np.float64)[..., :3] - ref) ** 2)[hidden].mean()
+
+    default = hidden_error(pillow_nif.encode(im, bpp=4, effort=1))
+    for name in ("cut", "cut2"):
+        assert hidden_error((tmp_path / "d" / f"{name}.nif").read_bytes()) < default

@@ -111,6 +111,66 @@ def test_an_alpha_channel_of_one_value_is_stored_as_that_value(src):
     assert bitstream.loads(data).header.mode == "RGBA" and pillow_nif.info(data)["alpha"] is None
 
 
+def _cut_out(w=64, h=48, seed=0):
+    """The test photo visible in a disc (alpha 255, its rim 1..254) and random colours under alpha 0 around it: an
+    editor's cut-out that kept another layer's pixels beneath the transparency."""
+    rgb = np.asarray(photo(w, h), dtype=np.uint8).copy()
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = np.hypot((yy - h / 2) / (h * 0.4), (xx - w / 2) / (w * 0.4))
+    alpha = np.clip(np.round((1 - r) * 8 * 255), 0, 255).astype(np.uint8)  # a rim of a few pixels
+    noise = np.random.default_rng(seed).integers(0, 256, rgb.shape, dtype=np.uint8)
+    rgb[alpha == 0] = noise[alpha == 0]
+    return Image.fromarray(np.dstack([rgb, alpha])), alpha
+
+
+def test_fill_hidden_replaces_only_the_colours_under_alpha_0():
+    from pillow_nif.imaging import fill_hidden
+
+    im, alpha = _cut_out()
+    im.info["icc_profile"] = b"profile"
+    out = fill_hidden(im)
+    a, b = np.asarray(im, dtype=np.int64), np.asarray(out, dtype=np.int64)
+    hidden = alpha == 0
+    assert out.mode == "RGBA" and out.info["icc_profile"] == b"profile"
+    assert np.array_equal(a[~hidden], b[~hidden]) and np.array_equal(b[..., 3], alpha)  # what a viewer shows
+    # One colour beneath, the visible ones' mean: the cheapest for the network to fit beside them.
+    assert np.array_equal(b[hidden, :3], np.broadcast_to(np.round(a[~hidden, :3].mean(0)), b[hidden, :3].shape))
+
+    one = np.zeros((9, 7, 2), np.uint8)  # LA: one visible pixel of grey 200; the fill is that grey
+    one[4, 3] = (200, 255)
+    filled = np.asarray(fill_hidden(Image.fromarray(one)))
+    assert (filled[..., 0] == 200).all() and np.array_equal(filled[..., 1], one[..., 1])
+    palette = photo(20, 10).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    palette.info["transparency"] = 0  # P with a transparent entry is stored as RGBA, and filled so
+    assert fill_hidden(palette).mode == "RGBA"
+    for unchanged in (photo(20, 10), photo(20, 10, "RGBA"), photo(20, 10, "L")):
+        assert fill_hidden(unchanged) is unchanged  # nothing hidden
+    clear = Image.new("RGBA", (5, 4), (90, 40, 7, 0))  # nothing visible: colours no one sees are black, cheapest
+    assert np.array_equal(np.asarray(fill_hidden(clear)), np.zeros((4, 5, 4), np.uint8))
+
+
+def test_colours_under_alpha_0_are_not_fitted_unless_exact(tmp_path):
+    """A cut-out whose transparency hides noise: fitting the noise cost the visible pixels, and exact=True (WebP's
+    option) keeps it as well as it can."""
+    im, alpha = _cut_out()
+    ref = np.asarray(im, dtype=np.float64)
+    vis, hidden = alpha > 0, alpha == 0
+
+    def errors(data):
+        out = np.asarray(pillow_nif.decode(data), dtype=np.float64)
+        assert out.shape == ref.shape
+        seen = ((out[..., :3] - ref[..., :3]) ** 2)[vis].mean()  # colours where they show
+        return seen, ((out[..., :3] - ref[..., :3]) ** 2)[hidden].mean()
+
+    default, exact = pillow_nif.encode(im, bpp=4, effort=1), pillow_nif.encode(im, bpp=4, effort=1, exact=True)
+    (many,) = pillow_nif.encode_many([im], bpp=4, effort=1)
+    im.save(tmp_path / "x.nif", bpp=4, effort=1, exact=True)
+    assert (tmp_path / "x.nif").read_bytes() == exact  # Image.save passes the option on
+    (seen_default, hidden_default), (seen_exact, hidden_exact) = errors(default), errors(exact)
+    assert seen_default < seen_exact / 2 and errors(many)[0] < seen_exact / 2  # > 3 dB better where the image shows
+    assert hidden_exact < hidden_default  # exact: the noise itself, as far as the bits go
+
+
 @pytest.mark.parametrize("mode", ["CMYK", "F", "YCbCr", "HSV"])
 def test_unsupported_modes_raise(mode, tmp_path):
     with pytest.raises(OSError, match="cannot write mode"):

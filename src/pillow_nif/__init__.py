@@ -34,7 +34,7 @@ def register(device: str | None = None, backend: str | None = None) -> None:
 def encode(image, **options) -> bytes:
     """Fit a NIF network to a PIL image (or a file's path, or an array) and return the .nif file's bytes.
 
-    Options: bpp, quality, effort, device, seed, progress, icc_profile, exif, xmp (see the README).
+    Options: bpp, quality, effort, device, seed, progress, icc_profile, exif, xmp, exact (see the README).
     """
     from .fit import encode_image
     from .imaging import as_image

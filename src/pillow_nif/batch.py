@@ -43,7 +43,7 @@ from torch import nn
 
 from . import fit, tiles
 from .bitstream import Architecture, Header
-from .imaging import as_image, split_constant_alpha
+from .imaging import as_image, fill_hidden, split_constant_alpha
 from .model import axis_columns, encode_axis, sin_of_product
 from .subgrid import as_slice
 
@@ -74,7 +74,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
                  icc_profile=None, exif=None, xmp=None, colour="auto", config: fit.FitConfig | None = None,
                  metadata: list[dict] | None = None, use_fused: bool = False,
                  on_result: Callable[[int, fit.EncodeResult], None] | None = None,
-                 measure: bool = True, keep_alpha: bool = False) -> list[fit.EncodeResult]:
+                 measure: bool = True, keep_alpha: bool = False, exact: bool = False) -> list[fit.EncodeResult]:
     """encode_image for a list of PIL images (or arrays), fitting like images together.
 
     Every option means what it means to encode_image and applies to every image; `metadata`, a list of
@@ -86,6 +86,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     `measure`: the results' PSNRs, as encode_image's (encode_many keeps only the bytes).
     `keep_alpha`: fit an alpha channel of one value too (tiles.py: a tile of a partly transparent image keeps the
     grid's mode), where encode_image stores its value alone (imaging.split_constant_alpha).
+    `exact`: as encode_image's (tiles.py passes True: the whole image's hidden colours are filled already).
     """
     images = list(images)
     # one bpp per image: a list, tuple or 1-D array; an entry None takes quality's bpp, or the default
@@ -109,7 +110,8 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     # Every image is checked (mode, budget) before any fitting starts.
     if metadata is not None and any(set(m) - set(fit.METADATA) for m in metadata):
         raise ValueError(f"metadata entries take the keys {', '.join(fit.METADATA)}")
-    split = [(im, None) if keep_alpha else split_constant_alpha(im) for im in map(as_image, images)]
+    images = [im if exact else fill_hidden(im) for im in map(as_image, images)]
+    split = [(im, None) if keep_alpha else split_constant_alpha(im) for im in images]
     images = [im for im, _ in split]
     meta = [fit.metadata_of(im, **(metadata[i] if metadata is not None else common), alpha=alpha)
             for i, (im, alpha) in enumerate(split)]

@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="where to fit: auto (CUDA when available), cpu, cuda or cuda:N")
     e.add_argument("--seed", type=int, default=0,
                    help="default 0; the same seed, input, options, device and threads give the same file")
+    e.add_argument("--exact", action="store_true",
+                   help="keep the colours under an alpha of 0 (by default they are replaced by a smooth fill)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--threads", type=_positive, help=THREADS_HELP)
 
@@ -159,7 +161,7 @@ def _encode(args) -> int:
         if not args.out_dir or os.path.isdir(args.out_dir):  # a new --out-dir is made when its first file is done,
             check_output(dst)                               # so that a run refused before then leaves none
     opts = dict(bpp=args.bpp, quality=args.quality, effort=args.effort, device=args.device, seed=args.seed,
-                progress=not args.quiet)  # the metadata: each image's own (fit.metadata_of)
+                progress=not args.quiet, exact=args.exact)  # the metadata: each image's own (fit.metadata_of)
 
     def done(dst, im, result):
         if args.out_dir:

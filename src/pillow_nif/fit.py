@@ -23,7 +23,7 @@ import numpy as np
 
 from . import bitstream, entropy
 from .bitstream import Architecture, Header, NifFile, TensorCoding
-from .imaging import prepare_image, split_constant_alpha, storage_mode
+from .imaging import fill_hidden, prepare_image, split_constant_alpha, storage_mode
 
 DEFAULT_BPP = 0.5
 QUALITY_MIN_BPP, QUALITY_MAX_BPP = 0.05, 2.0
@@ -1415,17 +1415,18 @@ def score(data: bytes, pixels: np.ndarray, maxval: int, fit_pixels: np.ndarray |
 
 def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0, progress=False,
                  icc_profile=None, exif=None, xmp=None, colour="auto", config: FitConfig | None = None,
-                 measure: bool = True) -> EncodeResult:
+                 measure: bool = True, exact: bool = False) -> EncodeResult:
     """Fit, quantise and code `image` (a PIL image); the result's `data` is the .nif file. `measure`: also render
     the fit and decode the file for the result's PSNRs. Callers that keep only the bytes (pillow_nif.encode,
     Image.save) skip both: at 768x512 on this project's CPU 0.8-1.8 s of each encode, and on CUDA the decode's
-    Triton kernel is compiled for each new architecture."""
+    Triton kernel is compiled for each new architecture. `exact`: fit the colours under an alpha of 0 as they are
+    (imaging.fill_hidden replaces them otherwise; the result's PSNRs are then against the filled image)."""
     target_bpp, effort, device = check_encode_options(bpp, quality, effort, device, seed, colour)
     seed = int(seed)  # a NumPy integer too
     cfg = config or FitConfig()
     t0 = time.perf_counter()
     eff = EFFORTS[effort]
-    image, alpha = split_constant_alpha(image)
+    image, alpha = split_constant_alpha(image if exact else fill_hidden(image))
     metadata = metadata_of(image, icc_profile, exif, xmp, alpha)
     if tile_grid(*image.size, cfg.tile_pixels) != (1, 1):
         from .tiles import encode_tiled

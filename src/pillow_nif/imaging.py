@@ -68,6 +68,30 @@ def split_constant_alpha(im):
     return full.convert(mode[:-1]), lo
 
 
+def fill_hidden(im):
+    """`im` with the colours under an alpha of 0 replaced by one colour, the mean of the visible ones (black where
+    nothing is visible): a decoder shows none of them, but fitted they cost the visible pixels (the `exact=False`
+    default; WebP's lossy mode discards them too). On 256x256 Kodak crops behind a feathered ellipse (59 % hidden,
+    0.5-1.0 bpp, efforts 1, 3 and 5) the visible colours, premultiplied, gained 3.2 dB on the mean over fitting the
+    photo that stayed beneath, 0.39 over a smooth push-pull fill from the visible pixels around (13 of 15 up), and
+    1.6 over black (NOTES.md #209). The image itself where nothing is hidden; `info` is kept."""
+    mode = storage_mode(im)
+    if mode not in ("LA", "RGBA"):
+        return im
+    full = im if im.mode == mode else im.convert(mode)  # P, PA, La, RGBa
+    arr = np.asarray(full)
+    hidden = arr[..., -1] == 0
+    if not hidden.any():
+        return im
+    from PIL import Image
+
+    out = arr.copy()
+    out[hidden, :-1] = np.round(arr[~hidden, :-1].mean(axis=0)) if not hidden.all() else 0
+    filled = Image.fromarray(out)  # (H, W, 2) is LA, (H, W, 4) RGBA
+    filled.info = dict(full.info)
+    return filled
+
+
 def prepare_image(im) -> tuple[np.ndarray, str, int]:
     """(H, W, C) float64 array in [0, 1], the stored mode, and its peak value (255 or 65535)."""
     mode = storage_mode(im)

@@ -98,6 +98,7 @@ def _save(im: Image.Image, fp, filename) -> None:
         icc_profile=info.get("icc_profile"),
         exif=info.get("exif"),
         xmp=info.get("xmp"),
+        exact=info.get("exact", False),  # WebP's name: keep the colours under an alpha of 0
     )
     from .fit import encode_image
 
