@@ -158,6 +158,15 @@ def test_large_images_take_more_parameters_at_fewer_bits_each():
         for w, h in ((768, 512), (512, 768)):  # Kodak's landscape and portrait images
             assert arch(w, h, bpp).widths == kodak[bpp]
     assert arch(768, 512, 0.3).num_params() > 14745 * 8 / cfg.bits_per_param  # 23.8k, where 5.5 bits gave 21k
+    # Past the pixels' own bits (24 a pixel in RGB, 8 in L, 16 in I;16) a larger bpp no longer grows the network:
+    # bpp=100 at 768x512 had sized 2.76 M parameters, hours of fitting for nothing PNG would not store.
+    assert arch(768, 512, 100) == arch(768, 512, 1000) and arch(768, 512, 100).num_params() < 2.1e6
+    assert arch(16, 16, 200) == arch(16, 16, 30) != arch(16, 16, 12)
+    for mode, raw in (("L", 8), ("I;16", 16)):
+        def grey(bpp, mode=mode):
+            return fit.plan_encode(Image.new(mode, (48, 32)), bpp, "auto", {}, cfg, fit.EFFORTS[5]).header.arch
+
+        assert grey(raw + 4) == grey(500) != grey(raw / 2)
 
 
 def test_short_stages_modulate_only_larger_networks():
