@@ -216,8 +216,8 @@ class FitConfig:
     # step of the same size, and the alpha's row is steered unlike the colours'. On 5 cut-outs (256x256, 59-68 %
     # transparent, 0.5 and 1.0 bpp) the premultiplied PSNR moved, RGBA: +0.66 / +0.18 / +0.01 / +0.13 dB at efforts
     # 1 / 2 / 3 / 5 (9, 7, 7, 7 of 10 up); LA: +1.09 / +0.14 / +0.31 at efforts 1 / 3 / 5 (10 of 10, 6 of 10, 4 of 5,
-    # 0.5 bpp only at 5). The gain is the low rates': at 768x512 (efforts 1-2) +0.29 dB at 0.3 bpp (6 of 6), +0.05 at
-    # 0.6, -0.14 at 1.0 (0 of 6); 256x256 at 2.0 bpp -0.08 (2 of 5): even from 1 bpp on, where it is kept for one
+    # 0.5 bpp only at 5). The gain is the low rates': at 768x512 +0.29 / +0.13 dB at 0.3 bpp (efforts 1 / 3, 6 of 6),
+    # -0.14 / -0.02 at 1.0 (1 of 6); 256x256 at 2.0 bpp -0.08 (2 of 5): even from 1 bpp on, where it is kept for one
     # rule. RGB crops, as a check: +0.03 / -0.02 at efforts 1 / 3, so they keep Muon (NOTES.md #211).
     alpha_output_adamw: bool = True
     # Decoupled weight decay of the Muon matrices (p <- p (1 - lr decay) a step). Muon's updates have a fixed size
