@@ -1261,7 +1261,7 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
     if w < 1 or h < 1:  # Pillow's PNG and TIFF savers' words for it
         raise ValueError(f"cannot write empty image ({w}x{h})")
     mode = storage_mode(image)  # OSError for modes NIF cannot hold
-    c = bitstream.MODES[bitstream.MODE_CODES[mode]][1]
+    _, c, depth = bitstream.MODES[bitstream.MODE_CODES[mode]]
     col = bitstream.COLOUR_YCBCR if c >= 3 and colour in ("auto", "ycbcr") else bitstream.COLOUR_IDENTITY
     metadata = {k: bytes(v) for k, v in metadata.items() if v}
     budget = int(target_bpp * w * h // 8)
@@ -1273,8 +1273,8 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
         )
     # Weights are never given more bits than the pixels' own (8 a channel, 16 for I;16): past that a network stores
     # nothing PNG would not, in far more time (bpp=100 at 768x512 had sized 2.76 M parameters, hours of fitting).
-    raw = w * h * c * (16 if mode == "I;16" else 8)
-    arch = choose_architecture(w, h, c, params_for(min((budget - overhead) * 8, raw), w * h, cfg), cfg, effort)
+    arch = choose_architecture(w, h, c, params_for(min((budget - overhead) * 8, w * h * c * depth), w * h, cfg), cfg,
+                               effort)
     # The post-filter's bytes come out of the weights' budget, not the architecture's: the same network is fitted
     # with and without one, and only its rounding is a little coarser (1-2 % of the bytes).
     classes, taps = choose_filter(budget, c, w * h) if cfg.post_filter else (1, 0)

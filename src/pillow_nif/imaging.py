@@ -58,14 +58,22 @@ def split_constant_alpha(im):
     RGBA or LA image), else (im, None). The file then stores L or RGB and the value (bitstream.CHUNK_ALPHA), and
     decodes as LA or RGBA again: fitting an opaque alpha cost the colours 0.75-1.4 dB at 0.5 bpp (session 70), though
     the network got its 255s exactly. Pillow's conversions keep `info` (the metadata)."""
-    mode = storage_mode(im)
-    if mode not in ("LA", "RGBA"):
+    full = _with_alpha(im)
+    if full is None:
         return im, None
-    full = im if im.mode == mode else im.convert(mode)  # P, PA, La, RGBa
     lo, hi = full.getchannel("A").getextrema()
     if lo != hi:
         return im, None
-    return full.convert(mode[:-1]), lo
+    return full.convert(full.mode[:-1]), lo
+
+
+def _with_alpha(im):
+    """`im` in the mode it is stored as where that mode has an alpha channel (LA or RGBA; P, PA, La and RGBa
+    converted), else None."""
+    mode = storage_mode(im)
+    if mode not in ("LA", "RGBA"):
+        return None
+    return im if im.mode == mode else im.convert(mode)
 
 
 def fill_hidden(im):
@@ -75,10 +83,9 @@ def fill_hidden(im):
     0.5-1.0 bpp, efforts 1, 3 and 5) the visible colours, premultiplied, gained 3.2 dB on the mean over fitting the
     photo that stayed beneath, 0.39 over a smooth push-pull fill from the visible pixels around (13 of 15 up), and
     1.6 over black (NOTES.md #209). The image itself where nothing is hidden; `info` is kept."""
-    mode = storage_mode(im)
-    if mode not in ("LA", "RGBA"):
+    full = _with_alpha(im)
+    if full is None:
         return im
-    full = im if im.mode == mode else im.convert(mode)  # P, PA, La, RGBa
     arr = np.asarray(full)
     hidden = arr[..., -1] == 0
     if not hidden.any():
