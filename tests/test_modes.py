@@ -62,6 +62,25 @@ def test_converted_modes(src, stored, tmp_path):
     assert im.mode == src and roundtrip(im, tmp_path).mode == stored
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_transparent_colour_becomes_an_alpha_channel(mode, tmp_path):
+    """A PNG whose tRNS chunk names one colour transparent opens as L or RGB with info["transparency"]: the pixels
+    of that colour must stay transparent, not show the key colour."""
+    im = photo(40, 28, mode)
+    arr = np.asarray(im).copy()
+    values = arr.reshape(-1, 1 if mode == "L" else 3)
+    key = next(v for v in range(256) if not (values == v).all(1).any())  # a colour the photo lacks
+    arr[5:15, 8:20] = key
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", transparency=key if mode == "L" else (key,) * 3)
+    png = Image.open(buf)
+    assert png.mode == mode and "transparency" in png.info  # as Pillow reads such a file
+    out = roundtrip(png, tmp_path)
+    assert out.mode == mode + "A"
+    alpha = np.asarray(out.getchannel("A"), dtype=np.float64)
+    assert alpha[5:15, 8:20].mean() < 40 and np.delete(alpha, np.s_[5:15], 0).mean() > 215
+
+
 def _without_chunk(data: bytes, kind: bytes) -> bytes:
     """The file as a reader that skips the ancillary chunk `kind` sees it."""
     from pillow_nif import bitstream
@@ -133,8 +152,14 @@ def test_fill_hidden_replaces_only_the_colours_under_alpha_0():
     hidden = alpha == 0
     assert out.mode == "RGBA" and out.info["icc_profile"] == b"profile"
     assert np.array_equal(a[~hidden], b[~hidden]) and np.array_equal(b[..., 3], alpha)  # what a viewer shows
-    # One colour beneath, the visible ones' mean: the cheapest for the network to fit beside them.
-    assert np.array_equal(b[hidden, :3], np.broadcast_to(np.round(a[~hidden, :3].mean(0)), b[hidden, :3].shape))
+    # Away from the disc, one colour: the mean of the visible pixels beside hidden ones (the disc's rim).
+    padded = np.pad(hidden, 1)
+    beside = np.zeros_like(hidden)
+    for dy in range(3):
+        for dx in range(3):
+            beside |= padded[dy:dy + 48, dx:dx + 64]
+    rim_mean = np.round(a[~hidden & beside, :3].mean(0))
+    assert np.array_equal(b[0, 0, :3], rim_mean) and np.array_equal(b[47, 63, :3], rim_mean)
 
     one = np.zeros((9, 7, 2), np.uint8)  # LA: one visible pixel of grey 200; the fill is that grey
     one[4, 3] = (200, 255)
@@ -147,6 +172,29 @@ def test_fill_hidden_replaces_only_the_colours_under_alpha_0():
         assert fill_hidden(unchanged) is unchanged  # nothing hidden
     clear = Image.new("RGBA", (5, 4), (90, 40, 7, 0))  # nothing visible: colours no one sees are black, cheapest
     assert np.array_equal(np.asarray(fill_hidden(clear)), np.zeros((4, 5, 4), np.uint8))
+
+
+def test_a_hole_is_filled_from_around_and_a_background_with_its_rims_colour():
+    """An eraser's holes in a photo take the colours around them, and a logo's background the colour of its edge:
+    each makes no new edge for the network to fit (a global mean had cost 0.14 dB with holes, 0.55 on logos)."""
+    from pillow_nif.imaging import fill_hidden
+
+    x = np.arange(80)
+    ramp = np.stack(np.broadcast_arrays(x * 3, 100, 255 - x * 3, 255), -1)
+    ramp = np.broadcast_to(ramp, (80, 80, 4)).astype(np.uint8).copy()
+    ramp[37:43, 12:18] = (7, 250, 9, 0)  # a hole of 6x6 with something else beneath, off the middle
+    filled = np.asarray(fill_hidden(Image.fromarray(ramp)), dtype=np.int64)
+    error = np.abs(filled[37:43, 12:18, :3] - np.stack(np.broadcast_arrays(x[12:18] * 3, 100, 255 - x[12:18] * 3), -1))
+    assert error.max() <= 8  # the ramp goes on beneath (3 levels a pixel); the image's mean is 68-83 away
+
+    yy, xx = np.mgrid[0:96, 0:96]
+    r = np.hypot(yy - 47.5, xx - 47.5)
+    logo = np.zeros((96, 96, 4), np.uint8)  # an orange disc in a blue ring, transparent black around
+    logo[r < 40] = (0, 70, 160, 255)
+    logo[r < 30] = (245, 140, 20, 255)
+    out = np.asarray(fill_hidden(Image.fromarray(logo)))
+    assert (out[r >= 40] == (0, 70, 160, 0)).all()  # the ring's colour, not the orange's pull on a mean
+    assert np.array_equal(out[r < 40], logo[r < 40])
 
 
 def test_colours_under_alpha_0_are_not_fitted_unless_exact(tmp_path):

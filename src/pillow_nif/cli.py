@@ -112,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0,
                    help="default 0; the same seed, input, options, device and threads give the same file")
     e.add_argument("--exact", action="store_true",
-                   help="keep the colours under an alpha of 0 (by default: one colour, the visible pixels' mean)")
+                   help="keep the colours under an alpha of 0 (by default: holes take the colours around them, "
+                        "wider transparent areas the colour of their edge)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--threads", type=_positive, help=THREADS_HELP)
 

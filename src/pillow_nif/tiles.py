@@ -139,7 +139,7 @@ def encode_tiled(image, target_bpp: float, effort: int, device: str, seed: int, 
     # tile_pixels 0: an extent may exceed tile_pixels by its margins, and is never tiled again. No metadata: the
     # file holds it once (a crop's info is the image's, and its ICC profile and EXIF had gone into every tile, out
     # of the tile's bits). keep_alpha: the grid has one mode, so an opaque tile of a partly transparent image keeps
-    # its alpha. exact: the colours under an alpha of 0 took one colour over the whole image (exact=False) already.
+    # its alpha. exact: the colours under an alpha of 0 were filled over the whole image (exact=False) already.
     results = encode_batch([image.crop(box) for box in boxes], bpp=tile_bpps, effort=effort, device=device, seed=seed,
                            progress=progress, colour=colour, config=dataclasses.replace(cfg, tile_pixels=0),
                            measure=measure, icc_profile=b"", exif=b"", xmp=b"", keep_alpha=True, exact=True)
