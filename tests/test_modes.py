@@ -219,6 +219,40 @@ def test_colours_under_alpha_0_are_not_fitted_unless_exact(tmp_path):
     assert hidden_exact < hidden_default  # exact: the noise itself, as far as the bits go
 
 
+def test_a_fitted_alphas_0s_and_255s_come_back_exact():
+    """A network draws a transparent surround as alphas of 1-25 and an opaque middle as 230-254 (NOTES.md #214):
+    getbbox(), a trim or any test of "transparent" then fails. The file's aEND chunk shows both ends exact."""
+    import struct
+    import zlib
+
+    from pillow_nif import bitstream
+
+    im, alpha = _cut_out()
+    data = pillow_nif.encode(im, bpp=4, effort=1)
+    (many,) = pillow_nif.encode_many([im], bpp=4, effort=1)
+    lo, hi = pillow_nif.info(data)["alpha_ends"]
+    assert 0 < lo + hi and pillow_nif.info(many)["alpha_ends"] is not None
+    out = np.asarray(pillow_nif.decode(data))
+    raw = np.asarray(pillow_nif.decode(_without_chunk(data, bitstream.CHUNK_ALPHA_ENDS)))  # a reader without it
+    assert np.array_equal(out[..., :3], raw[..., :3]) and (raw[..., 3][alpha == 0] > 0).any()
+    assert (out[..., 3][alpha == 0] == 0).mean() > 0.98 and (out[..., 3][alpha == 255] == 255).mean() > 0.98
+    assert (out[..., 3][alpha == 0] == 0).mean() > (raw[..., 3][alpha == 0] == 0).mean()
+    small = np.asarray(pillow_nif.decode(data, size=(32, 24)))[..., 3]  # a thumbnail's surround too
+    assert (small[[0, 0, -1, -1], [0, -1, 0, -1]] == 0).all()
+    opaque = pillow_nif.encode(photo(40, 28), bpp=4, effort=1)
+    assert pillow_nif.info(opaque)["alpha_ends"] is None and b"aEND" not in opaque
+
+    def with_ends(payload, base=data):  # the file with its aEND chunk's payload replaced
+        kept = _without_chunk(base, bitstream.CHUNK_ALPHA_ENDS)
+        crc = zlib.crc32(b"aEND" + payload)
+        return kept + struct.pack(">4sI", b"aEND", len(payload)) + payload + struct.pack(">I", crc)
+
+    # one byte, three, ends that meet (200 + 55 = 255), and ends in a file without a fitted alpha
+    for bad in (with_ends(b"\x05"), with_ends(b"\1\2\3"), with_ends(bytes([200, 55])), with_ends(b"\1\1", opaque)):
+        with pytest.raises(SyntaxError, match="alpha ends"):
+            pillow_nif.decode(bad)
+
+
 @pytest.mark.parametrize("mode", ["CMYK", "F", "YCbCr", "HSV"])
 def test_unsupported_modes_raise(mode, tmp_path):
     with pytest.raises(OSError, match="cannot write mode"):

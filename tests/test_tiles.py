@@ -164,6 +164,18 @@ def test_tiles_hold_none_of_the_images_metadata_and_the_file_one_alpha_value():
     assert Image.open(io.BytesIO(r.data)).mode == "RGBA" and pillow_nif.info(r.data)["alpha"] == 255
 
 
+def test_a_tiled_files_alpha_ends_are_chosen_over_the_blended_tiles():
+    im = photo(96, 64, "RGBA")
+    alpha = np.full((64, 96), 255, np.uint8)
+    alpha[10:54, 20:76] = 0  # a hole across all four tiles
+    im.putalpha(Image.fromarray(alpha))
+    r = fit.encode_image(im, bpp=3.0, effort=1, config=TILED)
+    f = bs.loads(r.data)
+    assert "alpha_ends" in f.metadata and [t.metadata for t in f.tiles] == [{}] * 4  # the file's, once
+    out = np.asarray(pillow_nif.decode(r.data))[..., 3]
+    assert (out[alpha == 0] == 0).mean() > 0.98 and (out[alpha == 255] == 255).mean() > 0.98
+
+
 # ---- the container, against hostile bytes -----------------------------------------------------------------------
 
 

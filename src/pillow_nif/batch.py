@@ -113,7 +113,8 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     images = [im if exact else fill_hidden(im) for im in map(as_image, images)]
     split = [(im, None) if keep_alpha else split_constant_alpha(im) for im in images]
     images = [im for im, _ in split]
-    meta = [fit.metadata_of(im, **(metadata[i] if metadata is not None else common), alpha=alpha)
+    meta = [fit.metadata_of(im, **(metadata[i] if metadata is not None else common), alpha=alpha,
+                            alpha_ends=not keep_alpha)  # tiles: the tiled file's own aEND covers them
             for i, (im, alpha) in enumerate(split)]
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
     large = {i: tiles.plan_tiles(im, bpps[i], {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
@@ -206,7 +207,7 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
     results = []
     for i, (job, data, (pixels, _, maxval)) in enumerate(zip(group, files, arrays)):
         loss = fit.rounding_loss(data, fitter.model.unstack(i), targets[i], float(fit_mses[i]), fitter.mse_stride)
-        data = fit.add_post_filter(data, pixels, maxval, job.plan, device)
+        data = fit.add_alpha_ends(fit.add_post_filter(data, pixels, maxval, job.plan, device), pixels, device)
         data, fp, plan = fit.refit(data, fit_pixels[i], loss, job.plan, lambda c: replan(job, c), pixels, maxval,
                                    device, eff, cfg, seed, bar, measure)
         results.append(fit.score(data, pixels, maxval, fp, device, 0.0, plan.header.arch))

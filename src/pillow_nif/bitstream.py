@@ -93,7 +93,12 @@ CHUNK_XMP = b"xMPd"
 # An alpha channel of one value everywhere (one byte), which an L or RGB file shows as LA or RGBA: the encoder does
 # not fit it (a fitted opaque alpha cost the colours 0.75-1.4 dB). Ancillary: a reader that skips it shows L or RGB.
 CHUNK_ALPHA = b"aLPH"
-METADATA_CHUNKS = {CHUNK_ICC: "icc_profile", CHUNK_EXIF: "exif", CHUNK_XMP: "xmp", CHUNK_ALPHA: "alpha"}
+# A fitted alpha's ends (two bytes, lo and hi): a decoder shows an alpha of at most lo as 0 and one of at least
+# 255 - hi as 255, since the network's 0s and 255s come back off by up to ~25 (a transparent surround that is not
+# transparent). The encoder picks them against the image. Ancillary: a reader that skips it shows the raw alpha.
+CHUNK_ALPHA_ENDS = b"aEND"
+METADATA_CHUNKS = {CHUNK_ICC: "icc_profile", CHUNK_EXIF: "exif", CHUNK_XMP: "xmp", CHUNK_ALPHA: "alpha",
+                   CHUNK_ALPHA_ENDS: "alpha_ends"}
 
 
 class FormatError(SyntaxError):
@@ -383,6 +388,7 @@ def _loads_tiled(data: bytes) -> TiledFile:
     if len(tiles) != len(boxes):
         raise FormatError(f"{len(tiles)} of {len(boxes)} tiles (truncated file?)")
     constant_alpha(metadata, grid.mode)
+    alpha_ends(metadata, grid.mode)
     return TiledFile(grid, tiles, metadata)
 
 
@@ -738,9 +744,19 @@ def constant_alpha(metadata: dict, mode: str) -> int | None:
     return alpha[0]
 
 
+def alpha_ends(metadata: dict, mode: str) -> tuple[int, int] | None:
+    """(lo, hi) of a file's aEND chunk: its alpha at most lo shows as 0, at least 255 - hi as 255; else None."""
+    ends = metadata.get("alpha_ends")
+    if ends is None:
+        return None
+    if len(ends) != 2 or mode not in ("LA", "RGBA") or ends[0] + ends[1] >= 255:
+        raise FormatError(f"bad alpha ends chunk ({bytes(ends).hex()} in a {mode} file)")
+    return ends[0], ends[1]
+
+
 def image_info(metadata: dict) -> dict:
-    """The metadata a decoded image's `info` shows: ICC, EXIF, XMP (the alpha chunk's value is its channel)."""
-    return {k: v for k, v in metadata.items() if k != "alpha"}
+    """The metadata a decoded image's `info` shows: ICC, EXIF, XMP (the alpha chunks are the alpha channel's)."""
+    return {k: v for k, v in metadata.items() if k not in ("alpha", "alpha_ends")}
 
 
 def shown_mode(mode: str, metadata: dict) -> str:
@@ -789,4 +805,5 @@ def loads(data: bytes) -> NifFile | TiledFile:
     if weights is None:
         raise FormatError("missing weights chunk (truncated file?)")
     constant_alpha(metadata, header.mode)
+    alpha_ends(metadata, header.mode)
     return NifFile(header, weights[0], weights[1], metadata, data[len(MAGIC)])

@@ -429,10 +429,12 @@ def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tu
 METADATA = ("icc_profile", "exif", "xmp")
 
 
-def metadata_of(image, icc_profile=None, exif=None, xmp=None, alpha: int | None = None) -> dict[str, bytes]:
+def metadata_of(image, icc_profile=None, exif=None, xmp=None, alpha: int | None = None,
+                alpha_ends: bool = True) -> dict[str, bytes]:
     """The metadata a file of `image` stores: each option as given, None taking the image's own (`im.info`, as
     Image.save keeps it), b"" none. Bytes-like values, an Image.Exif for exif, text for xmp; else ValueError.
-    `alpha`: the one value of an alpha channel not fitted (imaging.split_constant_alpha; bitstream.CHUNK_ALPHA)."""
+    `alpha`: the one value of an alpha channel not fitted (imaging.split_constant_alpha; bitstream.CHUNK_ALPHA).
+    `alpha_ends`: a fitted alpha's aEND chunk is held a place in the budget (add_alpha_ends fills it in)."""
     from PIL import Image
 
     info = getattr(image, "info", {})
@@ -451,7 +453,38 @@ def metadata_of(image, icc_profile=None, exif=None, xmp=None, alpha: int | None 
         out[key] = bytes(value)
     if alpha is not None:
         out["alpha"] = bytes([alpha])
+    elif alpha_ends and storage_mode(image) in ("LA", "RGBA"):
+        out["alpha_ends"] = b"\0\0"  # its 14 bytes counted in every plan; add_alpha_ends sets or drops it
     return out
+
+
+# The largest alpha_ends a file is given: the encoder's search (#214 measured 0-8, most at 8).
+MAX_ALPHA_END = 32
+
+
+def add_alpha_ends(data: bytes, pixels: np.ndarray, device: str = "cpu") -> bytes:
+    """`data` (a finished file, tiled or not) with the aEND chunk its metadata holds a place for set to the ends
+    that bring its decoded alpha closest to the image's (`pixels`, (H, W, C) in [0, 1], the alpha last), or dropped
+    where none helps."""
+    from .render import render_file
+
+    f = bitstream.loads(data)
+    if "alpha_ends" not in f.metadata:
+        return data
+    meta = {k: v for k, v in f.metadata.items() if k != "alpha_ends"}
+    raw = dataclasses.replace(f, metadata=meta)
+    dump = bitstream.dumps_tiled if isinstance(f, bitstream.TiledFile) else bitstream.dumps
+    alpha = render_file(raw, None, device, "torch")[..., -1].astype(np.int64).ravel()
+    true = np.round(pixels[..., -1] * 255).astype(np.int64).ravel()
+    # The change in squared error of showing each decoded value as 0 (as 255), summed by that value: the best lo
+    # (hi) is where the running sum from 0 (from 255) is lowest.
+    to_zero = np.bincount(alpha, true**2 - (alpha - true) ** 2, 256)[: MAX_ALPHA_END + 1].cumsum()
+    to_full = np.bincount(255 - alpha, (255 - true) ** 2 - (alpha - true) ** 2, 256)[: MAX_ALPHA_END + 1].cumsum()
+    lo, hi = int(np.argmin(to_zero)), int(np.argmin(to_full))
+    if to_zero[lo] >= 0 and to_full[hi] >= 0:
+        return dump(raw)
+    lo, hi = (lo if to_zero[lo] < 0 else 0), (hi if to_full[hi] < 0 else 0)
+    return dump(dataclasses.replace(f, metadata={**meta, "alpha_ends": bytes([lo, hi])}))
 
 
 # ---- architecture from the budget ------------------------------------------------------------------
@@ -1475,7 +1508,7 @@ def _fit_and_code(pixels: np.ndarray, maxval: int, plan: Plan, device: str, eff:
     if eff.qat_stages:
         data = tune_and_code(fitter, plan, codings, data, fitter.state(), bar)
     loss = rounding_loss(data, fitter.model, fitter.target, fit_mse, fitter.mse_stride)
-    return add_post_filter(data, pixels, maxval, plan, device), fit_pixels, loss
+    return add_alpha_ends(add_post_filter(data, pixels, maxval, plan, device), pixels, device), fit_pixels, loss
 
 
 def rounding_loss(data: bytes, model, target, fit_mse: float, stride: int = 1) -> float:

@@ -293,11 +293,18 @@ def render_file(f: NifFile | TiledFile, size=None, device: str = "auto", backend
     backend = pick_backend(backend, device)
     w, h = check_size(size) if size is not None else (f.header.width, f.header.height)
     if isinstance(f, TiledFile):
-        return render_tiled(f, w, h, device, backend)
-    net = load_network(f, device)
-    if (w, h) != (f.header.width, f.header.height):
-        net.filter = None  # the post-filter belongs to the stored size (postfilter.py)
-    return render(net, w, h, backend)
+        pixels = render_tiled(f, w, h, device, backend)
+    else:
+        net = load_network(f, device)
+        if (w, h) != (f.header.width, f.header.height):
+            net.filter = None  # the post-filter belongs to the stored size (postfilter.py)
+        pixels = render(net, w, h, backend)
+    ends = bitstream.alpha_ends(f.metadata, f.header.mode)
+    if ends is not None:  # at any size: a transparent surround stays transparent in a thumbnail too
+        alpha = pixels[..., -1]
+        alpha[alpha <= ends[0]] = 0
+        alpha[alpha >= 255 - ends[1]] = 255
+    return pixels
 
 
 def decode_array(data_or_path, size=None, device: str = "auto", backend: str = "auto") -> np.ndarray:
@@ -336,6 +343,7 @@ def info(data_or_path) -> dict:
             "params": sum(t.header.arch.num_params() for t in f.tiles),
             "metadata": sorted(bitstream.image_info(f.metadata)),
             "mode": bitstream.shown_mode(g.mode, f.metadata), "alpha": bitstream.constant_alpha(f.metadata, g.mode),
+            "alpha_ends": bitstream.alpha_ends(f.metadata, g.mode),
         }
     return _info(f, data)
 
@@ -350,6 +358,7 @@ def _info(f: NifFile, data: bytes) -> dict:
         "height": h.height,
         "mode": bitstream.shown_mode(h.mode, f.metadata),
         "alpha": bitstream.constant_alpha(f.metadata, h.mode),  # the one alpha value of a file that stores it alone
+        "alpha_ends": bitstream.alpha_ends(f.metadata, h.mode),  # (lo, hi): a fitted alpha shown as 0 / 255 beyond
         "colour": {0: "rgb", 1: "ycbcr"}[h.colour],
         "bytes": len(data),
         "bpp": len(data) * 8 / (h.width * h.height),

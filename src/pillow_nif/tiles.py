@@ -146,9 +146,14 @@ def encode_tiled(image, target_bpp: float, effort: int, device: str, seed: int, 
     data = bitstream.dumps_tiled(bitstream.TiledFile(grid, [r.data for r in results], metadata))
     if len(data) > budget:  # cannot happen by the shares above; a file over its budget is never written
         raise AssertionError(f"tiled file of {len(data)} bytes over its budget of {budget}")
+    pixels = None
+    if "alpha_ends" in metadata:  # chosen over the blended tiles, as a decoder shows them
+        pixels, _, maxval = prepare_image(image)
+        data = fit.add_alpha_ends(data, pixels, device)
     psnr = fit_psnr = None
     if measure:
-        pixels, _, maxval = prepare_image(image)
+        if pixels is None:
+            pixels, _, maxval = prepare_image(image)
         from .render import decode_array
 
         psnr = fit._psnr(decode_array(data, device=device), np.round(pixels * maxval), maxval)
