@@ -311,7 +311,7 @@ def dumps_tiled(t: TiledFile) -> bytes:
     extents = g.extents()
     if len(t.tiles) != len(extents):
         raise ValueError(f"{len(extents)} tiles are needed, got {len(t.tiles)}")
-    out = [MAGIC + bytes([TILED_VERSION]), _chunk(CHUNK_TILES, _TILES.pack(g.width, g.height, MODE_CODES[g.mode],
+    out = [MAGIC + bytes([TILED_VERSION]), chunk(CHUNK_TILES, _TILES.pack(g.width, g.height, MODE_CODES[g.mode],
                                                                          g.columns, g.rows, g.margin))]
     for tile, (x0, y0, x1, y1) in zip(t.tiles, extents):
         data = tile if isinstance(tile, (bytes, bytearray)) else dumps(tile)
@@ -322,10 +322,10 @@ def dumps_tiled(t: TiledFile) -> bytes:
         if (h.width, h.height, h.mode) != (x1 - x0, y1 - y0, g.mode):
             raise ValueError(f"tile {x0},{y0} is {h.width}x{h.height} {h.mode}, "
                              f"its extent {x1 - x0}x{y1 - y0} {g.mode}")
-        out.append(_chunk(CHUNK_TILE_DATA, bytes(data)))
+        out.append(chunk(CHUNK_TILE_DATA, bytes(data)))
     for kind, key in METADATA_CHUNKS.items():
         if t.metadata.get(key):
-            out.append(_chunk(kind, bytes(t.metadata[key])))
+            out.append(chunk(kind, bytes(t.metadata[key])))
     return b"".join(out)
 
 
@@ -439,7 +439,8 @@ _CODING2 = struct.Struct(">HHH")  # version 2: step (bfloat16) qmax param (0: un
 _F32X2 = struct.Struct(">ff")
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
+def chunk(kind: bytes, payload: bytes) -> bytes:
+    """One chunk as PNG lays it out: the payload's length, the kind, the payload, the CRC of kind and payload."""
     return struct.pack(">4sI", kind, len(payload)) + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
@@ -535,11 +536,11 @@ def dumps(f: NifFile) -> bytes:
         version = 1
         records = [_CODING.pack(c.step, c.qmax, c.model, c.param) for c in f.codings]
     weights = b"".join(records) + f.stream
-    out = [MAGIC + bytes([version]), _chunk(CHUNK_HEADER, pack_header(h, version)), _chunk(CHUNK_WEIGHTS, weights)]
+    out = [MAGIC + bytes([version]), chunk(CHUNK_HEADER, pack_header(h, version)), chunk(CHUNK_WEIGHTS, weights)]
     for kind, key in METADATA_CHUNKS.items():
         value = f.metadata.get(key)
         if value:
-            out.append(_chunk(kind, bytes(value)))
+            out.append(chunk(kind, bytes(value)))
     return b"".join(out)
 
 
