@@ -97,6 +97,9 @@ CHUNK_ALPHA = b"aLPH"
 # 255 - hi as 255, since the network's 0s and 255s come back off by up to ~25 (a transparent surround that is not
 # transparent). The encoder picks them against the image. Ancillary: a reader that skips it shows the raw alpha.
 CHUNK_ALPHA_ENDS = b"aEND"
+# Each end as applied at any size but the stored one. A hard-edged alpha wants ends up to 127 (nearly two values) at
+# the size it was fitted at, but a resampled alpha's soft edge is the right answer there (NOTES.md #215).
+ALPHA_END_RESAMPLED = 32
 METADATA_CHUNKS = {CHUNK_ICC: "icc_profile", CHUNK_EXIF: "exif", CHUNK_XMP: "xmp", CHUNK_ALPHA: "alpha",
                    CHUNK_ALPHA_ENDS: "alpha_ends"}
 
@@ -745,14 +748,16 @@ def constant_alpha(metadata: dict, mode: str) -> int | None:
     return alpha[0]
 
 
-def alpha_ends(metadata: dict, mode: str) -> tuple[int, int] | None:
-    """(lo, hi) of a file's aEND chunk: its alpha at most lo shows as 0, at least 255 - hi as 255; else None."""
+def alpha_ends(metadata: dict, mode: str, stored_size: bool = True) -> tuple[int, int] | None:
+    """(lo, hi) of a file's aEND chunk: its alpha at most lo shows as 0, at least 255 - hi as 255; else None. Away
+    from the stored size (`stored_size` False) each is at most ALPHA_END_RESAMPLED."""
     ends = metadata.get("alpha_ends")
     if ends is None:
         return None
     if len(ends) != 2 or mode not in ("LA", "RGBA") or ends[0] + ends[1] >= 255:
         raise FormatError(f"bad alpha ends chunk ({bytes(ends).hex()} in a {mode} file)")
-    return ends[0], ends[1]
+    cap = 255 if stored_size else ALPHA_END_RESAMPLED
+    return min(ends[0], cap), min(ends[1], cap)
 
 
 def image_info(metadata: dict) -> dict:

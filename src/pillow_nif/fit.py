@@ -458,8 +458,9 @@ def metadata_of(image, icc_profile=None, exif=None, xmp=None, alpha: int | None 
     return out
 
 
-# The largest alpha end the encoder searches: #214 saw 5-18 on cut-outs and logos, 32 (the cap) on hard-edged holes.
-MAX_ALPHA_END = 32
+# The largest alpha end the encoder searches: any that keeps lo + hi < 255. #214 saw 5-18 on cut-outs and logos
+# and the cap, then 32, on hard-edged holes; #215 84-127 there (a decoder applies at most 32 away from the stored size).
+MAX_ALPHA_END = 127
 
 
 def add_alpha_ends(data: bytes, pixels: np.ndarray, device: str = "cpu") -> bytes:

@@ -299,7 +299,7 @@ def render_file(f: NifFile | TiledFile, size=None, device: str = "auto", backend
         if (w, h) != (f.header.width, f.header.height):
             net.filter = None  # the post-filter belongs to the stored size (postfilter.py)
         pixels = render(net, w, h, backend)
-    ends = bitstream.alpha_ends(f.metadata, f.header.mode)
+    ends = bitstream.alpha_ends(f.metadata, f.header.mode, (w, h) == (f.header.width, f.header.height))
     if ends is not None:  # at any size: a transparent surround stays transparent in a thumbnail too
         alpha = pixels[..., -1]
         alpha[alpha <= ends[0]] = 0
