@@ -2,7 +2,7 @@
 """Long-running fuzz driver for the .nif reader: mutated, truncated, spliced and synthesized files.
 
     OMP_NUM_THREADS=1 python benchmarks/fuzz.py                     # 100000 cases, seed 0
-    OMP_NUM_THREADS=1 python benchmarks/fuzz.py --cases 5000 --seed 7 --max-pixels 4096
+    OMP_NUM_THREADS=1 python benchmarks/fuzz.py --cases 5000 --seed 7 --max-pixels 20480
     OMP_NUM_THREADS=1 python benchmarks/fuzz.py --atheris -- -runs=100000 -max_len=8192   # coverage-guided
 
 Seeds are tiny real files (pillow_nif.encode of 24x16 / 16x16 crops of the test photo, one per mode),
@@ -93,12 +93,16 @@ def photo(width, height, mode="RGB"):
 
 def encoded_seeds() -> list[bytes]:
     grey16 = Image.fromarray(np.asarray(photo(16, 16, "L")).astype(np.uint16) * 257)
+    yy, xx = np.mgrid[0:16, 0:16]
+    disc = photo(16, 16, "RGBA")
+    disc.putalpha(Image.fromarray(np.where(np.hypot(yy - 8, xx - 8) < 6, 255, 0).astype(np.uint8)))
     return [
         pillow_nif.encode(photo(24, 16), bpp=4, effort=1, exif=b"II*\x00\x08\x00\x00\x00\x00\x00"),
         pillow_nif.encode(photo(24, 16, "L"), bpp=4, effort=1),
         pillow_nif.encode(photo(16, 16, "RGBA"), bpp=4, effort=1),
         pillow_nif.encode(photo(16, 16, "LA"), bpp=6, effort=1),
         pillow_nif.encode(grey16, bpp=6, effort=1),
+        pillow_nif.encode(disc, bpp=6, effort=1),  # a fitted alpha: its aEND chunk
     ]
 
 
@@ -128,6 +132,10 @@ def built_seeds() -> list[bytes]:
         built_file(mod, "RGB", 1, metadata={"icc_profile": b"icc!", "exif": b"MM\x00*", "xmp": b"<x/>"}),
         built_file(bs.Architecture(4, (5,), 0, 1.0, 10.0, (2, 2), 0, 5.0, 1.0), "RGBA", 1, size=(7, 5), seed=1),
         built_file(bs.Architecture(1, (3, 3, 3), 1, 2.0, 30.0), "I;16", 0, size=(5, 11), seed=2),
+        # version 9: 2 x 1 tiles of an RGBA image with blended margins, the image's alpha ends
+        bs.dumps_tiled(bs.TiledFile(bs.TileGrid(20, 8, "RGBA", 2, 1, margin=2), [
+            built_file(bs.Architecture(4, (5, 3), 2, 1.4, 45.0), "RGBA", 1, size=(12, 8), seed=s) for s in (8, 9)],
+            {"exif": b"MM\x00*", "alpha_ends": b"\x28\x05"})),
         built_file(bs.Architecture(2, (4,), 3, 1.2, 30.0, (2,), 2, 30.0, 1.0), "LA", 0, size=(9, 9), seed=3, qmax=300),
     ]
 
@@ -512,7 +520,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-pixels", type=int, default=4096, help="Image.MAX_IMAGE_PIXELS while fuzzing")
+    ap.add_argument("--max-pixels", type=int, default=20480,
+                    help="Image.MAX_IMAGE_PIXELS while fuzzing (the largest seed, a golden vector, is 160x128)")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds before a case counts as a hang")
     ap.add_argument("--slow", type=float, default=1.0, help="save cases slower than this (seconds)")
     ap.add_argument("--cross-check", type=int, default=10, help="decode both ways every N-th case (0: never)")

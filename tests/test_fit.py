@@ -875,3 +875,39 @@ def test_the_rounding_loss_is_that_of_the_stored_network():
         want, rel=1e-5)
     assert fit.rounding_loss(data, fitter.model, fitter.target, fit_mse) == pytest.approx(
         10 * math.log10(want / fit_mse), abs=1e-4) and want > fit_mse
+
+
+def _one_colour(mode, size=(40, 28)):
+    """An image of one colour in `mode`, and what it decodes to (the stored mode; an alpha of 0 hides black)."""
+    if mode == "P":
+        im = Image.new("P", size, 2)
+        im.putpalette([0, 0, 0, 9, 8, 7, 200, 100, 50])
+        return im, im.convert("RGB")
+    value = {"1": 1, "L": 77, "LA": (77, 128), "RGB": (250, 1, 128), "RGBA": (9, 200, 3, 0), "I;16": 12345,
+             "I": 65535}[mode]
+    im = Image.new(mode, size, value)
+    return im, {"RGBA": Image.new("RGBA", size, (0, 0, 0, 0)), "1": im.convert("L")}.get(mode, im)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "RGB", "RGBA", "P", "I;16", "I"])
+def test_an_image_of_one_colour_is_a_tiny_file_exact_at_every_size(mode):
+    """A blank page or a flat background needs no network's fitting: the encoder had spent the whole budget on it
+    (4030 bytes at 256x256 and 0.5 bpp), and the time of a full fit."""
+    im, shown = _one_colour(mode)
+    calls = []
+    result = encode_image(im, bpp=8, effort=5, progress=lambda done, total: calls.append((done, total)))
+    assert len(result.data) < 90 and result.psnr == float("inf") and calls == [(1, 1)]
+    want = np.asarray(shown.convert("I") if mode in ("I;16", "I") else shown)
+    for size in (None, (3, 2), (97, 61)):
+        out = pillow_nif.decode(result.data, size=size)
+        ref = want if size is None else np.broadcast_to(want[:1, :1], (size[1], size[0]) + want.shape[2:])
+        assert np.array_equal(np.asarray(out.convert("I") if mode in ("I;16", "I") else out), ref)
+    assert pillow_nif.encode_many([photo(24, 16), im], bpp=8, effort=1)[1] == result.data  # batches too
+
+
+def test_an_image_of_one_colour_is_one_network_at_any_size():
+    """A 12-megapixel blank page was 21 tiles and the time of 48 encodes of 768x512."""
+    data = pillow_nif.encode(Image.new("RGB", (4032, 3024), (30, 60, 90)), bpp=0.5)
+    assert len(data) < 90 and pillow_nif.info(data)["tiles"] == [1, 1]
+    thumb = pillow_nif.decode(data, size=(64, 48))
+    assert np.array_equal(np.asarray(thumb), np.full((48, 64, 3), (30, 60, 90), np.uint8))

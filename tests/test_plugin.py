@@ -56,7 +56,7 @@ def test_save_and_load_do_not_import_torchs_compiler(tmp_path):
     (and most of a GPU encode) would pay. The fit's optimisers are written without torch.optim (optim.py)."""
     code = (
         "import sys, pillow_nif; from PIL import Image; "
-        "Image.new('RGB', (24, 16), (200, 40, 90)).save(sys.argv[1], bpp=4.0, effort=1); "
+        "Image.effect_noise((24, 16), 64).convert('RGB').save(sys.argv[1], bpp=4.0, effort=1); "  # fitted: not flat
         "Image.open(sys.argv[1]).load(); print([m for m in ('torch', 'torch._dynamo') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.nif")], capture_output=True, text=True,

@@ -116,16 +116,23 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     meta = [fit.metadata_of(im, **(metadata[i] if metadata is not None else common), alpha=alpha,
                             alpha_ends=not keep_alpha)  # tiles: the tiled file's own aEND covers them
             for i, (im, alpha) in enumerate(split)]
+    # Images of one colour (an empty tile too) need no fitting (fit.constant_file).
+    flat = {i: r for i, im in enumerate(images) if (r := fit.constant_result(im, meta[i], bpps[i], cfg)) is not None}
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
     large = {i: tiles.plan_tiles(im, bpps[i], {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
-             for i, im in enumerate(images) if fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)}
-    jobs = [_plan(i, im, bpps[i], colour, meta[i], cfg, eff) for i, im in enumerate(images) if i not in large]
+             for i, im in enumerate(images) if i not in flat and fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)}
+    jobs = [_plan(i, im, bpps[i], colour, meta[i], cfg, eff) for i, im in enumerate(images)
+            if i not in large and i not in flat]
 
     def replan(job: _Job, c: fit.FitConfig) -> fit.Plan:  # the plan of a refit (fit.refit)
         return _plan(job.index, job.image, bpps[job.index], colour, meta[job.index], c, eff).plan
 
     bar = fit._progress(progress, sum(fit.fit_work(j.header, eff, cfg) for j in jobs))
     results: list[fit.EncodeResult | None] = [None] * len(images)
+    for i, r in flat.items():
+        results[i] = r
+        if on_result is not None:
+            on_result(i, r)
     try:
         for group in _groups(jobs, device, eff):
             t0 = time.perf_counter()

@@ -1465,6 +1465,61 @@ def score(data: bytes, pixels: np.ndarray, maxval: int, fit_pixels: np.ndarray |
     return EncodeResult(data, len(data) * 8 / (w * h), psnr, seconds, _psnr(fit_pixels, ref, maxval), arch)
 
 
+# ---- an image of one colour ------------------------------------------------------------------------
+
+# Output-bias steps to try, coarse first: 2^-10 puts any 8-bit level within 1/16 of a level; a 16-bit level needs a
+# step near 2^-15, where symbols reach MAX_QMAX, so the bfloat16 steps from there up are tried until one lands.
+_CONSTANT_STEPS = [2.0**-10] + [2.0**e * (1 + m / 128) for e in (-15, -14) for m in range(128)]
+
+
+def constant_file(image, metadata: dict, budget: int, cfg: FitConfig) -> bytes | None:
+    """The file of an image whose every pixel is one colour (a blank page, a flat background, an empty tile): the
+    smallest network, its weights 0 and its output bias that colour, which decodes exactly at every size, in ~70
+    bytes and no fitting. A fit spent the whole budget on it (4030 bytes at 256x256 and 0.5 bpp, ~760 KB at
+    4032x3024, where it took 48x a 768x512 encode's time). None for any other image, or where even this exceeds
+    `budget` bytes."""
+    from .render import decode_array
+
+    if image.width < 1 or image.height < 1:
+        return None  # plan_encode says why
+    bands = image.getextrema()
+    if any(lo != hi for lo, hi in (bands if isinstance(bands[0], tuple) else (bands,))):
+        return None
+    pixel, mode, maxval = prepare_image(image.crop((0, 0, 1, 1)))  # OSError for a mode NIF cannot hold
+    level, value = np.round(pixel * maxval).ravel(), pixel.ravel() * 2 - 1  # the network's output space
+    w, h = image.size
+    arch = dataclasses.replace(choose_architecture(w, h, len(value), 1, cfg), widths=(1,), pe_freqs=0)
+    header = Header(w, h, mode, bitstream.COLOUR_IDENTITY, arch)
+    metadata = {k: bytes(v) for k, v in metadata.items() if v and k != "alpha_ends"}  # nothing fitted to snap
+    shapes = [int(np.prod(s)) for _, s in arch.tensor_shapes()]
+    for step in _CONSTANT_STEPS:
+        bias = np.round(value / step).astype(np.int64)
+        if np.abs(bias).max() > bitstream.MAX_QMAX or not np.array_equal(
+                np.round((bias * step + 1) / 2 * maxval), level):
+            continue
+        codings = [TensorCoding(step, 0, bitstream.MODEL_UNIFORM, 0)] * (len(shapes) - 1)
+        codings.append(TensorCoding(step, int(np.abs(bias).max()), bitstream.MODEL_UNIFORM, 0))
+        syms = [np.zeros(n, np.int64) for n in shapes[:-1]] + [bias]
+        data = bitstream.dumps(NifFile(header, codings, entropy.encode(syms, codings, arch.sine_layers()), metadata))
+        # every pixel of the network is the same: one decoded pixel checks them all
+        if np.array_equal(decode_array(data, size=(1, 1)).ravel(), level):
+            return data if len(data) <= budget else None
+    return None
+
+
+def constant_result(image, metadata: dict, target_bpp: float, cfg: FitConfig, progress=False) -> EncodeResult | None:
+    """encode_image's result for an image of one colour (constant_file), else None."""
+    t0 = time.perf_counter()
+    w, h = image.size
+    data = constant_file(image, metadata, int(target_bpp * w * h // 8), cfg)
+    if data is None:
+        return None
+    if callable(progress):  # done at once (a bar would only flash)
+        progress(1, 1)
+    arch = bitstream.loads(data).header.arch
+    return EncodeResult(data, len(data) * 8 / (w * h), math.inf, time.perf_counter() - t0, math.inf, arch)
+
+
 def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0, progress=False,
                  icc_profile=None, exif=None, xmp=None, colour="auto", config: FitConfig | None = None,
                  measure: bool = True, exact: bool = False) -> EncodeResult:
@@ -1480,6 +1535,9 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     eff = EFFORTS[effort]
     image, alpha = split_constant_alpha(image if exact else fill_hidden(image))
     metadata = metadata_of(image, icc_profile, exif, xmp, alpha)
+    flat = constant_result(image, metadata, target_bpp, cfg, progress)
+    if flat is not None:  # one colour: one network at any size, nothing to fit
+        return flat
     if tile_grid(*image.size, cfg.tile_pixels) != (1, 1):
         from .tiles import encode_tiled
 

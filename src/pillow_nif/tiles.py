@@ -98,30 +98,40 @@ def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.F
     budget = int(target_bpp * w * h // 8)
     # The bits over the pixels the networks cover (the overlaps twice), shared by tile_rates; a byte a tile kept
     # back, so that no tile's float budget rounds above its share.
-    share = budget - outer - (per_tile + 1) * len(extents)
-    mean_bpp = 8 * share / sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in extents)
     crops = [image.crop(box) for box in extents]
+    area = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in extents]
+    # A tile of one colour (a page's margin, a flat background) is a constant file of ~70 bytes (fit.constant_file):
+    # the other tiles share the rest.
+    flat = {i: len(d) for i, c in enumerate(crops) if (d := fit.constant_file(c, {}, budget, cfg)) is not None}
+    fitted = [i for i in range(len(crops)) if i not in flat]
+    share = budget - outer - (per_tile + 1) * len(extents) - sum(flat.values())
+    mean_bpp = 8 * share / max(1, sum(area[i] for i in fitted))
 
     def check(bpps):  # each tile planned as encode_batch will plan it (like tiles once)
         if share <= 0:
             raise ValueError("nothing is left for the networks")
         planned = set()
-        for crop, bpp in zip(crops, bpps):
-            if (crop.size, bpp) not in planned:
-                planned.add((crop.size, bpp))
-                fit.plan_encode(crop, bpp, colour, {}, cfg, effort)
+        for i in fitted:
+            if (crops[i].size, bpps[i]) not in planned:
+                planned.add((crops[i].size, bpps[i]))
+                fit.plan_encode(crops[i], bpps[i], colour, {}, cfg, effort)
 
     uniform = [mean_bpp] * len(extents)
     try:
-        bpps = [mean_bpp * r for r in tile_rates(crops, cfg)] if share > 0 else uniform
+        bpps = list(uniform)
+        if share > 0:
+            for i, r in zip(fitted, tile_rates([crops[i] for i in fitted], cfg)):
+                bpps[i] = mean_bpp * r
         try:
             check(bpps)
         except ValueError:  # a flat tile's share too small for a network: one bpp for all, if that is enough
-            bpps = uniform
+            bpps = list(uniform)
             check(bpps)
     except ValueError as e:
         raise ValueError(f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, stored as "
                          f"{grid.columns}x{grid.rows} tiles: too few for their networks ({e})") from e
+    for i, n in flat.items():  # room for exactly its file (the byte kept back covers the rounding)
+        bpps[i] = 8 * (n + 1) / area[i]
     return grid, bpps, budget
 
 
