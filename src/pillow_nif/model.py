@@ -83,14 +83,21 @@ class _SinOfProduct(torch.autograd.Function):
     forward + backward 17 % faster (4096 pixels, one thread) and a whole training step 2-9 %.
     """
 
-    @staticmethod
-    def forward(ctx, z, p):
-        u = z * p
-        ctx.save_for_backward(z, u, p)
-        return torch.sin(u)
+    generate_vmap_rule = True  # torch.func.vmap over a network (benchmarks/encode_speed.py's forward section)
 
     @staticmethod
-    def backward(ctx, grad):
+    def forward(z, p):
+        u = z * p
+        return torch.sin(u), u  # u out too: setup_context (the form vmap needs) sees only inputs and outputs
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, p = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(z, output[1], p)
+
+    @staticmethod
+    def backward(ctx, grad, _):
         z, u, p = ctx.saved_tensors
         gu = torch.cos(u).mul_(grad)
         gp = torch.linalg.vecdot(gu, z).unsqueeze(-1) if ctx.needs_input_grad[1] else None
@@ -100,7 +107,7 @@ class _SinOfProduct(torch.autograd.Function):
 def sin_of_product(z: torch.Tensor, p) -> torch.Tensor:
     """sin(p * z): the genesis activation (p the period, a per-pixel tensor or a constant)."""
     if isinstance(p, torch.Tensor) and p.shape == z.shape[:-1] + (1,) and torch.is_grad_enabled():
-        return _SinOfProduct.apply(z, p)
+        return _SinOfProduct.apply(z, p)[0]
     return torch.sin(p * z)
 
 
