@@ -96,14 +96,13 @@ def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.F
     extents = grid.extents()
     outer, per_tile = bitstream.tiled_overhead(metadata)
     budget = int(target_bpp * w * h // 8)
-    # The bits over the pixels the networks cover (the overlaps twice), shared by tile_rates; a byte a tile kept
-    # back, so that no tile's float budget rounds above its share.
     crops = [image.crop(box) for box in extents]
     area = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in extents]
-    # A tile of one colour (a page's margin, a flat background) is a constant file of ~70 bytes (fit.constant_file):
-    # the other tiles share the rest.
+    # A tile of one colour (a page's margin, a flat background) is a constant file of ~70 bytes (fit.constant_file).
     flat = {i: len(d) for i, c in enumerate(crops) if (d := fit.constant_file(c, {}, budget, cfg)) is not None}
     fitted = [i for i in range(len(crops)) if i not in flat]
+    # The bits over the pixels the other networks cover (the overlaps twice), shared by tile_rates; a byte a tile
+    # kept back, so that no tile's float budget rounds above its share.
     share = budget - outer - (per_tile + 1) * len(extents) - sum(flat.values())
     mean_bpp = 8 * share / max(1, sum(area[i] for i in fitted))
 
