@@ -903,6 +903,8 @@ def test_an_image_of_one_colour_is_a_tiny_file_exact_at_every_size(mode):
         ref = want if size is None else np.broadcast_to(want[:1, :1], (size[1], size[0]) + want.shape[2:])
         assert np.array_equal(np.asarray(out.convert("I") if mode in ("I;16", "I") else out), ref)
     assert pillow_nif.encode_many([photo(24, 16), im], bpp=8, effort=1)[1] == result.data  # batches too
+    kept = pillow_nif.decode(pillow_nif.encode(im, bpp=8, icc_profile=b"icc", exif=b"MM\x00*\x00\x00\x00\x08\x00\x00"))
+    assert kept.info["icc_profile"] == b"icc" and kept.info["exif"] == b"MM\x00*\x00\x00\x00\x08\x00\x00"
 
 
 def test_an_image_of_one_colour_is_one_network_at_any_size():
