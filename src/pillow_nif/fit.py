@@ -1500,7 +1500,7 @@ def constant_file(image, metadata: dict, budget: int, cfg: FitConfig) -> bytes |
         codings = [TensorCoding(step, 0, bitstream.MODEL_UNIFORM, 0)] * (len(shapes) - 1)
         codings.append(TensorCoding(step, int(np.abs(bias).max()), bitstream.MODEL_UNIFORM, 0))
         syms = [np.zeros(n, np.int64) for n in shapes[:-1]] + [bias]
-        data = bitstream.dumps(NifFile(header, codings, entropy.encode(syms, codings, arch.sine_layers()), metadata))
+        data = _file(header, codings, syms, metadata)
         # every pixel of the network is the same: one decoded pixel checks them all
         if np.array_equal(decode_array(data, size=(1, 1), device="cpu").ravel(), level):  # no kernel to compile
             return data if len(data) <= budget else None
