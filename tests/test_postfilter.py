@@ -12,7 +12,7 @@ import pillow_nif
 from pillow_nif import bitstream as bs
 from pillow_nif import fit, postfilter
 from pillow_nif.bitstream import Architecture, FormatError, Header, NifFile, TensorCoding
-from pillow_nif.render import decode_array, load_network, render
+from pillow_nif.render import decode_array, load_network, render, resample
 
 from conftest import ROOT, assert_decoders_agree
 from test_bitstream import _payload, _with_payload
@@ -363,7 +363,10 @@ def test_the_filter_applies_at_the_stored_size_only_and_bands_agree_with_the_who
     net = load_network(bs.loads(r.data))
     alone = dataclasses.replace(net, filter=None)
     w, h = im.size
-    np.testing.assert_array_equal(decode_array(r.data, size=(w // 2, h // 2)), render(alone, w // 2, h // 2))
+    np.testing.assert_array_equal(decode_array(r.data, size=(2 * w, h)), render(alone, 2 * w, h))
+    # a smaller size is made from the stored one, filter and all
+    half = (w // 2, h // 2)
+    np.testing.assert_array_equal(decode_array(r.data, size=half), resample(decode_array(r.data), half))
     u = render(net, w, h, raw=True).astype(np.float64) / 255
     coef = (t.double().numpy() for t in net.filter)
     want = np.floor(np.clip(postfilter.apply_numpy(u, *coef, net.filter_dirs), 0, 1) * 255 + 0.5)

@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 
@@ -5,7 +7,7 @@ from conftest import photo
 
 import pillow_nif
 from pillow_nif import bitstream
-from pillow_nif.render import check_size, decode_array, load_network, pick_backend, render
+from pillow_nif.render import check_size, decode_array, load_network, pick_backend, render, resample
 
 
 def test_decode_any_size(small_nif):
@@ -37,6 +39,48 @@ def test_upscaled_decode_matches_stored_pixels_at_the_same_centres(small_nif):
     assert mse(decode_array(small_nif)) < mse(a)
 
 
+def test_a_smaller_decode_is_the_stored_image_resized_not_aliased():
+    """Stripes 4 pixels a period, decoded at a quarter of their size: each output pixel covers one period, so the
+    picture is their mean. Point samples of the network (the decoder until session 74) all fell on the stripes'
+    bright half: a white image instead of a grey one (NOTES.md #219)."""
+    from PIL import Image
+
+    stripes = np.tile(np.array([0, 255, 255, 0], np.uint8), (64, 16))
+    data = pillow_nif.encode(Image.fromarray(stripes).convert("RGB"), bpp=4, effort=1)
+    assert np.abs(decode_array(data).astype(int) - stripes[..., None]).mean() < 8  # the file has the stripes
+    small = decode_array(data, size=(16, 16)).astype(float)
+    assert abs(small.mean() - 127.5) < 8 and small.std() < 8
+    thumb = pillow_nif.decode(data)
+    thumb.thumbnail((16, 16))  # the plugin's thumbnail() the same way
+    with Image.open(io.BytesIO(data)) as im:
+        im.thumbnail((16, 16))
+        assert np.array_equal(np.asarray(im), np.asarray(thumb))
+    # smaller on one axis only: that axis from the stored samples, the other the network's own at the new size
+    wide = decode_array(data, size=(16, 128))
+    assert np.array_equal(wide, resample(decode_array(data, size=(64, 128)), (16, 128)))
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "I;16"])
+def test_a_smaller_decode_is_what_image_resize_gives(mode):
+    """Every mode through the same resampling as Image.resize (bicubic; colours weighted by their alpha)."""
+    from PIL import Image
+
+    im = photo(40, 30, "RGB")
+    if mode in ("LA", "RGBA"):
+        a = np.asarray(photo(40, 30, "L"))[::-1]  # an alpha that varies, unlike the colours
+        im = Image.fromarray(np.dstack([np.asarray(im.convert(mode[0] if mode == "LA" else "RGB")), a]))
+    elif mode == "I;16":
+        im = Image.fromarray(np.asarray(im.convert("L")).astype(np.uint16) * 257)
+    else:
+        im = im.convert(mode)
+    data = pillow_nif.encode(im, bpp=8, effort=1)
+    full = pillow_nif.decode(data)
+    assert full.mode == mode
+    small = pillow_nif.decode(data, size=(15, 11))
+    want = np.asarray(full.resize((15, 11), Image.Resampling.BICUBIC), dtype=np.int64)
+    assert small.mode == mode and np.abs(np.asarray(small, dtype=np.int64) - want).max() <= (1 if mode == "I;16" else 0)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         check_size((0, 10))
@@ -63,5 +107,7 @@ def test_bomb_check(small_nif, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(Image.DecompressionBombError):
         pillow_nif.decode(small_nif.read_bytes(), size=(3000, 3000))
+    with pytest.raises(Image.DecompressionBombError):  # a smaller size renders the stored one first
+        pillow_nif.decode(small_nif.read_bytes(), size=(10, 6))
     with pytest.raises(Image.DecompressionBombError):
         Image.open(small_nif)

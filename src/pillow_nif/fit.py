@@ -1478,7 +1478,7 @@ def constant_file(image, metadata: dict, budget: int, cfg: FitConfig) -> bytes |
     bytes and no fitting. A fit spent the whole budget on it (4030 bytes at 256x256 and 0.5 bpp, ~760 KB at
     4032x3024, where it took 48x a 768x512 encode's time). None for any other image, or where even this exceeds
     `budget` bytes."""
-    from .render import decode_array
+    from .render import load_network, render
 
     if image.width < 1 or image.height < 1:
         return None  # plan_encode says why
@@ -1501,8 +1501,9 @@ def constant_file(image, metadata: dict, budget: int, cfg: FitConfig) -> bytes |
         codings.append(TensorCoding(step, int(np.abs(bias).max()), bitstream.MODEL_UNIFORM, 0))
         syms = [np.zeros(n, np.int64) for n in shapes[:-1]] + [bias]
         data = _file(header, codings, syms, metadata)
-        # every pixel of the network is the same: one decoded pixel checks them all
-        if np.array_equal(decode_array(data, size=(1, 1), device="cpu").ravel(), level):  # no kernel to compile
+        # every pixel of the network is the same: one pixel of it checks them all (a decode at 1x1 would render the
+        # stored size to resize it); on the CPU, where no kernel is compiled for it
+        if np.array_equal(render(load_network(bitstream.loads(data)), 1, 1).ravel(), level):
             return data if len(data) <= budget else None
     return None
 

@@ -1,7 +1,8 @@
 """Pillow plugin for the Neural Imaging Format (.nif), in the order of Pillow's own plugins.
 
 Opening reads the header only (size and mode, no torch); pixels are rendered on ``load()``, at the
-stored size or at the size ``draft()`` asked for (``thumbnail()`` uses that to render small).
+stored size. There is no ``draft()``: a smaller image is made from the stored size's samples in any case
+(render.render_file), so ``thumbnail()`` resizes the decoded image, as it does any other's.
 
 Save options (``im.save("x.nif", ...)``; each also documented in the README):
     bpp       bits per pixel of the whole file, a ceiling (default 0.5)
@@ -37,7 +38,6 @@ class NifImageFile(ImageFile.ImageFile):
             raise SyntaxError("not a NIF file")
         self._nif_data = data
         header = bitstream.read_header(data)
-        self._nif_header = header
         # Image.open checks this size against MAX_IMAGE_PIXELS as _open returns; nothing is allocated before.
         self._size = (header.width, header.height)
         metadata = bitstream.read_metadata(data)
@@ -45,18 +45,7 @@ class NifImageFile(ImageFile.ImageFile):
             self._mode = bitstream.shown_mode(header.mode, metadata)  # + A where the file stores one alpha value
         except bitstream.FormatError:  # damaged after its header: load() names it, as for any other chunk
             self._mode = header.mode
-        self._render_size = self._size
         self.info.update(bitstream.image_info(metadata))
-
-    def draft(self, mode, size):
-        """Render at (at least) `size` instead of the stored size: the network is continuous."""
-        if size is None or self._im is not None:
-            return None
-        w, h = self._nif_header.width, self._nif_header.height
-        scale = min(1.0, max(size[0] / w, size[1] / h))
-        new = (max(1, round(w * scale)), max(1, round(h * scale)))
-        self._render_size = self._size = new
-        return self.mode, (0, 0, new[0], new[1])
 
     def verify(self) -> None:
         """Check every chunk's CRC and the weight stream's structure, without running the network."""
@@ -71,7 +60,7 @@ class NifImageFile(ImageFile.ImageFile):
             try:
                 nif = bitstream.loads(self._nif_data)
                 # The weight stream is only entropy decoded here: its errors are OSError too, as Pillow's.
-                pixels = render_file(nif, self._render_size, device=_options["device"], backend=_options["backend"])
+                pixels = render_file(nif, None, device=_options["device"], backend=_options["backend"])
             except bitstream.FormatError as e:
                 raise OSError(f"cannot decode NIF file: {e}") from e
             self.im = to_image(pixels, nif.header.mode, bitstream.constant_alpha(nif.metadata, nif.header.mode)).im

@@ -286,25 +286,48 @@ def _tile_coordinates(idx: range, stored: int, size: int, lo: int, hi: int, devi
 
 
 def render_file(f: NifFile | TiledFile, size=None, device: str = "auto", backend: str = "auto") -> np.ndarray:
-    """Pixels of a parsed file at its size or at `size` = (width, height)."""
+    """Pixels of a parsed file at its size or at `size` = (width, height): the network's own where larger, the
+    stored size resized where smaller (render_grid)."""
     from .fit import resolve_device
 
     device = resolve_device(device)
     backend = pick_backend(backend, device)
-    w, h = check_size(size) if size is not None else (f.header.width, f.header.height)
+    stored = (f.header.width, f.header.height)
+    w, h = check_size(size) if size is not None else stored
+    grid = render_grid(stored, (w, h))
     if isinstance(f, TiledFile):
-        pixels = render_tiled(f, w, h, device, backend)
+        pixels = render_tiled(f, *grid, device, backend)
     else:
         net = load_network(f, device)
-        if (w, h) != (f.header.width, f.header.height):
+        if grid != stored:
             net.filter = None  # the post-filter belongs to the stored size (postfilter.py)
-        pixels = render(net, w, h, backend)
-    ends = bitstream.alpha_ends(f.metadata, f.header.mode, (w, h) == (f.header.width, f.header.height))
-    if ends is not None:  # at any size: a transparent surround stays transparent in a thumbnail too
+        pixels = render(net, *grid, backend)
+    ends = bitstream.alpha_ends(f.metadata, f.header.mode, grid == stored)
+    if ends is not None:  # at a larger size too (at most 32 there): a transparent surround stays transparent
         alpha = pixels[..., -1]
         alpha[alpha <= ends[0]] = 0
         alpha[alpha >= 255 - ends[1]] = 255
-    return pixels
+    return pixels if grid == (w, h) else resample(pixels, (w, h))
+
+
+def render_grid(stored: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """The grid a decode at `size` evaluates the network on. An axis made smaller is rendered at its stored samples,
+    the ones the network was fitted to, and then resampled: between them the network is no low-pass of the image,
+    and point samples of it alias (NOTES.md #219)."""
+    return max(size[0], stored[0]), max(size[1], stored[1])
+
+
+def resample(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(height, width, channels) integer pixels resized to `size` as `Image.resize` does by default (bicubic, its
+    support widened by the reduction, so antialiased; colours weighted by their alpha)."""
+    from PIL import Image
+
+    if pixels.dtype == np.uint16:  # I;16, resized as I (32-bit) where every Pillow version can
+        im = Image.fromarray(pixels[..., 0].astype(np.int32)).resize(size, Image.BICUBIC)
+        return np.asarray(im).clip(0, 65535).astype(np.uint16)[..., None]
+    im = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)  # L, LA, RGB or RGBA
+    im = im.resize(size, Image.BICUBIC)
+    return np.asarray(im).reshape(size[1], size[0], -1)
 
 
 def decode_array(data_or_path, size=None, device: str = "auto", backend: str = "auto") -> np.ndarray:
@@ -323,8 +346,9 @@ def decode(data_or_path, size=None, device: str = "auto", backend: str = "auto")
     device = resolve_device(device)  # option errors before any work
     pick_backend(backend, device)
     f = bitstream.loads(read_bytes(data_or_path))
-    w, h = check_size(size) if size is not None else (f.header.width, f.header.height)
-    Image._decompression_bomb_check((w, h))
+    stored = (f.header.width, f.header.height)
+    w, h = check_size(size) if size is not None else stored
+    Image._decompression_bomb_check(render_grid(stored, (w, h)))  # a thumbnail renders the stored size first
     alpha = bitstream.constant_alpha(f.metadata, f.header.mode)
     im = to_image(render_file(f, (w, h), device, backend), f.header.mode, alpha)
     im.info.update(bitstream.image_info(f.metadata))
