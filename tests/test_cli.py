@@ -26,6 +26,9 @@ def test_encode_decode_info(tmp_path, capsys):
     big = tmp_path / "big.png"
     assert main(["decode", str(out), str(big), "--size", "128x80"]) == 0
     assert Image.open(big).size == (128, 80)
+    for size, want in (("32x", (32, 20)), ("x80", (128, 80)), ("1x", (1, 1))):  # a side by the aspect ratio
+        assert main(["decode", str(out), str(big), "--size", size]) == 0
+        assert Image.open(big).size == want
 
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
@@ -54,8 +57,9 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     photo(16, 16).save(src)
     assert main(["encode", str(src), str(tmp_path / "x.nif"), "--bpp", "-1"]) == 1
     assert not (tmp_path / "x.nif").exists()
-    with pytest.raises(SystemExit):
-        main(["decode", str(bad), "out.png", "--size", "abc"])
+    for size in ("abc", "x", "12x34x5", "-"):
+        with pytest.raises(SystemExit):
+            main(["decode", str(bad), "out.png", "--size", size])
 
 
 def test_ctrl_c_is_reported_and_leaves_no_file(tmp_path, capsys, monkeypatch):

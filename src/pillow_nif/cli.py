@@ -12,12 +12,21 @@ import stat
 import sys
 
 
-def _size(text: str) -> tuple[int, int]:
+def _size(text: str) -> tuple[int | None, int | None]:
+    """WIDTHxHEIGHT, or one of them (512x, x256) for the other by the stored aspect ratio."""
     try:
-        w, h = text.lower().split("x")
-        return int(w), int(h)
+        w, h = (int(v) if v else None for v in text.lower().split("x"))
+        if w is None and h is None:
+            raise ValueError
+        return w, h
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 1536x1024, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"size must look like 1536x1024, 512x or x256, got {text!r}") from None
+
+
+def _scaled(size: tuple[int | None, int | None], stored: tuple[int, int]) -> tuple[int, int]:
+    """--size with a side left out: that side by the stored aspect ratio (at least one pixel)."""
+    (w, h), (sw, sh) = size, stored
+    return (w if w is not None else max(1, round(h * sw / sh)), h if h is not None else max(1, round(w * sh / sw)))
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -120,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decode", help="render a .nif file to an image")
     d.add_argument("input", help="a .nif file")
     d.add_argument("output", help="output image; its extension picks the format (e.g. .png)")
-    d.add_argument("--size", type=_size, help="render at WIDTHxHEIGHT instead of the stored size (smaller: the stored size resized, bicubic)")
+    d.add_argument("--size", type=_size, help="render at WIDTHxHEIGHT (or 512x, x256: the other side by the aspect ratio) instead of the "
+                   "stored size; smaller: the stored size resized (bicubic)")
     d.add_argument("--device", default="auto", help="where to render: auto, cpu, cuda or cuda:N")
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="triton: the fused kernels (CUDA); auto: triton on CUDA, torch on the CPU")
@@ -194,7 +204,7 @@ def _decode(args) -> int:
     import io
 
     from .fit import METADATA
-    from .render import decode
+    from .render import decode, info
 
     fmt = format_of(args.output)
     if fmt is None:
@@ -203,7 +213,11 @@ def _decode(args) -> int:
         raise UsageError(f"{args.output} is a .nif name; decode to an image format (.png, ...), or re-encode with "
                          "nif encode")
     check_output(args.output)
-    im = decode(args.input, size=args.size, device=args.device, backend=args.backend)
+    size = args.size
+    if size is not None and None in size:
+        facts = info(args.input)
+        size = _scaled(size, (facts["width"], facts["height"]))
+    im = decode(args.input, size=size, device=args.device, backend=args.backend)
     # The metadata the .nif holds goes on where the format takes it (Pillow's savers ignore what they cannot store;
     # PNG's and TIFF's take XMP only as a text chunk or a tag).
     opts = {k: im.info[k] for k in METADATA if im.info.get(k)}
