@@ -92,6 +92,9 @@ def test_tiled_file_opens_loads_and_thumbnails_like_any_other(tiled):
         small = np.asarray(out).astype(float)
     coarse = np.asarray(im.resize((48, 32), Image.Resampling.BOX)).astype(float)
     assert 10 * np.log10(255**2 / ((small - coarse) ** 2).mean()) > 25
+    # larger: the tiles' networks at the new pixels' centres, blended; every 3rd pixel on a stored one
+    big = render.decode_array(r.data, size=(3 * 96, 3 * 64)).astype(int)
+    assert big.shape == (192, 288, 3) and np.abs(big[1::3, 1::3] - got.astype(int)).max() <= 1
 
 
 def test_a_tile_rendered_at_its_pixels_coordinates_matches_its_own_decode(tiled):
