@@ -214,4 +214,5 @@ def to_image(pixels: np.ndarray, mode: str, alpha: int | None = None):
         h, w = pixels.shape[:2]
         return Image.frombytes("I;16", (w, h), np.ascontiguousarray(pixels[..., 0]).astype("<u2").tobytes())
     arr = pixels.astype(np.uint8)
-    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr, mode)
+    # the channels give the mode (L, LA, RGB, RGBA): fromarray's mode argument is deprecated from Pillow 11.3
+    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)

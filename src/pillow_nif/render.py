@@ -323,10 +323,10 @@ def resample(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     if pixels.dtype == np.uint16:  # I;16, resized as I (32-bit) where every Pillow version can
-        im = Image.fromarray(pixels[..., 0].astype(np.int32)).resize(size, Image.BICUBIC)
+        im = Image.fromarray(pixels[..., 0].astype(np.int32)).resize(size, Image.Resampling.BICUBIC)
         return np.asarray(im).clip(0, 65535).astype(np.uint16)[..., None]
     im = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)  # L, LA, RGB or RGBA
-    im = im.resize(size, Image.BICUBIC)
+    im = im.resize(size, Image.Resampling.BICUBIC)
     return np.asarray(im).reshape(size[1], size[0], -1)
 
 
