@@ -73,6 +73,21 @@ def test_a_higher_effort_never_spends_less():
         assert all(h >= lo for h, lo in zip(higher, lower)) and higher != lower
 
 
+@pytest.mark.parametrize("size, mode", [((16, 16), "RGB"), ((40, 40), "RGBA"), ((300, 1), "RGB"), ((33, 17), "LA")])
+def test_a_budget_too_small_names_the_least_bpp_that_encodes(size, mode):
+    """The error says which bpp is enough, and that bpp is: its own budget's rounding included (0.47 x 1600 / 8
+    is 93.99... bytes)."""
+    import re
+
+    im = photo(*size).convert(mode)
+    with pytest.raises(ValueError, match="needs at least") as e:
+        pillow_nif.encode(im, bpp=0.1, effort=1)
+    least = float(re.search(r"bpp >= ([0-9.]+)", str(e.value)).group(1))
+    assert len(pillow_nif.encode(im, bpp=least, effort=1)) * 8 <= least * size[0] * size[1]
+    with pytest.raises(ValueError, match="needs at least"):
+        pillow_nif.encode(im, bpp=round(least - 0.01, 2), effort=1)
+
+
 def test_unknown_device():
     for device in ("tpu", "cuda:x", "gpu"):
         with pytest.raises(ValueError, match="device"):

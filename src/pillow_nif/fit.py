@@ -1303,9 +1303,12 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
     budget = int(target_bpp * w * h // 8)
     overhead = _overhead_bytes(Header(w, h, mode, col, choose_architecture(w, h, c, 1, cfg)), metadata)
     if budget < overhead + 16:
+        least = math.ceil((overhead + 16) * 800 / (w * h)) / 100
+        while int(least * w * h // 8) < overhead + 16:  # the budget's own rounding, in floats
+            least = round(least + 0.01, 2)
         raise ValueError(
             f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
-            f"{overhead + 16} bytes: ask for a higher bpp"
+            f"{overhead + 16} bytes: ask for bpp >= {least:g}"
         )
     # Weights are never given more bits than the pixels' own (8 a channel, 16 for I;16): past that a network stores
     # nothing PNG would not, in far more time (bpp=100 at 768x512 had sized 2.76 M parameters, hours of fitting).
