@@ -145,7 +145,8 @@ def test_decode_keeps_the_metadata_and_reports_a_bomb(tmp_path, capsys, monkeypa
     half.putpixel((0, 0), (0, 0, 0, 0))
     half.save(src, bpp=70, effort=1)
     assert main(["decode", str(src), str(tmp_path / "t.jpg")]) == 1  # a transparency is not dropped silently
-    assert "RGBA" in capsys.readouterr().err and not (tmp_path / "t.jpg").exists()
+    err = capsys.readouterr().err
+    assert "RGBA" in err and "to keep its transparency" in err and not (tmp_path / "t.jpg").exists()
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     assert main(["decode", str(src), str(tmp_path / "big.png"), "--size", "3000x3000"]) == 1
     assert "exceeds limit" in capsys.readouterr().err

@@ -236,8 +236,11 @@ def _decode(args) -> int:
     buf = io.BytesIO()
     try:
         im.save(buf, format=fmt, **opts)
-    except OSError:  # e.g. RGBA as JPEG: an opaque alpha (a file's aLPH of 255, usually) goes without loss
+    except OSError as e:  # e.g. RGBA as JPEG: an opaque alpha (a file's aLPH of 255, usually) goes without loss
         if im.mode not in ("LA", "RGBA") or im.getchannel("A").getextrema() != (255, 255):
+            keeps = {"LA": "transparency", "RGBA": "transparency", "I;16": "16 bits"}.get(im.mode)
+            if keeps and "cannot write mode" in str(e):  # what a user can do about it, not a flattened guess
+                raise OSError(f"{e}: decode to .png or .tiff to keep its {keeps}") from e
             raise
         buf = io.BytesIO()
         im.convert(im.mode[:-1]).save(buf, format=fmt, **opts)
