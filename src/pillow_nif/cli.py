@@ -129,8 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decode", help="render a .nif file to an image")
     d.add_argument("input", help="a .nif file")
     d.add_argument("output", help="output image; its extension picks the format (e.g. .png)")
-    d.add_argument("--size", type=_size, help="render at WIDTHxHEIGHT (or 512x, x256: the other side by the aspect ratio) instead of the "
-                   "stored size; smaller: the stored size resized (bicubic)")
+    d.add_argument("--size", type=_size, help="render at WIDTHxHEIGHT (or 512x, x256: the other side by the aspect "
+                   "ratio) instead of the stored size; smaller: the stored size resized (bicubic)")
     d.add_argument("--device", default="auto", help="where to render: auto, cpu, cuda or cuda:N")
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="triton: the fused kernels (CUDA); auto: triton on CUDA, torch on the CPU")
