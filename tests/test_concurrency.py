@@ -121,7 +121,7 @@ for i, arr in loader:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork start method is the Linux default")
 def test_dataloader_fork_workers_give_identical_arrays(files, serial):
     pytest.importorskip("torch")
-    rgba = [(Image.fromarray(a) if a.ndim == 3 else Image.fromarray(a)).convert("RGBA") for a in serial]
+    rgba = [Image.fromarray(a).convert("RGBA") for a in serial]
     expected = [_digest(np.asarray(im)) for im in rgba] * 3
     proc = subprocess.Popen([sys.executable, "-c", FORK_SCRIPT, *map(str, files)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

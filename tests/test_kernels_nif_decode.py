@@ -154,9 +154,9 @@ def test_columns_of_a_band_are_the_bands_pixels():
 @pytest.mark.parametrize("size", [(96, 64), (61, 37), (150, 101)])
 def test_a_tile_at_another_size_matches_the_torch_path(size):
     """A tile of a tiled file seen at another size (a larger size=, or larger on one axis): each output pixel at its
-    centre's coordinates
-    in the tile's extent. The kernel's pixels agree with render.tile_pixels_at's torch path, tile by tile, including
-    tiles whose extents start inside the image (offset coordinates) and the stored size itself."""
+    centre's coordinates in the tile's extent. The kernel's pixels agree with render.tile_pixels_at's torch path,
+    tile by tile, including tiles whose extents start inside the image (offset coordinates) and the stored size
+    itself."""
     from pillow_nif import bitstream
     from pillow_nif.render import tile_pixels_at
 
