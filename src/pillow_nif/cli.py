@@ -204,7 +204,7 @@ def _decode(args) -> int:
     import io
 
     from .fit import METADATA
-    from .render import decode, info
+    from .render import decode, info, read_bytes
 
     fmt = format_of(args.output)
     if fmt is None:
@@ -213,11 +213,11 @@ def _decode(args) -> int:
         raise UsageError(f"{args.output} is a .nif name; decode to an image format (.png, ...), or re-encode with "
                          "nif encode")
     check_output(args.output)
-    size = args.size
+    data, size = read_bytes(args.input), args.size  # read once: a side left out needs the stored size first
     if size is not None and None in size:
-        facts = info(args.input)
+        facts = info(data)
         size = _scaled(size, (facts["width"], facts["height"]))
-    im = decode(args.input, size=size, device=args.device, backend=args.backend)
+    im = decode(data, size=size, device=args.device, backend=args.backend)
     # The metadata the .nif holds goes on where the format takes it (Pillow's savers ignore what they cannot store;
     # PNG's and TIFF's take XMP only as a text chunk or a tag).
     opts = {k: im.info[k] for k in METADATA if im.info.get(k)}
