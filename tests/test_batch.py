@@ -265,3 +265,16 @@ def test_an_image_whose_tuned_weights_overflow_is_tuned_again_alone(images, batc
         assert len(r.data) * 8 <= BPP * im.width * im.height and pillow_nif.decode(r.data).size == im.size
         assert abs(r.psnr - before.psnr) <= 1.0
     assert [r.data for r in results[1:]] == [r.data for r in batch[0][1:]]
+
+
+def test_encoding_and_decoding_leave_the_callers_random_streams_alone(images):
+    """Every draw of a fit comes from its own seeded generator: a script that saves an image mid-way through its
+    own seeded work (a training loop, a simulation) must get the same random numbers after it as without it."""
+    torch.manual_seed(123)
+    np.random.seed(123)
+    state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    data = encode_image(images[0], bpp=BPP, effort=1).data
+    pillow_nif.decode(data)
+    encode_many(images[:2], bpp=BPP, effort=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert np.array_equal(np.random.get_state()[1], np_state)

@@ -53,11 +53,12 @@ def test_header_only_open_imports_no_torch(small_nif):
 
 def test_save_and_load_do_not_import_torchs_compiler(tmp_path):
     """torch.optim's optimisers import torch._dynamo when built: seconds once per process, which a one-off encode
-    (and most of a GPU encode) would pay. The fit's optimisers are written without torch.optim (optim.py)."""
+    (and most of a GPU encode) would pay. The fit's optimisers are written without torch.optim (optim.py). Nor
+    sympy, which a module moved off the meta device imports: 0.2 s of a fresh process's decode (model.blank_nif)."""
     code = (
         "import sys, pillow_nif; from PIL import Image; "
         "Image.effect_noise((24, 16), 64).convert('RGB').save(sys.argv[1], bpp=4.0, effort=1); "  # fitted: not flat
-        "Image.open(sys.argv[1]).load(); print([m for m in ('torch', 'torch._dynamo') if m in sys.modules])"
+        "Image.open(sys.argv[1]).load(); print([m for m in ('torch', 'torch._dynamo', 'sympy') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.nif")], capture_output=True, text=True,
                          check=True)

@@ -12,6 +12,7 @@ so the same network renders any size and a resized decode covers the same area.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -151,17 +152,25 @@ def grid_layers(arch: Architecture, p: dict, ys, xs, start: int = 0, h=None, per
     return h
 
 
+class _BlankLinear(nn.Linear):
+    """nn.Linear whose construction draws nothing: its tensors are torch.empty's, for the caller to set."""
+
+    def reset_parameters(self):
+        pass
+
+
 class NIF(nn.Module):
     """Genesis + Modulation networks built from an Architecture (trainable, unfolded parameters)."""
 
-    def __init__(self, arch: Architecture):
+    def __init__(self, arch: Architecture, device=None, blank: bool = False):
         super().__init__()
         self.arch = arch
+        lin = functools.partial(_BlankLinear if blank else nn.Linear, device=device)
         dims = [arch.pe_dim, *arch.widths, arch.channels]
-        self.genesis = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
+        self.genesis = nn.ModuleList(lin(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
         if arch.mod_widths:
             mdims = [arch.mod_pe_dim, *arch.mod_widths, 1]
-            self.modulation = nn.ModuleList(nn.Linear(mdims[i], mdims[i + 1]) for i in range(len(mdims) - 1))
+            self.modulation = nn.ModuleList(lin(mdims[i], mdims[i + 1]) for i in range(len(mdims) - 1))
         else:
             self.modulation = nn.ModuleList()
 
@@ -218,12 +227,11 @@ class NIF(nn.Module):
 
 
 def blank_nif(arch: Architecture, device="cpu") -> NIF:
-    """A NIF whose tensors are uninitialised, for callers that set every one (a fit's initialize, a decoder's
-    weights): made on the meta device, so that it draws nothing from torch's global RNG, which nn.Linear's own
-    initialisation did on every decode and encode, under the caller's feet."""
-    with torch.device("meta"):
-        model = NIF(arch)
-    return model.to_empty(device=device)
+    """A NIF whose tensors are uninitialised, for callers that set every one (a fit's initialize, a copy's
+    weights), so that it draws nothing from torch's global RNG, which nn.Linear's own initialisation did on every
+    encode, under the caller's feet. Not by way of the meta device: `to_empty` from there goes through torch's
+    Python decompositions, whose first use imports sympy, 0.2 s of a fresh process."""
+    return NIF(arch, device=device, blank=True)
 
 
 # ---- decoding: constants folded into the weights -------------------------------------------------
@@ -279,9 +287,11 @@ def output_affine(channels: int, colour: int, maxval: float) -> tuple[torch.Tens
     return a, c
 
 
-def fold(model: NIF, colour: int, maxval: float, weights: dict[str, torch.Tensor] | None = None) -> FoldedNetwork:
-    """Fold omega, sigma, the colour transform and the output scaling into the weights (float32)."""
-    a = model.arch
+def fold(model: NIF | Architecture, colour: int, maxval: float, weights: dict[str, torch.Tensor] | None = None
+         ) -> FoldedNetwork:
+    """Fold omega, sigma, the colour transform and the output scaling into the weights (float32): the model's, or
+    `weights` by name (then `model` may be just the Architecture: a decoder builds no module)."""
+    a = model if isinstance(model, Architecture) else model.arch
     w = {k: t.detach().double() for k, t in (weights or dict(model.named_tensors())).items()}
     mod = []
     for i in range(len(a.mod_widths) + (1 if a.mod_widths else 0)):

@@ -54,7 +54,7 @@ def load_network(f: NifFile, device: str = "cpu"):
     """Entropy decode and dequantise the weights, fold the constants: a model.FoldedNetwork."""
     import torch
 
-    from .model import blank_nif, fold
+    from .model import fold
 
     arch = f.header.arch
     shapes = arch.tensor_shapes()
@@ -64,9 +64,8 @@ def load_network(f: NifFile, device: str = "cpu"):
         name: torch.from_numpy(s.reshape(shape).astype(np.float64) * c.step)
         for (name, shape), s, c in zip(shapes, syms, f.codings)
     }
-    model = blank_nif(arch, "meta")  # fold reads the weights given, the model only for its architecture
     maxval = (1 << f.header.bits) - 1
-    net = fold(model, f.header.colour, float(maxval), weights)
+    net = fold(arch, f.header.colour, float(maxval), weights)
     if arch.filter_mask:
         net.filter = tuple(weights[f"filter.{k}"].float().contiguous() for k in ("mix", "taps", "offset"))
         net.filter_dirs = postfilter.directions(arch.filter_mask)
