@@ -247,3 +247,13 @@ def test_exact_keeps_the_colours_under_alpha_0(tmp_path):
     default = hidden_error(pillow_nif.encode(im, bpp=4, effort=1))
     for name in ("cut", "cut2"):
         assert hidden_error((tmp_path / "d" / f"{name}.nif").read_bytes()) < default
+
+
+def test_python_m_pillow_nif_is_the_nif_command(small_nif):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pillow_nif", "info", str(small_nif)], capture_output=True, text=True)
+    assert out.returncode == 0 and (json.loads(out.stdout)["width"], json.loads(out.stdout)["height"]) == (97, 61)
+    out = subprocess.run([sys.executable, "-m", "pillow_nif", "decode", str(small_nif)], capture_output=True, text=True)
+    assert out.returncode == 2 and "usage: nif decode" in out.stderr
