@@ -1,6 +1,8 @@
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -250,9 +252,6 @@ def test_exact_keeps_the_colours_under_alpha_0(tmp_path):
 
 
 def test_python_m_pillow_nif_is_the_nif_command(small_nif):
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-m", "pillow_nif", "info", str(small_nif)], capture_output=True, text=True)
     assert out.returncode == 0 and (json.loads(out.stdout)["width"], json.loads(out.stdout)["height"]) == (97, 61)
     out = subprocess.run([sys.executable, "-m", "pillow_nif", "decode", str(small_nif)], capture_output=True, text=True)
