@@ -101,6 +101,36 @@ def test_bad_arguments():
             pillow_nif.register(**bad)
 
 
+def test_a_triton_decoder_that_fails_falls_back_to_torch_under_auto(small_nif, monkeypatch):
+    """The kernels compile at their first launch: a GPU older than the installed Triton supports, or no ptxas, must
+    not make every Image.open(...).load() fail when the user asked for nothing in particular."""
+    from PIL import Image
+
+    from pillow_nif import render as render_module
+    from pillow_nif.kernels import nif_decode
+
+    expected = decode_array(small_nif, backend="torch")
+    launches = []
+
+    def broken(*args, **kwargs):
+        launches.append(1)
+        raise RuntimeError("PTX assembly failed")
+
+    # As on a CUDA machine: auto picks the kernels until they fail once.
+    monkeypatch.setattr(render_module, "_triton_failed", False)
+    monkeypatch.setattr(render_module, "pick_backend", lambda backend, device: "torch" if backend == "torch" or (
+        backend == "auto" and render_module._triton_failed) else "triton")
+    monkeypatch.setattr(nif_decode, "render_band", broken)
+    with pytest.warns(RuntimeWarning, match="Triton decoder failed"):
+        assert np.array_equal(decode_array(small_nif), expected)
+    assert len(launches) == 1
+    with Image.open(small_nif) as im:  # later decodes take torch at once
+        assert np.array_equal(np.asarray(im), expected)
+    assert len(launches) == 1
+    with pytest.raises(RuntimeError, match="PTX"):  # asked for by name: the error is the user's to see
+        decode_array(small_nif, backend="triton")
+
+
 def test_bomb_check(small_nif, monkeypatch):
     from PIL import Image
 

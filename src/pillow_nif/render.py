@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import numbers
 import os
+import warnings
 
 import numpy as np
 
@@ -23,6 +24,8 @@ BACKENDS = ("auto", "torch", "triton")
 _CPU_BAND_PIXELS = 1 << 14
 _GPU_BAND_PIXELS = 1 << 21
 _BAND_WIDTH = 256
+# Set when the Triton decoder failed in this process under backend="auto" (render_file): auto takes torch after it.
+_triton_failed = False
 
 
 def read_bytes(data_or_path) -> bytes:
@@ -77,7 +80,7 @@ def pick_backend(backend: str, device: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if device.startswith("cuda"):
+        if device.startswith("cuda") and not _triton_failed:
             try:
                 import triton  # noqa: F401
 
@@ -287,26 +290,45 @@ def _tile_coordinates(idx: range, stored: int, size: int, lo: int, hi: int, devi
 def render_file(f: NifFile | TiledFile, size=None, device: str = "auto", backend: str = "auto") -> np.ndarray:
     """Pixels of a parsed file at its size or at `size` = (width, height): the network's own where larger, the
     stored size resized where smaller (render_grid)."""
+    import torch
+
     from .fit import resolve_device
 
     device = resolve_device(device)
-    backend = pick_backend(backend, device)
+    chosen = pick_backend(backend, device)
     stored = (f.header.width, f.header.height)
     w, h = check_size(size) if size is not None else stored
     grid = render_grid(stored, (w, h))
-    if isinstance(f, TiledFile):
-        pixels = render_tiled(f, *grid, device, backend)
-    else:
-        net = load_network(f, device)
-        if grid != stored:
-            net.filter = None  # the post-filter belongs to the stored size (postfilter.py)
-        pixels = render(net, *grid, backend)
+    try:
+        pixels = _render_file(f, grid, device, chosen)
+    except (FormatError, MemoryError, torch.cuda.OutOfMemoryError):
+        raise  # the file's fault, or the memory's: the torch path would fail the same way
+    except Exception as e:
+        if backend != "auto" or chosen != "triton":
+            raise
+        # The kernels compile at their first launch, for this GPU, with this Triton: one that cannot (an older GPU
+        # than the installed Triton supports, no ptxas) would otherwise make every Image.open(...).load() fail.
+        global _triton_failed
+        _triton_failed = True
+        warnings.warn(f"pillow_nif: the Triton decoder failed on {device} ({e!r}); decoding with torch from now on "
+                      "(backend='triton' raises it instead)", RuntimeWarning, stacklevel=2)
+        pixels = _render_file(f, grid, device, "torch")
     ends = bitstream.alpha_ends(f.metadata, f.header.mode, grid == stored)
     if ends is not None:  # at a larger size too (at most 32 there): a transparent surround stays transparent
         alpha = pixels[..., -1]
         alpha[alpha <= ends[0]] = 0
         alpha[alpha >= 255 - ends[1]] = 255
     return pixels if grid == (w, h) else resample(pixels, (w, h))
+
+
+def _render_file(f: NifFile | TiledFile, grid: tuple[int, int], device: str, backend: str) -> np.ndarray:
+    """render_file's pixels at `grid` (integers, before the alpha's ends and any resampling)."""
+    if isinstance(f, TiledFile):
+        return render_tiled(f, *grid, device, backend)
+    net = load_network(f, device)
+    if grid != (f.header.width, f.header.height):
+        net.filter = None  # the post-filter belongs to the stored size (postfilter.py)
+    return render(net, *grid, backend)
 
 
 def render_grid(stored: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
