@@ -204,7 +204,8 @@ def _decode(args) -> int:
     import io
 
     from .fit import METADATA
-    from .render import decode, info, read_bytes
+    from .bitstream import read_header
+    from .render import decode, read_bytes
 
     fmt = format_of(args.output)
     if fmt is None:
@@ -215,8 +216,8 @@ def _decode(args) -> int:
     check_output(args.output)
     data, size = read_bytes(args.input), args.size  # read once: a side left out needs the stored size first
     if size is not None and None in size:
-        facts = info(data)
-        size = _scaled(size, (facts["width"], facts["height"]))
+        header = read_header(data)  # the header alone: decode parses the whole file
+        size = _scaled(size, (header.width, header.height))
     im = decode(data, size=size, device=args.device, backend=args.backend)
     # The metadata the .nif holds goes on where the format takes it (Pillow's savers ignore what they cannot store;
     # PNG's and TIFF's take XMP only as a text chunk or a tag).
