@@ -54,7 +54,7 @@ import pillow_nif
 from pillow_nif import fit
 from pillow_nif.batch import BatchFitter
 from pillow_nif.cli import write_atomic
-from pillow_nif.render import decode_array
+from pillow_nif.render import decode_array, resolve_device
 from rd import machine_info  # benchmarks/rd.py, beside this script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def section_kodak(args, out: dict, tmp: str) -> None:
     configs = [None] + [dataclasses.replace(fit.FitConfig(), fused_network=True)] * args.kodak_fused
     for config in configs:
         for bpp in args.bpp:
-            with timed_phases(fit.resolve_device(args.device)) as phases:
+            with timed_phases(resolve_device(args.device)) as phases:
                 s, data = timed_encode(im, os.path.join(tmp, "k.nif"), config, bpp=bpp, effort=args.effort,
                                        device=args.device)
             res.append({"target_bpp": bpp, "fused_network": config is not None, "seconds": s, "bytes": len(data),
@@ -182,7 +182,7 @@ def section_kodak(args, out: dict, tmp: str) -> None:
 
 def section_step(args, out: dict) -> None:
     cfg = fit.FitConfig()
-    device = fit.resolve_device(args.device)
+    device = resolve_device(args.device)
     eff = fit.EFFORTS[args.effort]
     target, arch = target_and_arch(kodak_image(args.kodak), max(args.bpp), cfg, eff)
     eager = dataclasses.replace(cfg, step_graph=False)  # the steps launched one by one from Python
@@ -234,7 +234,7 @@ def section_tiles(args, out: dict) -> None:
     """The fused training pass's tile shapes (kernels/nif_train.py's GPU_BLOCKS, GPU_WARPS: chosen by their compiled
     registers alone), each replayed from CUDA graphs on the step section's network: seconds per step by
     'pixels x tile width / warps'."""
-    device = fit.resolve_device(args.device)
+    device = resolve_device(args.device)
     if not device.startswith("cuda"):
         out["tiles"] = {"note": "no CUDA: skipped"}
         return
@@ -319,7 +319,7 @@ class VmapNIF(torch.nn.Module):
 
 def section_forward(args, out: dict) -> None:
     cfg = fit.FitConfig()
-    device = fit.resolve_device(args.device)
+    device = resolve_device(args.device)
     ims = batch_images(args)
     eff = fit.EFFORTS[args.effort]
     plans = [target_and_arch(im, args.batch_bpp, cfg, eff) for im in ims]
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
         p.error(f"unknown sections {sorted(skip - set(SECTIONS))}")
     if not KODAK.exists():
         p.error(f"{KODAK} not found")
-    device = fit.resolve_device(args.device)
+    device = resolve_device(args.device)
     report = {
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),

@@ -1,3 +1,4 @@
+import ast
 import io
 import os
 import subprocess
@@ -6,7 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import photo
+from conftest import DATA, photo
 from PIL import Image, UnidentifiedImageError
 
 import pillow_nif
@@ -63,6 +64,22 @@ def test_save_and_load_do_not_import_torchs_compiler(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.nif")], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "['torch']"
+
+
+def test_reading_imports_no_part_of_the_encoder():
+    """A viewer that only reads .nif files loads the decoder alone: the trainer's modules (fit.py alone is ~1700
+    lines) are for writing."""
+    code = (
+        "import sys, pillow_nif; from PIL import Image; im = Image.open(sys.argv[1]); im.load(); "
+        "im.thumbnail((20, 20)); pillow_nif.decode(sys.argv[1], size=(320, 256)); pillow_nif.info(sys.argv[1]); "
+        "print(sorted(m for m in sys.modules if m.startswith('pillow_nif.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(DATA / "v8-rgb-160x128.nif")], capture_output=True,
+                         text=True, check=True)
+    loaded = set(ast.literal_eval(out.stdout))
+    assert "pillow_nif.render" in loaded
+    assert not loaded & {f"pillow_nif.{m}" for m in ("fit", "batch", "tiles", "optim", "subgrid", "sampling",
+                                                     "stepgraph")}
 
 
 def test_open_from_bytes_and_file_object(small_nif):

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from . import fit, tiles
-from .bitstream import Architecture, Header
+from .bitstream import METADATA, Architecture, Header
 from .imaging import as_image, fill_hidden, split_constant_alpha
 from .model import axis_columns, encode_axis, sin_of_product
 from .subgrid import as_slice
@@ -108,8 +108,8 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     common = dict(icc_profile=icc_profile, exif=exif, xmp=xmp)
     eff = fit.EFFORTS[effort]
     # Every image is checked (mode, budget) before any fitting starts.
-    if metadata is not None and any(set(m) - set(fit.METADATA) for m in metadata):
-        raise ValueError(f"metadata entries take the keys {', '.join(fit.METADATA)}")
+    if metadata is not None and any(set(m) - set(METADATA) for m in metadata):
+        raise ValueError(f"metadata entries take the keys {', '.join(METADATA)}")
     images = [im if exact else fill_hidden(im) for im in map(as_image, images)]
     split = [(im, None) if keep_alpha else split_constant_alpha(im) for im in images]
     images = [im for im, _ in split]

@@ -100,6 +100,8 @@ CHUNK_ALPHA_ENDS = b"aEND"
 # Each end as applied at any size but the stored one. A hard-edged alpha wants ends up to 127 (nearly two values) at
 # the size it was fitted at, but a resampled alpha's soft edge is the right answer there (NOTES.md #215).
 ALPHA_END_RESAMPLED = 32
+# The metadata a caller gives an encoder (the rest of METADATA_CHUNKS the encoder derives from the image).
+METADATA = ("icc_profile", "exif", "xmp")
 METADATA_CHUNKS = {CHUNK_ICC: "icc_profile", CHUNK_EXIF: "exif", CHUNK_XMP: "xmp", CHUNK_ALPHA: "alpha",
                    CHUNK_ALPHA_ENDS: "alpha_ends"}
 

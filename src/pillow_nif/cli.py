@@ -203,8 +203,7 @@ def _encode(args) -> int:
 def _decode(args) -> int:
     import io
 
-    from .fit import METADATA
-    from .bitstream import read_header
+    from .bitstream import METADATA, read_header
     from .render import decode, read_bytes
 
     fmt = format_of(args.output)

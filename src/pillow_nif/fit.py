@@ -22,8 +22,9 @@ from typing import Callable
 import numpy as np
 
 from . import bitstream, entropy
-from .bitstream import Architecture, Header, NifFile, TensorCoding
+from .bitstream import METADATA, Architecture, Header, NifFile, TensorCoding
 from .imaging import fill_hidden, prepare_image, split_constant_alpha, storage_mode
+from .render import resolve_device
 
 DEFAULT_BPP = 0.5
 QUALITY_MIN_BPP, QUALITY_MAX_BPP = 0.05, 2.0
@@ -314,30 +315,6 @@ class EncodeResult:
     tiles: tuple[int, int] = (1, 1)  # (columns, rows) of a tiled file (format version 9)
 
 
-def check_device(device) -> None:
-    """ValueError unless `device` names a device ('auto', 'cpu', 'cuda', 'cuda:N'); whether it is there is
-    resolve_device's to say."""
-    if not isinstance(device, str) or not (
-        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
-    ):
-        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    check_device(device)
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
-    if device != "cuda" and int(device[5:]) >= torch.cuda.device_count():
-        raise ValueError(f"no such CUDA device: {device!r}")
-    return device
-
-
 def step_stride(h: int, w: int, effort: Effort) -> int:
     """The stride of a training step's subgrid: about effort.batch pixels, at least 1/64 of a large image (so that
     huge images are still sampled densely). The same on every device: the recipe was tuned on these steps, and the
@@ -424,9 +401,6 @@ def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tu
         raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {seed!r}")
     target = float(bpp) if bpp is not None else quality_to_bpp(quality) if quality is not None else DEFAULT_BPP
     return target, int(effort)
-
-
-METADATA = ("icc_profile", "exif", "xmp")
 
 
 def metadata_of(image, icc_profile=None, exif=None, xmp=None, alpha: int | None = None,

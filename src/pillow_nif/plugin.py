@@ -153,7 +153,7 @@ def register(device: str | None = None, backend: str | None = None) -> None:
     """Register the NIF format with Pillow (done on import); optionally set decode device/backend (ValueError here
     for a name that is neither, not at every later load())."""
     if device is not None:
-        from .fit import check_device
+        from .render import check_device
 
         check_device(device)
         _options["device"] = device

@@ -18,6 +18,32 @@ from . import bitstream, entropy, postfilter
 from .bitstream import FormatError, NifFile, TiledFile
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+def check_device(device) -> None:
+    """ValueError unless `device` names a device ('auto', 'cpu', 'cuda', 'cuda:N'); whether it is there is
+    resolve_device's to say."""
+    if not isinstance(device, str) or not (
+        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    check_device(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    if device != "cuda" and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"no such CUDA device: {device!r}")
+    return device
+
+
 # Pixels evaluated per band: bounds the activations' memory (layer width x 4 bytes x this many pixels),
 # for layers up to _BAND_WIDTH wide; bands of wider networks have proportionally fewer pixels, so a tiny
 # file declaring 2048-wide layers cannot ask for 8x the memory (16 GiB per activation on a GPU).
@@ -292,8 +318,6 @@ def render_file(f: NifFile | TiledFile, size=None, device: str = "auto", backend
     stored size resized where smaller (render_grid)."""
     import torch
 
-    from .fit import resolve_device
-
     device = resolve_device(device)
     chosen = pick_backend(backend, device)
     stored = (f.header.width, f.header.height)
@@ -361,7 +385,6 @@ def decode(data_or_path, size=None, device: str = "auto", backend: str = "auto")
     """Decode a .nif file (bytes, path or file object) to a PIL image, at its size or at `size`."""
     from PIL import Image
 
-    from .fit import resolve_device
     from .imaging import to_image
 
     device = resolve_device(device)  # option errors before any work
