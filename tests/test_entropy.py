@@ -55,6 +55,22 @@ def test_garbage_stream_is_a_format_error_or_decodes():
             pass
 
 
+
+def test_a_stream_read_against_other_tensors_than_its_writers_is_refused():
+    """A desynchronised stream (another writer's sizes or models) must not decode to a wrong network silently: the
+    writer's coder starts empty, so the reader's must end so (docs/FORMAT.md)."""
+    rng = np.random.default_rng(3)
+    tensors = [np.clip(np.round(rng.laplace(0, 3, n)), -20, 20).astype(np.int64) for n in (300, 40)]
+    codings = [TensorCoding(0.1, 20, MODEL_LAPLACE, 60000)] * 2
+    stream = entropy.encode(tensors, codings)
+    assert all(np.array_equal(a, b) for a, b in zip(entropy.decode(stream, codings, [300, 40]), tensors))
+    other_model = [codings[0], TensorCoding(0.1, 20, MODEL_LAPLACE, 30000)]
+    for sizes, cods in (([300, 30], codings), ([300], codings[:1]), ([300, 40], other_model)):
+        with pytest.raises(FormatError, match="left after the last tensor"):
+            entropy.decode(stream, cods, sizes)
+    with pytest.raises(FormatError, match="left after the last tensor"):  # a word too many
+        entropy.decode(stream + (1).to_bytes(4, "little"), codings, [300, 40])
+
 def _network_symbols(arch, seed):
     """Random symbols for every tensor of `arch`, with the cases an arrangement must survive: two neurons
     with the same key, one the negation of another, an all-zero neuron."""

@@ -311,6 +311,14 @@ def encode(tensors: list[np.ndarray], codings: list[TensorCoding], layers=()) ->
     return coder.get_compressed().astype("<u4").tobytes()
 
 
+def decode_file(f) -> list[np.ndarray]:
+    """The symbols of every tensor of a parsed file (a bitstream.NifFile), flat, in bitstream order; FormatError
+    where its stream does not hold exactly those tensors."""
+    arch = f.header.arch
+    sizes = [math.prod(shape) for _, shape in arch.tensor_shapes()]
+    return decode(f.stream, f.codings, sizes, arch.sine_layers() if f.version >= 3 else (), arch.pe_dim)
+
+
 def decode(stream: bytes, codings: list[TensorCoding], sizes: list[int], layers=(), columns: int = 0) -> list[np.ndarray]:
     """Symbol arrays (flat) of the tensors; with `layers`, version 3's canonical form (see encode). `columns`:
     the first tensor's (the genesis input layer's), which a decay slope needs."""
@@ -339,4 +347,8 @@ def decode(stream: bytes, codings: list[TensorCoding], sizes: list[int], layers=
                 out[w], out[i] = _push_arrangement(coder, out[w], out[i])
     except (ValueError, RuntimeError, AssertionError) as e:  # constriction reports bad data this way
         raise FormatError(f"corrupt weight stream: {e}") from e
+    # The encoder's coder starts empty, so the decoder's ends empty: anything left means the symbols were read
+    # against models or sizes other than the writer's (a desynchronised stream decodes to a wrong network silently).
+    if not coder.is_empty():
+        raise FormatError(f"corrupt weight stream: {coder.num_valid_bits()} bits left after the last tensor")
     return out

@@ -48,8 +48,13 @@ class NifImageFile(ImageFile.ImageFile):
         self.info.update(bitstream.image_info(metadata))
 
     def verify(self) -> None:
-        """Check every chunk's CRC and the weight stream's structure, without running the network."""
-        bitstream.loads(self._nif_data)
+        """Check every chunk's CRC and field, and that each weight stream holds exactly its header's tensors
+        (entropy decoded, no torch), without running the network."""
+        from .entropy import decode_file
+
+        nif = bitstream.loads(self._nif_data)
+        for part in nif.tiles if isinstance(nif, bitstream.TiledFile) else [nif]:
+            decode_file(part)
         super().verify()
 
     def load(self):

@@ -87,8 +87,7 @@ def load_network(f: NifFile, device: str = "cpu"):
 
     arch = f.header.arch
     shapes = arch.tensor_shapes()
-    sizes = [int(np.prod(s)) for _, s in shapes]
-    syms = entropy.decode(f.stream, f.codings, sizes, arch.sine_layers() if f.version >= 3 else (), arch.pe_dim)
+    syms = entropy.decode_file(f)
     weights = {
         name: torch.from_numpy(s.reshape(shape).astype(np.float64) * c.step)
         for (name, shape), s, c in zip(shapes, syms, f.codings)
