@@ -184,6 +184,22 @@ def test_usage_errors_exit_2_as_argparses_do(tmp_path, capsys):
         assert capsys.readouterr().err.startswith(f"nif {args[0]}: error: ")
 
 
+def test_a_size_without_pixels_is_a_usage_error(capsys):
+    for size in ("0x0", "x0", "-5x"):  # were exit 1, as a file's error, where "foo" was 2
+        with pytest.raises(SystemExit) as e:
+            main(["decode", "x.nif", "o.png", f"--size={size}"])
+        assert e.value.code == 2 and "at least 1 pixel" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_is_no_error(small_nif):
+    """`nif info x.nif | head -1` printed "error: [Errno 32] Broken pipe" and exited 1."""
+    p = subprocess.Popen([sys.executable, "-m", "pillow_nif", "info", str(small_nif)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # before the command writes: its write meets a closed pipe
+    err = p.stderr.read()
+    assert p.wait() == 141 and err == b""
+
+
 def test_threads_sets_torchs_threads_for_the_command_only(tmp_path, capsys, monkeypatch):
     import types
 

@@ -20,6 +20,17 @@ def test_bad_options(bad):
         check_options(**bad)
 
 
+@pytest.mark.parametrize("bad", [dict(exact="false"), dict(exact="no"), dict(exact=2), dict(progress=3),
+                                 dict(progress="yes")])
+def test_flags_that_are_not_flags_are_refused_before_any_work(bad):
+    """exact="false" had been taken by its truth, as True; a progress of "yes" drew a bar."""
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        encode_image(photo(24, 16), bpp=8, effort=1, **bad)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        pillow_nif.encode_many([photo(24, 16)], bpp=8, effort=1, **bad)
+    encode_image(photo(24, 16), bpp=8, effort=1, exact=np.bool_(True), progress=None)  # numpy's and None are flags
+
+
 def test_numpy_scalars_are_options_like_pythons():
     # bpp=np.float32(0.5) was refused with "bpp must be a positive number, got np.float32(0.5)"
     assert check_options(np.float32(0.5), None, np.int64(3), "cpu", np.int64(7)) == (0.5, 3)
@@ -182,6 +193,18 @@ def test_large_images_take_more_parameters_at_fewer_bits_each():
             return fit.plan_encode(Image.new(mode, (48, 32)), bpp, "auto", {}, cfg, fit.EFFORTS[5]).header.arch
 
         assert grey(raw + 4) == grey(500) != grey(raw / 2)
+
+
+def test_a_bpp_past_the_pixels_own_bits_gives_a_file_of_about_their_size():
+    """The network was capped at the pixels' bits, but the rate control spent the rest of the budget rounding it
+    finer: bpp=60 gave a 64x64 RGB image a file 2.5x its raw pixels, for nothing PNG would not store."""
+    im = photo(32, 32)
+    raw = 32 * 32 * 3
+    big = pillow_nif.encode(im, bpp=60, effort=1)
+    assert raw * 0.9 <= len(big) <= raw + 100
+    assert pillow_nif.encode(im, bpp=200, effort=1) == big  # the same budget past the pixels' bits
+    grey = pillow_nif.encode(im.convert("L"), bpp=40, effort=1)
+    assert len(grey) <= raw // 3 + 100
 
 
 def test_short_stages_modulate_only_larger_networks():
@@ -920,6 +943,26 @@ def test_an_image_of_one_colour_is_a_tiny_file_exact_at_every_size(mode):
     assert pillow_nif.encode_many([photo(24, 16), im], bpp=8, effort=1)[1] == result.data  # batches too
     kept = pillow_nif.decode(pillow_nif.encode(im, bpp=8, icc_profile=b"icc", exif=b"MM\x00*\x00\x00\x00\x08\x00\x00"))
     assert kept.info["icc_profile"] == b"icc" and kept.info["exif"] == b"MM\x00*\x00\x00\x00\x08\x00\x00"
+
+
+def test_an_image_of_one_colour_over_its_budget_names_its_own_least_bpp():
+    """The error had named a fitted network's least bpp (2.54 for 16x16), where the 65-byte file needs 2.04."""
+    im = Image.new("RGB", (16, 16), (1, 2, 3))
+    with pytest.raises(ValueError, match="one colour is a 65-byte file: ask for bpp >= 2.04"):
+        pillow_nif.encode(im, bpp=0.5)
+    assert len(pillow_nif.encode(im, bpp=2.04)) == 65
+
+
+@pytest.mark.parametrize("mode", ["I;16B", "I;16L", "I;16N"])
+def test_16_bit_grey_of_either_byte_order_is_stored_as_i16(mode):
+    """Pillow has no getextrema() for these: the one-colour check raised its ValueError, not a file or OSError."""
+    values = (np.arange(24 * 16).reshape(16, 24) * 150).astype(np.uint16)
+    im = Image.fromarray(values).convert("I").convert(mode) if mode != "I;16N" else Image.new(mode, (24, 16))
+    if mode == "I;16N":
+        im.frombytes(values.astype("=u2").tobytes())
+    for image, want in ((im, values), (Image.new(mode, (8, 8), 4000), np.full((8, 8), 4000))):
+        out = pillow_nif.decode(pillow_nif.encode(image, bpp=16, effort=1))
+        assert out.mode == "I;16" and np.abs(np.asarray(out, dtype=np.int64) - want).mean() < 600
 
 
 def test_an_image_of_one_colour_is_one_network_at_any_size():

@@ -92,7 +92,8 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     # one bpp per image: a list, tuple or 1-D array; an entry None takes quality's bpp, or the default
     each = list(bpp) if isinstance(bpp, (list, tuple)) or getattr(bpp, "ndim", 0) == 1 else None
     one = None if each is not None else bpp
-    target_bpp, effort, device = fit.check_encode_options(one, quality, effort, device, seed, colour)
+    target_bpp, effort, device = fit.check_encode_options(one, quality, effort, device, seed, colour, exact,
+                                                          progress)
     seed = int(seed)  # a NumPy integer too
     if each is not None:
         if len(each) != len(images):

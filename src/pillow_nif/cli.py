@@ -18,9 +18,11 @@ def _size(text: str) -> tuple[int | None, int | None]:
         w, h = (int(v) if v else None for v in text.lower().split("x"))
         if w is None and h is None:
             raise ValueError
-        return w, h
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must look like 1536x1024, 512x or x256, got {text!r}") from None
+    if any(v is not None and v < 1 for v in (w, h)):
+        raise argparse.ArgumentTypeError(f"size needs sides of at least 1 pixel, got {text!r}")
+    return w, h
 
 
 def _scaled(size: tuple[int | None, int | None], stored: tuple[int, int]) -> tuple[int, int]:
@@ -264,10 +266,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with _torch_threads(getattr(args, "threads", None)):
-            return {"encode": _encode, "decode": _decode, "info": _info}[args.command](args)
+            status = {"encode": _encode, "decode": _decode, "info": _info}[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not in the interpreter's last flush
+        return status
     except UsageError as e:
         print(f"nif {args.command}: error: {e}", file=sys.stderr)
         return 2  # as argparse's own usage errors
+    except BrokenPipeError:  # `nif info x.nif | head -1`: the reader is gone, which is no error of ours
+        if sys.stdout is sys.__stdout__:  # and the interpreter's last flush must not report it either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a process the signal ended
     except (ValueError, OSError, FormatError, DecompressionBombError) as e:
         print(f"nif {args.command}: error: {e}", file=sys.stderr)
         return 1

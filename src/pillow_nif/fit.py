@@ -1256,11 +1256,17 @@ class Plan:
     total: int = 0  # bytes of the whole file, the post-filter's included (0: the budget)
 
 
-def check_encode_options(bpp, quality, effort, device, seed, colour) -> tuple[float, int, str]:
+def check_encode_options(bpp, quality, effort, device, seed, colour, exact=False,
+                         progress=False) -> tuple[float, int, str]:
     """Every option checked before any work; returns (target bpp, effort, resolved device)."""
     target_bpp, effort = check_options(bpp, quality, effort, device, seed)
     if colour not in ("auto", "rgb", "ycbcr"):
         raise ValueError(f"colour must be 'auto', 'rgb' or 'ycbcr', got {colour!r}")
+    # Flags by their truth alone would take exact="false" as True: a string, or 2, is a mistake to name.
+    if not (isinstance(exact, (bool, np.bool_)) or (isinstance(exact, numbers.Integral) and exact in (0, 1))):
+        raise ValueError(f"exact must be True or False, got {exact!r}")
+    if not (progress is None or isinstance(progress, (bool, np.bool_)) or callable(progress)):
+        raise ValueError(f"progress must be True, False or a callable(done, total), got {progress!r}")
     return target_bpp, effort, resolve_device(device)
 
 
@@ -1277,17 +1283,15 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
     budget = int(target_bpp * w * h // 8)
     overhead = _overhead_bytes(Header(w, h, mode, col, choose_architecture(w, h, c, 1, cfg)), metadata)
     if budget < overhead + 16:
-        least = math.ceil((overhead + 16) * 800 / (w * h)) / 100
-        while int(least * w * h // 8) < overhead + 16:  # the budget's own rounding, in floats
-            least = round(least + 0.01, 2)
         raise ValueError(
             f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
-            f"{overhead + 16} bytes: ask for bpp >= {least:g}"
+            f"{overhead + 16} bytes: ask for bpp >= {least_bpp(overhead + 16, w, h):g}"
         )
     # Weights are never given more bits than the pixels' own (8 a channel, 16 for I;16): past that a network stores
-    # nothing PNG would not, in far more time (bpp=100 at 768x512 had sized 2.76 M parameters, hours of fitting).
-    arch = choose_architecture(w, h, c, params_for(min((budget - overhead) * 8, w * h * c * depth), w * h, cfg), cfg,
-                               effort)
+    # nothing PNG would not, in far more time (bpp=100 at 768x512 had sized 2.76 M parameters, hours of fitting),
+    # and the rate control would spend the rest on finer rounding of that network (a file 2.5x the raw pixels).
+    budget = min(budget, overhead + max(16, (w * h * c * depth + 7) // 8))
+    arch = choose_architecture(w, h, c, params_for((budget - overhead) * 8, w * h, cfg), cfg, effort)
     # The post-filter's bytes come out of the weights' budget, not the architecture's: the same network is fitted
     # with and without one, and only its rounding is a little coarser (1-2 % of the bytes).
     classes, taps = choose_filter(budget, c, w * h) if cfg.post_filter else (1, 0)
@@ -1449,17 +1453,20 @@ def score(data: bytes, pixels: np.ndarray, maxval: int, fit_pixels: np.ndarray |
 _CONSTANT_STEPS = [2.0**-10] + [2.0**e * (1 + m / 128) for e in (-15, -14) for m in range(128)]
 
 
-def constant_file(image, metadata: dict, budget: int, cfg: FitConfig) -> bytes | None:
+def constant_file(image, metadata: dict, budget: int | None, cfg: FitConfig) -> bytes | None:
     """The file of an image whose every pixel is one colour (a blank page, a flat background, an empty tile): the
     smallest network, its weights 0 and its output bias that colour, which decodes exactly at every size, in ~70
     bytes and no fitting. A fit spent the whole budget on it (4030 bytes at 256x256 and 0.5 bpp, ~760 KB at
     4032x3024, where it took 48x a 768x512 encode's time). None for any other image, or where even this exceeds
-    `budget` bytes."""
+    `budget` bytes (None: any)."""
     from .render import load_network, render
 
     if image.width < 1 or image.height < 1:
         return None  # plan_encode says why
-    bands = image.getextrema()
+    try:
+        bands = image.getextrema()
+    except ValueError:  # Pillow has none for I;16B, I;16L, I;16N
+        bands = image.convert("I").getextrema()
     if any(lo != hi for lo, hi in (bands if isinstance(bands[0], tuple) else (bands,))):
         return None
     pixel, mode, maxval = prepare_image(image.crop((0, 0, 1, 1)))  # OSError for a mode NIF cannot hold
@@ -1481,17 +1488,29 @@ def constant_file(image, metadata: dict, budget: int, cfg: FitConfig) -> bytes |
         # every pixel of the network is the same: one pixel of it checks them all (a decode at 1x1 would render the
         # stored size to resize it); on the CPU, where no kernel is compiled for it
         if np.array_equal(render(load_network(bitstream.loads(data)), 1, 1).ravel(), level):
-            return data if len(data) <= budget else None
+            return data if budget is None or len(data) <= budget else None
     return None
 
 
+def least_bpp(nbytes: int, w: int, h: int) -> float:
+    """The smallest bpp, to 0.01, whose budget (rounded as encoding rounds it) holds `nbytes` for a w x h image."""
+    least = math.ceil(nbytes * 800 / (w * h)) / 100
+    while int(least * w * h // 8) < nbytes:  # the budget's own rounding, in floats
+        least = round(least + 0.01, 2)
+    return least
+
+
 def constant_result(image, metadata: dict, target_bpp: float, cfg: FitConfig, progress=False) -> EncodeResult | None:
-    """encode_image's result for an image of one colour (constant_file), else None."""
+    """encode_image's result for an image of one colour (constant_file), else None; ValueError where even that
+    file exceeds the budget (a fitted network's would too: this is the smallest)."""
     t0 = time.perf_counter()
     w, h = image.size
-    data = constant_file(image, metadata, int(target_bpp * w * h // 8), cfg)
+    data = constant_file(image, metadata, None, cfg)
     if data is None:
         return None
+    if len(data) > (budget := int(target_bpp * w * h // 8)):
+        raise ValueError(f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but this image of one colour "
+                         f"is a {len(data)}-byte file: ask for bpp >= {least_bpp(len(data), w, h):g}")
     if callable(progress):  # done at once (a bar would only flash)
         progress(1, 1)
     arch = bitstream.loads(data).header.arch
@@ -1506,7 +1525,7 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     Image.save) skip both: at 768x512 on this project's CPU 0.8-1.8 s of each encode, and on CUDA the decode's
     Triton kernel is compiled for each new architecture. `exact`: fit the colours under an alpha of 0 as they are
     (imaging.fill_hidden replaces them otherwise; the result's PSNRs are then against the filled image)."""
-    target_bpp, effort, device = check_encode_options(bpp, quality, effort, device, seed, colour)
+    target_bpp, effort, device = check_encode_options(bpp, quality, effort, device, seed, colour, exact, progress)
     seed = int(seed)  # a NumPy integer too
     cfg = config or FitConfig()
     t0 = time.perf_counter()
