@@ -445,7 +445,7 @@ _F32X2 = struct.Struct(">ff")
 
 
 def chunk(kind: bytes, payload: bytes) -> bytes:
-    """One chunk as PNG lays it out: the payload's length, the kind, the payload, the CRC of kind and payload."""
+    """One chunk: the kind, the payload's length, the payload, the CRC of kind and payload (PNG: length first)."""
     return struct.pack(">4sI", kind, len(payload)) + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
