@@ -70,6 +70,11 @@ def test_tiled_encode_writes_version_9_within_budget_with_metadata_once(tiled):
     assert len(r.data) <= 3.0 * 96 * 64 / 8 and r.bpp > 0.9 * 3.0
     info = pillow_nif.info(r.data)
     assert (info["width"], info["height"], info["tiles"], info["metadata"]) == (96, 64, [2, 2], ["exif"])
+    # Each tile's own network: their rates, so their widths and post-filters, follow their content (the top-left
+    # tile's had been reported as the file's).
+    tiles = bs.loads(r.data).tiles
+    assert [n["genesis_widths"] for n in info["tile_networks"]] == [list(t.header.arch.widths) for t in tiles]
+    assert info["params"] == sum(n["params"] for n in info["tile_networks"]) and "genesis_widths" not in info
     f = bs.loads(r.data)
     assert isinstance(f, TiledFile) and f.grid.margin == 8
     assert [t.metadata for t in f.tiles] == [{}] * 4  # stored once, in the container
@@ -129,6 +134,21 @@ def test_tiled_encode_refuses_too_low_a_bpp_before_fitting(monkeypatch):
     monkeypatch.setattr(fit.Fitter, "fit", lambda *a, **k: pytest.fail("fitted"))
     with pytest.raises(ValueError, match="tiles"):
         fit.encode_image(photo(96, 64), bpp=0.3, effort=1, config=TILED)
+
+
+def test_encode_many_counts_the_tiled_images_into_one_progress():
+    """The progress callable had run to its total and then restarted from 0 for each tiled image."""
+    from pillow_nif.batch import encode_batch
+
+    calls = []
+    small = photo(24, 16)
+    encode_batch([small, photo(96, 64), photo(96, 64).rotate(180)], bpp=3.0, effort=1, config=TILED, measure=False,
+                 progress=lambda done, total: calls.append((done, total)))
+    done = [d for d, _ in calls]
+    assert all(b > a for a, b in zip(done, done[1:])) and calls[-1][0] == calls[-1][1]
+    eff = fit.EFFORTS[1]
+    alone = fit.fit_work(fit.plan_encode(small, 3.0, "auto", {}, TILED, eff).header, eff, TILED)
+    assert calls[0][1] > 2 * alone  # the tiles' steps were in the total from the start
 
 
 def test_encode_many_tiles_the_large_images_only():

@@ -128,7 +128,9 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     def replan(job: _Job, c: fit.FitConfig) -> fit.Plan:  # the plan of a refit (fit.refit)
         return _plan(job.index, job.image, bpps[job.index], colour, meta[job.index], c, eff).plan
 
-    bar = fit._progress(progress, sum(fit.fit_work(j.header, eff, cfg) for j in jobs))
+    # One bar for the whole call: the tiled images' fits (each its own encode_batch, below) count into it too.
+    tiled = {i: tiles.tiled_work(images[i], large[i], colour, cfg, eff) for i in large}
+    bar = fit._progress(progress, sum(fit.fit_work(j.header, eff, cfg) for j in jobs) + sum(tiled.values()))
     results: list[fit.EncodeResult | None] = [None] * len(images)
     for i, r in flat.items():
         results[i] = r
@@ -144,14 +146,29 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
                 results[job.index] = r
                 if on_result is not None:
                     on_result(job.index, r)
+        for i in sorted(large):
+            results[i] = tiles.encode_tiled(images[i], bpps[i], effort, device, seed, _forward(bar, tiled[i]),
+                                            meta[i], colour, cfg, measure, large[i])
+            if on_result is not None:
+                on_result(i, results[i])
     finally:
         bar.close()
-    for i in sorted(large):
-        results[i] = tiles.encode_tiled(images[i], bpps[i], effort, device, seed, progress, meta[i], colour, cfg,
-                                        measure, large[i])
-        if on_result is not None:
-            on_result(i, results[i])
     return results
+
+
+def _forward(bar, counted: int) -> Callable[[int, int], None]:
+    """A progress callable(done, total) for an inner call whose `counted` steps `bar` holds already: its steps go on
+    `bar`, and so does any growth of its total (a refit's, fit.refit)."""
+    seen = 0
+
+    def fn(done: int, total: int) -> None:
+        nonlocal seen, counted
+        bar.total += total - counted
+        counted = total
+        bar.update(done - seen)
+        seen = done
+
+    return fn
 
 
 def _plan(index: int, image, target_bpp: float, colour: str, meta: dict, cfg: fit.FitConfig, eff: fit.Effort) -> _Job:

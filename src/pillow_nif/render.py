@@ -399,36 +399,40 @@ def decode(data_or_path, size=None, device: str = "auto", backend: str = "auto")
 
 
 def info(data_or_path) -> dict:
-    """Header and chunk facts of a .nif file, without decoding pixels (and without torch)."""
+    """Header and chunk facts of a .nif file, without decoding pixels (and without torch). A tiled file's networks
+    differ from tile to tile (their rates follow their content): each is in "tile_networks", row by row."""
     data = read_bytes(data_or_path)
     f = bitstream.loads(data)
-    if isinstance(f, TiledFile):  # the grid, and the first tile's network (the others are alike)
+    if isinstance(f, TiledFile):
         g = f.grid
-        return _info(f.tiles[0], data) | {
-            "version": f.version, "width": g.width, "height": g.height, "bpp": len(data) * 8 / (g.width * g.height),
-            "tiles": [g.columns, g.rows], "tile_margin": g.margin,
+        return _file_info(f, data, g.width, g.height, g.mode) | {
             "params": sum(t.header.arch.num_params() for t in f.tiles),
-            "metadata": sorted(bitstream.image_info(f.metadata)),
-            "mode": bitstream.shown_mode(g.mode, f.metadata), "alpha": bitstream.constant_alpha(f.metadata, g.mode),
-            "alpha_ends": bitstream.alpha_ends(f.metadata, g.mode),
+            "tiles": [g.columns, g.rows], "tile_margin": g.margin,
+            "tile_networks": [{"version": t.version} | _network_info(t) for t in f.tiles],
         }
-    return _info(f, data)
+    return _file_info(f, data, f.header.width, f.header.height, f.header.mode) | _network_info(f) | {
+        "tiles": [1, 1], "tile_margin": 0}
 
 
-def _info(f: NifFile, data: bytes) -> dict:
-    h = f.header
-    a = h.arch
+def _file_info(f, data: bytes, width: int, height: int, mode: str) -> dict:
     return {
         "format": "NIF",
         "version": f.version,
-        "width": h.width,
-        "height": h.height,
-        "mode": bitstream.shown_mode(h.mode, f.metadata),
-        "alpha": bitstream.constant_alpha(f.metadata, h.mode),  # the one alpha value of a file that stores it alone
-        "alpha_ends": bitstream.alpha_ends(f.metadata, h.mode),  # (lo, hi): a fitted alpha shown as 0 / 255 beyond
-        "colour": {0: "rgb", 1: "ycbcr"}[h.colour],
+        "width": width,
+        "height": height,
+        "mode": bitstream.shown_mode(mode, f.metadata),
+        "alpha": bitstream.constant_alpha(f.metadata, mode),  # the one alpha value of a file that stores it alone
+        "alpha_ends": bitstream.alpha_ends(f.metadata, mode),  # (lo, hi): a fitted alpha shown as 0 / 255 beyond
         "bytes": len(data),
-        "bpp": len(data) * 8 / (h.width * h.height),
+        "bpp": len(data) * 8 / (width * height),
+        "metadata": sorted(bitstream.image_info(f.metadata)),
+    }
+
+
+def _network_info(f: NifFile) -> dict:
+    a = f.header.arch
+    return {
+        "colour": {0: "rgb", 1: "ycbcr"}[f.header.colour],
         "params": a.num_params(),
         "genesis_widths": list(a.widths),
         "pe_freqs": a.pe_freqs,
@@ -438,11 +442,7 @@ def _info(f: NifFile, data: bytes) -> dict:
         "modulation_freqs": a.mod_freqs,
         "post_filter_taps": a.filter_taps,
         "post_filter_classes": a.filter_classes,
-        "tiles": [1, 1],
-        "tile_margin": 0,
-        "metadata": sorted(bitstream.image_info(f.metadata)),
     }
-
 
 
 __all__ = ["decode", "decode_array", "info", "load_network", "render", "FormatError"]

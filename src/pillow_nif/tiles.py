@@ -134,6 +134,19 @@ def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.F
     return grid, bpps, budget
 
 
+def tiled_work(image, plan: tuple, colour: str, cfg: fit.FitConfig, effort: fit.Effort) -> int:
+    """The optimiser steps encode_tiled's fits will take for `image` under plan_tiles' `plan` (its tiles of one
+    colour take none): what a progress bar over several images counts for this one."""
+    grid, bpps, _ = plan
+    tile_cfg = dataclasses.replace(cfg, tile_pixels=0)
+    work = 0
+    for box, bpp in zip(grid.extents(), bpps):
+        crop = image.crop(box)
+        if fit.constant_file(crop, {}, None, cfg) is None:
+            work += fit.fit_work(fit.plan_encode(crop, bpp, colour, {}, tile_cfg, effort).header, effort, cfg)
+    return work
+
+
 def encode_tiled(image, target_bpp: float, effort: int, device: str, seed: int, progress, metadata: dict,
                  colour: str, cfg: fit.FitConfig, measure: bool, plan: tuple | None = None) -> fit.EncodeResult:
     """encode_image for an image over cfg.tile_pixels (options already checked): a version-9 file. `plan`: what
