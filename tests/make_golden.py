@@ -33,6 +33,28 @@ CASES = {  # name: (mode, size, bpp)
 FILTERS = {"v8-rgb-160x128": ({(4, 12): 1.0}, 1)}  # name: fit.FILTER_SHARE and fit.CLASS_PIXELS to write it with
 
 
+def tied(data: bytes) -> bytes:
+    """`data` with neurons 1, 2 and 3 of every sine layer made neuron 0, its negation and zero: the arrangement's
+    (docs/FORMAT.md) classes of several neurons, a sign pushed for each, and an unsigned key, which a fitted network
+    never has. The network changes; the file stays valid."""
+    import dataclasses
+
+    from pillow_nif import bitstream, entropy
+
+    f = bitstream.loads(data)
+    shapes = [shape for _, shape in f.header.arch.tensor_shapes()]
+    syms = [s.reshape(shape) for s, shape in zip(entropy.decode_file(f), shapes)]
+    for w, b, _ in f.header.arch.sine_layers():
+        if syms[b].size >= 4:
+            syms[w][1], syms[b][1] = syms[w][0], syms[b][0]
+            syms[w][2], syms[b][2] = -syms[w][0], -syms[b][0]
+            syms[w][3], syms[b][3] = 0, 0
+    return bitstream.dumps(dataclasses.replace(f, stream=entropy.encode(syms, f.codings, f.header.arch.sine_layers())))
+
+
+DERIVED = {"v5-ties-rgb-96x64": ("v5-rgb-96x64", tied)}  # name: (the vector it is made from, how)
+
+
 def source(mode, size):
     im = Image.open(PHOTO).convert("RGB").resize(size, Image.Resampling.LANCZOS)
     if mode == "RGBA":
@@ -56,10 +78,17 @@ def main():
             data = pillow_nif.encode(source(mode, size), bpp=bpp, effort=2, seed=0)
         finally:
             fit.FILTER_SHARE, fit.CLASS_PIXELS = rule
-        (DATA / f"{name}.nif").write_bytes(data)
-        pixels = decode_array(data, device="cpu", backend="torch")
-        np.save(DATA / f"{name}.npy", pixels)
-        print(name, len(data), "bytes", pixels.shape, pixels.dtype)
+        _write(name, data)
+    for name, (base, make) in DERIVED.items():
+        if not (DATA / f"{name}.nif").exists() or "--force" in sys.argv:
+            _write(name, make((DATA / f"{base}.nif").read_bytes()))
+
+
+def _write(name: str, data: bytes) -> None:
+    (DATA / f"{name}.nif").write_bytes(data)
+    pixels = decode_array(data, device="cpu", backend="torch")
+    np.save(DATA / f"{name}.npy", pixels)
+    print(name, len(data), "bytes", pixels.shape, pixels.dtype)
 
 
 if __name__ == "__main__":
