@@ -199,7 +199,11 @@ def _coordinate(i, size, stored, lo, span):
     return (2.0 * (c - lo) / span - 1.0).to(tl.float32)
 
 
-@triton.jit
+# Not specialised on its integers: Triton compiles a kernel for each pattern of them that are multiples of 16 or 1,
+# and a large image's bands (row0 0, 699, 1398, ...), a last band's n_pix and a tile's offsets would each compile
+# anew, 5-30 s a compile on sm_90. The code takes 1 either way (no .to() on them).
+@triton.jit(do_not_specialize=["n_pix", "n_cols", "row0", "col0", "height", "y_stored", "y_lo", "y_span", "width",
+                               "x_stored", "x_lo", "x_span"])
 def _nif_decode_kernel(
     out_ptr,  # (n_pix, CHANNELS) uint8 or int32 pixels of the band, row-major (float32 values when not ROUND)
     buf,  # packed float32: frequency table at 0, then every padded weight and bias

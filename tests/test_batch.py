@@ -278,3 +278,16 @@ def test_encoding_and_decoding_leave_the_callers_random_streams_alone(images):
     encode_many(images[:2], bpp=BPP, effort=1)
     assert torch.equal(torch.get_rng_state(), state)
     assert np.array_equal(np.random.get_state()[1], np_state)
+
+
+def test_a_stack_holds_at_most_cudas_grid_limit_of_networks():
+    """The fused layer puts the stack on its grid's z axis, which CUDA caps at 65535: 70000 8x8 images of one
+    network had made one stack, and its launch would fail."""
+    import types
+
+    from pillow_nif import batch
+
+    arch = bitstream.Architecture(0, (4,), 3, 1.4, 30.0)
+    jobs = [types.SimpleNamespace(header=types.SimpleNamespace(arch=arch, height=8, width=8))] * 70000
+    groups = batch._groups(jobs, "cuda", EFFORTS[1])
+    assert max(map(len, groups)) <= batch.MAX_GROUP and sum(map(len, groups)) == 70000

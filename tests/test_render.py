@@ -141,3 +141,31 @@ def test_bomb_check(small_nif, monkeypatch):
         pillow_nif.decode(small_nif.read_bytes(), size=(10, 6))
     with pytest.raises(Image.DecompressionBombError):
         Image.open(small_nif)
+
+
+def test_decoding_and_encoding_make_their_cuda_device_the_current_one(small_nif, monkeypatch):
+    """Triton launches its kernels, and CUDA graphs capture, on CUDA's current device, not on their tensors': a
+    decode with device="cuda:1" had launched on GPU 0 with GPU 1's pointers. (No GPU here: the context and its
+    wiring are what is checked.)"""
+    import contextlib
+
+    import torch
+
+    from pillow_nif import batch, fit
+    from pillow_nif import render as render_mod
+
+    ctx = render_mod.on_device("cuda:1")
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert all(isinstance(render_mod.on_device(d), contextlib.nullcontext) for d in ("cpu", "cuda"))
+    seen = []
+
+    def spy(device):
+        seen.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(render_mod, "on_device", spy)
+    monkeypatch.setattr(fit, "on_device", spy)
+    pillow_nif.decode(small_nif, device="cpu")
+    fit.encode_image(photo(24, 16), bpp=8, effort=1, device="cpu", measure=False)
+    batch.encode_batch([photo(24, 16)], bpp=8, effort=1, device="cpu", measure=False)
+    assert seen == ["cpu"] * 3

@@ -50,6 +50,7 @@ from .subgrid import as_slice
 # Floats of saved activations one group may hold per step (about 4 per hidden unit per sampled
 # pixel): groups larger than this are split, so a long list of big images cannot exhaust memory.
 _GROUP_FLOATS = {"cpu": 1 << 27, "cuda": 1 << 29}
+MAX_GROUP = 65535  # networks in one stack: CUDA's limit on a grid's y and z
 
 
 @dataclasses.dataclass
@@ -137,20 +138,21 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
         if on_result is not None:
             on_result(i, r)
     try:
-        for group in _groups(jobs, device, eff):
-            t0 = time.perf_counter()
-            done = _encode_group(group, device, eff, cfg, seed, use_fused, bar, measure, replan)
-            seconds = (time.perf_counter() - t0) / len(group)  # the group's time, shared out evenly
-            for job, r in zip(group, done):
-                r.seconds = seconds
-                results[job.index] = r
+        with fit.on_device(device):  # where Triton launches and CUDA graphs capture
+            for group in _groups(jobs, device, eff):
+                t0 = time.perf_counter()
+                done = _encode_group(group, device, eff, cfg, seed, use_fused, bar, measure, replan)
+                seconds = (time.perf_counter() - t0) / len(group)  # the group's time, shared out evenly
+                for job, r in zip(group, done):
+                    r.seconds = seconds
+                    results[job.index] = r
+                    if on_result is not None:
+                        on_result(job.index, r)
+            for i in sorted(large):
+                results[i] = tiles.encode_tiled(images[i], bpps[i], effort, device, seed, _forward(bar, tiled[i]),
+                                                meta[i], colour, cfg, measure, large[i])
                 if on_result is not None:
-                    on_result(job.index, r)
-        for i in sorted(large):
-            results[i] = tiles.encode_tiled(images[i], bpps[i], effort, device, seed, _forward(bar, tiled[i]),
-                                            meta[i], colour, cfg, measure, large[i])
-            if on_result is not None:
-                on_result(i, results[i])
+                    on_result(i, results[i])
     finally:
         bar.close()
     return results
@@ -198,6 +200,7 @@ def _groups(jobs: list[_Job], device: str, eff: fit.Effort) -> list[list[_Job]]:
         units = sum(arch.widths) + sum(arch.mod_widths) + arch.channels
         per_image = max(1, 4 * pixels * units)  # saved activations of a training step
         size = max(1, _GROUP_FLOATS["cuda" if device.startswith("cuda") else "cpu"] // per_image)
+        size = min(size, MAX_GROUP)  # the fused layer's grid has the stack on CUDA's z axis (kernels/sine_layer.py)
         out += [js[k : k + size] for k in range(0, len(js), size)]
     return out
 

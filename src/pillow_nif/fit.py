@@ -24,7 +24,7 @@ import numpy as np
 from . import bitstream, entropy
 from .bitstream import METADATA, Architecture, Header, NifFile, TensorCoding
 from .imaging import fill_hidden, prepare_image, split_constant_alpha, storage_mode
-from .render import resolve_device
+from .render import on_device, resolve_device
 
 DEFAULT_BPP = 0.5
 QUALITY_MIN_BPP, QUALITY_MAX_BPP = 0.05, 2.0
@@ -1543,9 +1543,10 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     pixels, _, maxval = prepare_image(image)  # (H, W, C) float64 in [0, 1]
     bar = _progress(progress, fit_work(plan.header, eff, cfg))
     try:
-        data, fit_pixels, loss = _fit_and_code(pixels, maxval, plan, device, eff, cfg, seed, bar, measure)
-        data, fit_pixels, plan = refit(data, fit_pixels, loss, plan, lambda c: plan_encode(
-            image, target_bpp, colour, metadata, c, eff), pixels, maxval, device, eff, cfg, seed, bar, measure)
+        with on_device(device):  # CUDA's current device: where Triton launches and CUDA graphs capture
+            data, fit_pixels, loss = _fit_and_code(pixels, maxval, plan, device, eff, cfg, seed, bar, measure)
+            data, fit_pixels, plan = refit(data, fit_pixels, loss, plan, lambda c: plan_encode(
+                image, target_bpp, colour, metadata, c, eff), pixels, maxval, device, eff, cfg, seed, bar, measure)
     finally:
         bar.close()
     return score(data, pixels, maxval, fit_pixels, device, time.perf_counter() - t0, plan.header.arch)

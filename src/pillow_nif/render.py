@@ -7,6 +7,7 @@ Backends: "torch" (CPU or CUDA, the reference maths of model.py in bands of rows
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 import os
@@ -42,6 +43,17 @@ def resolve_device(device: str) -> str:
     if device != "cuda" and int(device[5:]) >= torch.cuda.device_count():
         raise ValueError(f"no such CUDA device: {device!r}")
     return device
+
+
+def on_device(device: str):
+    """A context that makes a resolved `device` CUDA's current one in this thread: Triton launches its kernels, and
+    CUDA graphs capture, on the current device, not on their tensors' (a decode on cuda:1 had launched on GPU 0 with
+    GPU 1's pointers). The CPU and plain "cuda" (the current device) need nothing."""
+    if device.startswith("cuda:"):
+        import torch
+
+        return torch.cuda.device(int(device[5:]))
+    return contextlib.nullcontext()
 
 
 # Pixels evaluated per band: bounds the activations' memory (layer width x 4 bytes x this many pixels),
@@ -346,12 +358,13 @@ def render_file(f: NifFile | TiledFile, size=None, device: str = "auto", backend
 
 def _render_file(f: NifFile | TiledFile, grid: tuple[int, int], device: str, backend: str) -> np.ndarray:
     """render_file's pixels at `grid` (integers, before the alpha's ends and any resampling)."""
-    if isinstance(f, TiledFile):
-        return render_tiled(f, *grid, device, backend)
-    net = load_network(f, device)
-    if grid != (f.header.width, f.header.height):
-        net.filter = None  # the post-filter belongs to the stored size (postfilter.py)
-    return render(net, *grid, backend)
+    with on_device(device):
+        if isinstance(f, TiledFile):
+            return render_tiled(f, *grid, device, backend)
+        net = load_network(f, device)
+        if grid != (f.header.width, f.header.height):
+            net.filter = None  # the post-filter belongs to the stored size (postfilter.py)
+        return render(net, *grid, backend)
 
 
 def render_grid(stored: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
