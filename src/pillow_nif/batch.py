@@ -130,7 +130,7 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
         return _plan(job.index, job.image, bpps[job.index], colour, meta[job.index], c, eff).plan
 
     # One bar for the whole call: the tiled images' fits (each its own encode_batch, below) count into it too.
-    tiled = {i: tiles.tiled_work(images[i], large[i], colour, cfg, eff) for i in large}
+    tiled = {i: plan[3] for i, plan in large.items()}  # the steps of each one's tiles (tiles.plan_tiles)
     bar = fit._progress(progress, sum(fit.fit_work(j.header, eff, cfg) for j in jobs) + sum(tiled.values()))
     results: list[fit.EncodeResult | None] = [None] * len(images)
     for i, r in flat.items():

@@ -84,8 +84,9 @@ def tile_rates(crops, cfg: fit.FitConfig) -> list[float]:
 
 
 def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.FitConfig, effort: fit.Effort):
-    """(grid, each tile's bpp, the file's budget in bytes) of an image over cfg.tile_pixels; OSError for a mode NIF
-    cannot hold and ValueError for a budget too small for the tiles, before any work."""
+    """(grid, each tile's bpp, the file's budget in bytes, the optimiser steps of the tiles' fits: what a progress
+    bar over several images counts for this one) of an image over cfg.tile_pixels; OSError for a mode NIF cannot
+    hold and ValueError for a budget too small for the tiles, before any work."""
     from .imaging import storage_mode
 
     mode = storage_mode(image)
@@ -106,14 +107,14 @@ def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.F
     share = budget - outer - (per_tile + 1) * len(extents) - sum(flat.values())
     mean_bpp = 8 * share / max(1, sum(area[i] for i in fitted))
 
-    def check(bpps):  # each tile planned as encode_batch will plan it (like tiles once)
+    def check(bpps) -> int:  # each tile planned as encode_batch will plan it (like tiles once); their fits' steps
         if share <= 0:
             raise ValueError("nothing is left for the networks")
-        planned = set()
+        planned = {}
         for i in fitted:
-            if (crops[i].size, bpps[i]) not in planned:
-                planned.add((crops[i].size, bpps[i]))
-                fit.plan_encode(crops[i], bpps[i], colour, {}, cfg, effort)
+            if (key := (crops[i].size, bpps[i])) not in planned:
+                planned[key] = fit.plan_encode(crops[i], bpps[i], colour, {}, cfg, effort).header
+        return sum(fit.fit_work(planned[crops[i].size, bpps[i]], effort, cfg) for i in fitted)
 
     uniform = [mean_bpp] * len(extents)
     try:
@@ -122,29 +123,16 @@ def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.F
             for i, r in zip(fitted, tile_rates([crops[i] for i in fitted], cfg)):
                 bpps[i] = mean_bpp * r
         try:
-            check(bpps)
+            work = check(bpps)
         except ValueError:  # a flat tile's share too small for a network: one bpp for all, if that is enough
             bpps = list(uniform)
-            check(bpps)
+            work = check(bpps)
     except ValueError as e:
         raise ValueError(f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, stored as "
                          f"{grid.columns}x{grid.rows} tiles: too few for their networks ({e})") from e
     for i, n in flat.items():  # room for exactly its file (the byte kept back covers the rounding)
         bpps[i] = 8 * (n + 1) / area[i]
-    return grid, bpps, budget
-
-
-def tiled_work(image, plan: tuple, colour: str, cfg: fit.FitConfig, effort: fit.Effort) -> int:
-    """The optimiser steps encode_tiled's fits will take for `image` under plan_tiles' `plan` (its tiles of one
-    colour take none): what a progress bar over several images counts for this one."""
-    grid, bpps, _ = plan
-    tile_cfg = dataclasses.replace(cfg, tile_pixels=0)
-    work = 0
-    for box, bpp in zip(grid.extents(), bpps):
-        crop = image.crop(box)
-        if fit.constant_file(crop, {}, None, cfg) is None:
-            work += fit.fit_work(fit.plan_encode(crop, bpp, colour, {}, tile_cfg, effort).header, effort, cfg)
-    return work
+    return grid, bpps, budget, work
 
 
 def encode_tiled(image, target_bpp: float, effort: int, device: str, seed: int, progress, metadata: dict,
@@ -156,7 +144,7 @@ def encode_tiled(image, target_bpp: float, effort: int, device: str, seed: int, 
 
     t0 = time.perf_counter()
     metadata = {k: bytes(v) for k, v in metadata.items() if v}
-    grid, tile_bpps, budget = plan or plan_tiles(image, target_bpp, metadata, colour, cfg, fit.EFFORTS[effort])
+    grid, tile_bpps, budget, _ = plan or plan_tiles(image, target_bpp, metadata, colour, cfg, fit.EFFORTS[effort])
     w, h, boxes = grid.width, grid.height, grid.extents()
     # tile_pixels 0: an extent may exceed tile_pixels by its margins, and is never tiled again. No metadata: the
     # file holds it once (a crop's info is the image's, and its ICC profile and EXIF had gone into every tile, out
