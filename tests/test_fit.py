@@ -34,7 +34,7 @@ def test_flags_that_are_not_flags_are_refused_before_any_work(bad):
 def test_numpy_scalars_are_options_like_pythons():
     # bpp=np.float32(0.5) was refused with "bpp must be a positive number, got np.float32(0.5)"
     assert check_options(np.float32(0.5), None, np.int64(3), "cpu", np.int64(7)) == (0.5, 3)
-    assert check_options(quality=np.float64(50))[0] == check_options(quality=50)[0]
+    assert check_options(quality=np.float64(50)) == check_options(quality=50) == (None, 5)  # the image's (quality_bpp)
     im = photo(24, 16)
     assert pillow_nif.encode(im, bpp=np.float32(8), effort=np.int64(1), seed=np.uint8(2)) == pillow_nif.encode(
         im, bpp=8, effort=1, seed=2)

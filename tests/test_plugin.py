@@ -239,15 +239,17 @@ def test_unsupported_mode_is_refused(tmp_path):
         photo(16, 16).convert("CMYK").save(tmp_path / "x.nif", bpp=8)
 
 
-def test_quality_alias_and_bpp_precedence(tmp_path):
-    from pillow_nif.fit import check_options, quality_to_bpp
+def test_quality_sets_the_bpp_from_the_image_and_bpp_wins(tmp_path):
+    from pillow_nif.fit import FitConfig, check_options, quality_bpp
 
-    assert check_options(quality=50)[0] == pytest.approx(quality_to_bpp(50))
     assert check_options(bpp=0.7, quality=10)[0] == 0.7
-    assert quality_to_bpp(1) == pytest.approx(0.05) and quality_to_bpp(100) == pytest.approx(2.0)
+    im = photo(48, 40)
     p = tmp_path / "q.nif"
-    photo(48, 40).save(p, quality=95, effort=1)
-    assert p.stat().st_size * 8 <= quality_to_bpp(95) * 48 * 40
+    im.save(p, quality=95, effort=1)
+    assert 0.9 * quality_bpp(im, 95, {}, "auto", FitConfig()) <= p.stat().st_size * 8 / (48 * 40)
+    assert p.stat().st_size * 8 <= quality_bpp(im, 95, {}, "auto", FitConfig()) * 48 * 40
+    im.save(p, quality=95, bpp=0.9, effort=1)
+    assert p.stat().st_size * 8 <= 0.9 * 48 * 40
 
 
 def test_imageio_v3_read_write_props_meta(small_nif, tmp_path):

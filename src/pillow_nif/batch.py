@@ -120,6 +120,8 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
             for i, (im, alpha) in enumerate(split)]
     # Images of one colour (an empty tile too) need no fitting (fit.constant_file).
     flat = {i: r for i, im in enumerate(images) if (r := fit.constant_result(im, meta[i], bpps[i], cfg)) is not None}
+    bpps = [fit.quality_bpp(im, quality, meta[i], colour, cfg) if b is None and i not in flat else b
+            for i, (im, b) in enumerate(zip(images, bpps))]
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
     large = {i: tiles.plan_tiles(im, bpps[i], {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
              for i, im in enumerate(images) if i not in flat and fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)}

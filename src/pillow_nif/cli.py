@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("inputs", nargs="+", help="input image(s), any format Pillow reads; with one input, then the output")
     e.add_argument("--out-dir", help="write <name>.nif for every input into this folder")
     e.add_argument("--bpp", type=float, help="bits per pixel of the whole file, a ceiling (default 0.5)")
-    e.add_argument("--quality", type=float, help="1..100 onto a 0.05..2.0 bpp ladder (--bpp wins)")
+    e.add_argument("--quality", type=float, help="1..100, JPEG's scale: about a JPEG's PSNR at that quality, "
+                   "the bpp following the image (--bpp wins)")
     e.add_argument("--effort", type=int, default=5, help="1..9, encode time against quality (default 5)")
     e.add_argument("--device", default="auto", help="where to fit: auto (CUDA when available), cpu, cuda or cuda:N")
     e.add_argument("--seed", type=int, default=0,

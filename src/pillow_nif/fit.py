@@ -27,12 +27,6 @@ from .imaging import fill_hidden, prepare_image, split_constant_alpha, storage_m
 from .render import on_device, resolve_device
 
 DEFAULT_BPP = 0.5
-QUALITY_MIN_BPP, QUALITY_MAX_BPP = 0.05, 2.0
-
-
-def quality_to_bpp(quality: float) -> float:
-    """quality 1..100 maps log-linearly onto 0.05..2.0 bpp (50 -> 0.31, 75 -> 0.79, 90 -> 1.38)."""
-    return QUALITY_MIN_BPP * (QUALITY_MAX_BPP / QUALITY_MIN_BPP) ** ((quality - 1) / 99)
 
 
 ALLOC_PIXELS = 1 << 15  # the step allocation's pixels a measurement at efforts 3-9 (Effort.alloc_pixels)
@@ -384,8 +378,9 @@ def fit_work(header: Header, effort: Effort, cfg: FitConfig) -> int:
     return effort.stages * effort.iters + polish + effort.qat_stages * qat_iters
 
 
-def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tuple[float, int]:
-    """Validate user options before any work; return (target bpp, effort). NumPy's scalars count as numbers."""
+def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tuple[float | None, int]:
+    """Validate user options before any work; return (target bpp, effort), the bpp None where quality sets it from
+    the image (quality_bpp). NumPy's scalars count as numbers."""
     if bpp is not None:
         if isinstance(bpp, bool) or not isinstance(bpp, numbers.Real) or not math.isfinite(bpp) or bpp <= 0:
             raise ValueError(f"bpp must be a positive number, got {bpp!r}")
@@ -399,8 +394,29 @@ def check_options(bpp=None, quality=None, effort=5, device="auto", seed=0) -> tu
     # torch.Generator.manual_seed's range; past it torch raised an overflow deep in the fit
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(1 << 63) <= seed < 1 << 64:
         raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {seed!r}")
-    target = float(bpp) if bpp is not None else quality_to_bpp(quality) if quality is not None else DEFAULT_BPP
+    target = float(bpp) if bpp is not None else None if quality is not None else DEFAULT_BPP
     return target, int(effort)
+
+
+def quality_bpp(image, quality: float, metadata: dict, colour: str, cfg: FitConfig) -> float:
+    """The bpp `quality` asks of `image` (as it is fitted: hidden colours filled, a constant alpha split off): the
+    network's bits that quality.py predicts from a JPEG of it, plus the file's fixed bytes (its header and metadata;
+    a large image's tiles' each), so that it never asks for less than a file needs."""
+    from . import quality as q
+
+    w, h = image.size
+    mode = storage_mode(image)  # OSError for modes NIF cannot hold
+    metadata = {k: bytes(v) for k, v in metadata.items() if v}
+    columns, rows = tile_grid(w, h, cfg.tile_pixels)
+    if (columns, rows) == (1, 1):
+        fixed = _least_overhead(w, h, mode, colour, metadata, cfg)
+    else:  # tiles.plan_tiles' shares: the tiled file's chunks, then each tile's file and chunk
+        outer, per_tile = bitstream.tiled_overhead(metadata)
+        tw, th = -(-w // columns) + 2 * cfg.tile_margin, -(-h // rows) + 2 * cfg.tile_margin
+        fixed = outer + columns * rows * (per_tile + 1 + _least_overhead(tw, th, mode, colour, {}, cfg))
+    # A stream of at least 16 bytes a network (plan_encode's least), and a byte for the budget's float rounding.
+    payload = max(16 * columns * rows, math.ceil(q.payload_bpp(image, quality) * w * h / 8))
+    return 8 * (fixed + payload + 1) / (w * h)
 
 
 def metadata_of(image, icc_profile=None, exif=None, xmp=None, alpha: int | None = None,
@@ -1125,6 +1141,17 @@ def _file(header: Header, codings, syms, metadata) -> bytes:
     return bitstream.dumps(NifFile(header, codings, stream, metadata))
 
 
+def _colour_of(channels: int, colour: str) -> int:
+    """The header's colour transform for an image of `channels` under the `colour` option."""
+    return bitstream.COLOUR_YCBCR if channels >= 3 and colour in ("auto", "ycbcr") else bitstream.COLOUR_IDENTITY
+
+
+def _least_overhead(w: int, h: int, mode: str, colour: str, metadata: dict, cfg: FitConfig) -> int:
+    """The bytes but the stream of a w x h file of the smallest network: what every budget must cover."""
+    c = bitstream.MODES[bitstream.MODE_CODES[mode]][1]
+    return _overhead_bytes(Header(w, h, mode, _colour_of(c, colour), choose_architecture(w, h, c, 1, cfg)), metadata)
+
+
 def _overhead_bytes(header: Header, metadata: dict, codings=None) -> int:
     """The file's bytes but the stream: exact with `codings` (a record holds qmax in 1 or 2 bytes), else
     with 1-byte qmax."""
@@ -1278,10 +1305,10 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
         raise ValueError(f"cannot write empty image ({w}x{h})")
     mode = storage_mode(image)  # OSError for modes NIF cannot hold
     _, c, depth = bitstream.MODES[bitstream.MODE_CODES[mode]]
-    col = bitstream.COLOUR_YCBCR if c >= 3 and colour in ("auto", "ycbcr") else bitstream.COLOUR_IDENTITY
+    col = _colour_of(c, colour)
     metadata = {k: bytes(v) for k, v in metadata.items() if v}
     budget = int(target_bpp * w * h // 8)
-    overhead = _overhead_bytes(Header(w, h, mode, col, choose_architecture(w, h, c, 1, cfg)), metadata)
+    overhead = _least_overhead(w, h, mode, colour, metadata, cfg)
     if budget < overhead + 16:
         raise ValueError(
             f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but a NIF file needs at least "
@@ -1500,15 +1527,17 @@ def least_bpp(nbytes: int, w: int, h: int) -> float:
     return least
 
 
-def constant_result(image, metadata: dict, target_bpp: float, cfg: FitConfig, progress=False) -> EncodeResult | None:
+def constant_result(image, metadata: dict, target_bpp: float | None, cfg: FitConfig,
+                    progress=False) -> EncodeResult | None:
     """encode_image's result for an image of one colour (constant_file), else None; ValueError where even that
-    file exceeds the budget (a fitted network's would too: this is the smallest)."""
+    file exceeds the budget (a fitted network's would too: this is the smallest). target_bpp None: quality's, which
+    asks for no more than the file needs."""
     t0 = time.perf_counter()
     w, h = image.size
     data = constant_file(image, metadata, None, cfg)
     if data is None:
         return None
-    if len(data) > (budget := int(target_bpp * w * h // 8)):
+    if target_bpp is not None and len(data) > (budget := int(target_bpp * w * h // 8)):
         raise ValueError(f"bpp={target_bpp} gives {budget} bytes for a {w}x{h} image, but this image of one colour "
                          f"is a {len(data)}-byte file: ask for bpp >= {least_bpp(len(data), w, h):g}")
     if callable(progress):  # done at once (a bar would only flash)
@@ -1535,6 +1564,8 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     flat = constant_result(image, metadata, target_bpp, cfg, progress)
     if flat is not None:  # one colour: one network at any size, nothing to fit
         return flat
+    if target_bpp is None:
+        target_bpp = quality_bpp(image, quality, metadata, colour, cfg)
     if tile_grid(*image.size, cfg.tile_pixels) != (1, 1):
         from .tiles import encode_tiled
 

@@ -6,7 +6,8 @@ stored size. There is no ``draft()``: a smaller image is made from the stored si
 
 Save options (``im.save("x.nif", ...)``; each also documented in the README):
     bpp       bits per pixel of the whole file, a ceiling (default 0.5)
-    quality   1..100, a log-linear ladder onto 0.05..2.0 bpp (bpp wins if both are given)
+    quality   1..100, JPEG's scale: the bpp at which the file is about as close to the image as a JPEG of it at
+              that quality, predicted from that JPEG (quality.py); bpp wins if both are given
     effort    1..9, encode time against quality (default 5)
     device    "auto", "cpu", "cuda", "cuda:N"
     seed      integer, for reproducible files

@@ -1,0 +1,90 @@
+"""`quality`: the bpp a quality asks of an image, so that quality means what it means to JPEG's users.
+
+A JPEG's quality sets its quantiser, so its files' sizes follow their content and their quality stays about level
+across images; a fixed bpp does the opposite (the 24 Kodak images at 0.5 bpp: 24.7 to 37.5 dB). So quality q asks
+for the bpp at which the default effort's file is expected to be as close to the image as a JPEG of it at quality
+q (Pillow's, 4:2:0), predicted from that JPEG's own bits: NIF's bits for a given PSNR follow JPEG's for it across
+images closely (one power law, `GAIN` and `POWER` below, fitted to the 24 Kodak images' effort-5 files at 0.3 / 0.5
+/ 1.0 bpp; `benchmarks/quality_calibration.py`). Left out one image at a time, it predicted each file's bits within
+a factor of 1.10 (the log's standard deviation), which is ~0.45 dB of PSNR.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+# payload bpp = GAIN * (the JPEG's entropy-coded bits a pixel) ** POWER, the file's fixed bytes added
+# (benchmarks/quality_calibration.py; NOTES.md #236)
+GAIN, POWER = 0.6189, 1.0795
+# Grey images need more: a grey JPEG spends nothing on colour, where a colour JPEG's 4:2:0 chroma is cheap and NIF's
+# colour networks share their weights between the channels. The same six 256x256 crops as L and as RGB, at qualities
+# 30 and 60 (effort 5), needed exp(0.137) x the bits the law gives for RGB (sd of the log 0.078; NOTES.md #236).
+GREY_GAIN = 1.15
+# Quality's bpp is rounded to quarter-octave levels, so that like images of a size keep one architecture and are
+# fitted as one stacked network by encode_many (as tiles.RATE_LEVELS); the predictions themselves are ~0.14 octave off.
+LEVELS = 4
+# The network's bits a pixel never exceed this under quality: NIF's encode time grows with them (768x512 at 1.0 bpp,
+# effort 5: ~8 minutes on 2 cores), and past ~1 bpp JPEG's quality 90 and over are beyond what was calibrated.
+MAX_BPP = 2.0
+_BLOCK = 4096  # the JPEG measure codes a large image in blocks of this side (JPEG's own limit is 65 500)
+
+
+def jpeg_bits(planes, quality: int) -> int:
+    """Bits of the entropy-coded data (no headers, so that small images are not dominated by them) of JPEGs at
+    `quality` (optimised Huffman tables) of 8-bit PIL images (L or RGB), summed over `planes` and over blocks of
+    _BLOCK pixels a side."""
+    total = 0
+    for im in planes:
+        for y in range(0, im.height, _BLOCK):
+            for x in range(0, im.width, _BLOCK):
+                buf = io.BytesIO()
+                im.crop((x, y, min(x + _BLOCK, im.width), min(y + _BLOCK, im.height))).save(
+                    buf, "JPEG", quality=quality, optimize=True)
+                total += 8 * _scan_bytes(buf.getvalue())
+    return total
+
+
+def _scan_bytes(jpeg: bytes) -> int:
+    """Bytes after the header of a baseline JPEG's one scan (its SOS segment), the end marker included."""
+    i = 2  # after SOI
+    while i + 4 <= len(jpeg):
+        marker, length = jpeg[i + 1], int.from_bytes(jpeg[i + 2 : i + 4], "big")
+        if marker == 0xDA:
+            return len(jpeg) - (i + 2 + length)
+        i += 2 + length
+    raise ValueError("no scan in the JPEG")  # cannot happen with Pillow's writer
+
+
+def planes(im) -> list:
+    """The 8-bit images the JPEG measure codes for an image as NIF stores it: its colours (L or RGB; a 16-bit grey
+    image by its high bytes) and, where it has one, its alpha as L."""
+    from PIL import Image
+
+    from .imaging import storage_mode
+
+    mode = storage_mode(im)
+    if mode == "I;16":
+        if im.mode not in ("I", "I;16"):
+            im = im.convert("I")
+        return [Image.fromarray((np.clip(np.asarray(im), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8))]
+    if im.mode != mode:
+        im = im.convert(mode)
+    if mode in ("LA", "RGBA"):
+        *colours, alpha = im.split()
+        return [Image.merge(mode[:-1], colours), alpha]
+    return [im]
+
+
+def payload_bpp(im, quality: float) -> float:
+    """The bits a pixel that quality asks for the network of `im` (beyond the file's fixed bytes), at a
+    quarter-octave level and at most MAX_BPP."""
+    w, h = im.size
+    coded = planes(im)
+    gain = GAIN * (GREY_GAIN if coded[0].mode == "L" else 1.0)
+    bpp = gain * (jpeg_bits(coded, round(quality)) / (w * h)) ** POWER
+    if bpp <= 0:  # no entropy-coded bits (cannot happen: a scan has at least a byte)
+        return 2.0 ** -10
+    return min(MAX_BPP, 2.0 ** (round(LEVELS * math.log2(bpp)) / LEVELS))
