@@ -85,10 +85,11 @@ def test_the_jpeg_measure_counts_each_plane_and_no_headers():
     grey = im.convert("L")
     bits = quality.jpeg_bits([grey], 50) / (64 * 48)
     assert quality.payload_bpp(grey, 50) >= 2 ** -0.125 * quality.GREY_GAIN * quality.GAIN * bits**quality.POWER
-    # 16-bit grey by its high bytes
-    deep = Image.fromarray((np.asarray(im.convert("L"), dtype=np.uint16) * 257))
-    assert quality.planes(deep)[0].mode == "L"
-    assert quality.jpeg_bits(quality.planes(deep), 50) == quality.jpeg_bits([im.convert("L")], 50)
+    # 16-bit grey by its 8 highest bits in use: full-range data as its high bytes, 8-bit data in I;16 as it is
+    grey = np.asarray(im.convert("L"), dtype=np.uint16)
+    for deep in (Image.fromarray(grey * 257), Image.fromarray(grey).convert("I;16")):
+        assert quality.planes(deep)[0].mode == "L"
+        assert quality.jpeg_bits(quality.planes(deep), 50) == quality.jpeg_bits([im.convert("L")], 50)
 
 
 def test_the_jpeg_measure_takes_images_past_jpegs_size_limit():
@@ -102,3 +103,24 @@ def test_the_jpeg_measure_takes_images_past_jpegs_size_limit():
 def test_quality_bpp_is_at_a_quarter_octave_level(q):
     b = quality.payload_bpp(photo(64, 64), q)
     assert b == quality.MAX_BPP or abs(4 * np.log2(b) - round(4 * np.log2(b))) < 1e-9
+
+
+def test_quality_takes_any_image_pillow_opens():
+    """An image's info goes with it to Pillow's JPEG writer, which refused a GIF's comment over 64 KB; an empty image
+    had raised ZeroDivisionError instead of the error bpp gives."""
+    im = photo(32, 24).convert("P")
+    im.info["comment"] = b"x" * 70000
+    assert asked(im, 50) > 0
+    with pytest.raises(ValueError, match="cannot write empty image"):
+        pillow_nif.encode(Image.new("RGB", (0, 5)), quality=50)
+
+
+@pytest.mark.parametrize("size", [(61, 47), (100, 70)])
+def test_quality_covers_every_tile_of_small_tiles(size):
+    """Each tile's share of the bytes must hold its own header: with tiles of 48x32 pixels, quality 1 had asked for
+    the largest tile's times their count, and an edge tile with one margin came 1 byte short."""
+    from test_tiles import TILED
+
+    im = photo(*size).convert("L")
+    r = pillow_nif.fit.encode_image(im, quality=1, effort=1, config=TILED, measure=False)
+    assert r.tiles[0] * r.tiles[1] > 1 and len(r.data) * 8 <= quality_bpp(im, 1, {}, "auto", TILED) * size[0] * size[1]

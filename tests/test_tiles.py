@@ -324,3 +324,18 @@ def test_encode_many_takes_one_bpp_per_image():
     mixed = encode_batch(images, bpp=[None, 4.0], quality=90, effort=1, measure=False)
     asked = quality_bpp(images[0], 90, {}, "auto", FitConfig())
     assert mixed[1].data == out[1].data and 0.9 * asked <= mixed[0].bpp <= asked
+
+
+def test_the_tiles_jpeg_measure_takes_sides_past_jpegs_limit():
+    """A tile of a long image (1 x 600000) can be longer than JPEG's 65 500 pixels, which Pillow's writer refuses
+    ("broken data stream"): the measure codes blocks, which at multiples of 8 pixels give the whole JPEG's error."""
+    from pillow_nif import tiles
+
+    rng = np.random.default_rng(3)
+    assert tiles._jpeg_error(rng.random((2, 70000, 1))) > 0
+    plane = rng.random((20, 4100, 1))
+    u8 = np.round(plane[..., 0] * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, "JPEG", quality=tiles.RANK_QUALITY)
+    whole = np.mean((np.asarray(Image.open(buf), dtype=np.float64) - u8) ** 2)
+    assert tiles._jpeg_error(plane) == pytest.approx(whole, rel=1e-12)

@@ -405,18 +405,23 @@ def quality_bpp(image, quality: float, metadata: dict, colour: str, cfg: FitConf
     from . import quality as q
 
     w, h = image.size
+    _check_size(w, h)
     mode = storage_mode(image)  # OSError for modes NIF cannot hold
     metadata = {k: bytes(v) for k, v in metadata.items() if v}
-    columns, rows = tile_grid(w, h, cfg.tile_pixels)
-    if (columns, rows) == (1, 1):
-        fixed = _least_overhead(w, h, mode, colour, metadata, cfg)
-    else:  # tiles.plan_tiles' shares: the tiled file's chunks, then each tile's file and chunk
-        outer, per_tile = bitstream.tiled_overhead(metadata)
-        tw, th = -(-w // columns) + 2 * cfg.tile_margin, -(-h // rows) + 2 * cfg.tile_margin
-        fixed = outer + columns * rows * (per_tile + 1 + _least_overhead(tw, th, mode, colour, {}, cfg))
-    # A stream of at least 16 bytes a network (plan_encode's least), and a byte for the budget's float rounding.
-    payload = max(16 * columns * rows, math.ceil(q.payload_bpp(image, quality) * w * h / 8))
-    return 8 * (fixed + payload + 1) / (w * h)
+    payload = math.ceil(q.payload_bpp(image, quality) * w * h / 8)
+    if tile_grid(w, h, cfg.tile_pixels) == (1, 1):
+        # a stream of at least 16 bytes (plan_encode's least), and a byte for the budget's float rounding
+        return 8 * (_least_overhead(w, h, mode, colour, metadata, cfg) + max(16, payload) + 1) / (w * h)
+    from .tiles import grid_of
+
+    outer, per_tile = bitstream.tiled_overhead(metadata)
+    sizes = [(x1 - x0, y1 - y0) for x0, y0, x1, y1 in grid_of(w, h, mode, cfg).extents()]
+    heads = {s: _least_overhead(*s, mode, colour, {}, cfg) for s in set(sizes)}  # tiles differ by a pixel at most
+    area = sum(a * b for a, b in sizes)
+    # tiles.plan_tiles shares the networks' bytes out by the tiles' content, or where a share is too small by their
+    # areas: each tile's part of the share holds its header, 16 bytes of stream and a byte of rounding
+    share = max(sum(heads[s] for s in sizes) + payload, max((heads[s] + 17) * area / (s[0] * s[1]) for s in sizes))
+    return 8 * (outer + len(sizes) * (per_tile + 1) + math.ceil(share) + 1) / (w * h)
 
 
 def metadata_of(image, icc_profile=None, exif=None, xmp=None, alpha: int | None = None,
@@ -1141,6 +1146,11 @@ def _file(header: Header, codings, syms, metadata) -> bytes:
     return bitstream.dumps(NifFile(header, codings, stream, metadata))
 
 
+def _check_size(w: int, h: int) -> None:
+    if w < 1 or h < 1:  # Pillow's PNG and TIFF savers' words for it
+        raise ValueError(f"cannot write empty image ({w}x{h})")
+
+
 def _colour_of(channels: int, colour: str) -> int:
     """The header's colour transform for an image of `channels` under the `colour` option."""
     return bitstream.COLOUR_YCBCR if channels >= 3 and colour in ("auto", "ycbcr") else bitstream.COLOUR_IDENTITY
@@ -1301,8 +1311,7 @@ def plan_encode(image, target_bpp: float, colour: str, metadata: dict, cfg: FitC
     """Storage mode, colour transform, byte budget and architecture of `image` for a fit at `effort`, without its
     pixels."""
     w, h = image.size
-    if w < 1 or h < 1:  # Pillow's PNG and TIFF savers' words for it
-        raise ValueError(f"cannot write empty image ({w}x{h})")
+    _check_size(w, h)
     mode = storage_mode(image)  # OSError for modes NIF cannot hold
     _, c, depth = bitstream.MODES[bitstream.MODE_CODES[mode]]
     col = _colour_of(c, colour)

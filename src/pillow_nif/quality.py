@@ -5,8 +5,8 @@ across images; a fixed bpp does the opposite (the 24 Kodak images at 0.5 bpp: 24
 for the bpp at which the default effort's file is expected to be as close to the image as a JPEG of it at quality
 q (Pillow's, 4:2:0), predicted from that JPEG's own bits: NIF's bits for a given PSNR follow JPEG's for it across
 images closely (one power law, `GAIN` and `POWER` below, fitted to the 24 Kodak images' effort-5 files at 0.3 / 0.5
-/ 1.0 bpp; `benchmarks/quality_calibration.py`). Left out one image at a time, it predicted each file's bits within
-a factor of 1.10 (the log's standard deviation), which is ~0.45 dB of PSNR.
+/ 1.0 bpp; `benchmarks/quality_scale.py`). Left out one image at a time, it predicted each file's bits within a
+factor of 1.11 (the log's standard deviation), which is ~0.45 dB of PSNR.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 # payload bpp = GAIN * (the JPEG's entropy-coded bits a pixel) ** POWER, the file's fixed bytes added
-# (benchmarks/quality_calibration.py; NOTES.md #236)
+# (benchmarks/quality_scale.py calibrate; NOTES.md #236)
 GAIN, POWER = 0.6189, 1.0795
 # Grey images need more: a grey JPEG spends nothing on colour, where a colour JPEG's 4:2:0 chroma is cheap and NIF's
 # colour networks share their weights between the channels. The same six 256x256 crops as L and as RGB, at qualities
@@ -40,9 +40,10 @@ def jpeg_bits(planes, quality: int) -> int:
     for im in planes:
         for y in range(0, im.height, _BLOCK):
             for x in range(0, im.width, _BLOCK):
+                block = im.crop((x, y, min(x + _BLOCK, im.width), min(y + _BLOCK, im.height)))
+                block.info = {}  # Pillow's JPEG writer takes a comment or XMP from info, and refuses one over 64 KB
                 buf = io.BytesIO()
-                im.crop((x, y, min(x + _BLOCK, im.width), min(y + _BLOCK, im.height))).save(
-                    buf, "JPEG", quality=quality, optimize=True)
+                block.save(buf, "JPEG", quality=quality, optimize=True)
                 total += 8 * _scan_bytes(buf.getvalue())
     return total
 
@@ -60,7 +61,8 @@ def _scan_bytes(jpeg: bytes) -> int:
 
 def planes(im) -> list:
     """The 8-bit images the JPEG measure codes for an image as NIF stores it: its colours (L or RGB; a 16-bit grey
-    image by its high bytes) and, where it has one, its alpha as L."""
+    image by its 8 highest bits in use, so that 10- or 12-bit data, or 8-bit data in I;16, is measured at its own
+    detail) and, where it has one, its alpha as L."""
     from PIL import Image
 
     from .imaging import storage_mode
@@ -69,7 +71,9 @@ def planes(im) -> list:
     if mode == "I;16":
         if im.mode not in ("I", "I;16"):
             im = im.convert("I")
-        return [Image.fromarray((np.clip(np.asarray(im), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8))]
+        values = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
+        shift = max(0, int(values.max(initial=0)).bit_length() - 8)
+        return [Image.fromarray((values >> shift).astype(np.uint8))]
     if im.mode != mode:
         im = im.convert(mode)
     if mode in ("LA", "RGBA"):

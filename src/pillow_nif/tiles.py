@@ -34,6 +34,7 @@ RANK_QUALITY = 30
 # Rates are rounded to quarter-octave levels, so that like tiles keep one architecture and are still fitted as one
 # stacked network.
 RATE_LEVELS = 4
+_BLOCK = 4096  # _jpeg_error's JPEGs, at most this many pixels a side
 
 
 def _jpeg_error(pixels: np.ndarray) -> float:
@@ -44,11 +45,15 @@ def _jpeg_error(pixels: np.ndarray) -> float:
     err = 0.0
     for c in range(pixels.shape[2]):
         plane = np.round(pixels[..., c] * 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(plane).save(buf, "JPEG", quality=RANK_QUALITY)
-        with Image.open(buf) as im:
-            err += float(np.mean((np.asarray(im, dtype=np.float64) - plane) ** 2))
-    return err / pixels.shape[2]
+        # in blocks: a JPEG's side is at most 65 500 pixels, and a tile of a long image's may be more
+        for y in range(0, plane.shape[0], _BLOCK):
+            for x in range(0, plane.shape[1], _BLOCK):
+                block = plane[y : y + _BLOCK, x : x + _BLOCK]
+                buf = io.BytesIO()
+                Image.fromarray(block).save(buf, "JPEG", quality=RANK_QUALITY)
+                with Image.open(buf) as im:
+                    err += float(np.sum((np.asarray(im, dtype=np.float64) - block) ** 2))
+    return err / plane.size / pixels.shape[2]
 
 
 def tile_rates(crops, cfg: fit.FitConfig) -> list[float]:
@@ -83,6 +88,13 @@ def tile_rates(crops, cfg: fit.FitConfig) -> list[float]:
     return [float(x) for x in r / np.average(r, weights=area)]
 
 
+def grid_of(w: int, h: int, mode: str, cfg: fit.FitConfig) -> bitstream.TileGrid:
+    """The tiles a w x h image in `mode` is stored as (fit.tile_grid), with their margins."""
+    columns, rows = fit.tile_grid(w, h, cfg.tile_pixels)
+    margin = min(cfg.tile_margin, w // columns // 2, h // rows // 2)  # as bitstream._check_grid allows
+    return bitstream.TileGrid(w, h, mode, columns, rows, margin)
+
+
 def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.FitConfig, effort: fit.Effort):
     """(grid, each tile's bpp, the file's budget in bytes, the optimiser steps of the tiles' fits: what a progress
     bar over several images counts for this one) of an image over cfg.tile_pixels; OSError for a mode NIF cannot
@@ -91,9 +103,7 @@ def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.F
 
     mode = storage_mode(image)
     w, h = image.size
-    columns, rows = fit.tile_grid(w, h, cfg.tile_pixels)
-    margin = min(cfg.tile_margin, w // columns // 2, h // rows // 2)  # as bitstream._check_grid allows
-    grid = bitstream.TileGrid(w, h, mode, columns, rows, margin)
+    grid = grid_of(w, h, mode, cfg)
     extents = grid.extents()
     outer, per_tile = bitstream.tiled_overhead(metadata)
     budget = int(target_bpp * w * h // 8)
