@@ -24,10 +24,11 @@ GAIN, POWER = 0.6189, 1.0795
 # 30 and 60 (effort 5), needed exp(0.137) x the bits the law gives for RGB (sd of the log 0.078; NOTES.md #236).
 GREY_GAIN = 1.15
 # Quality's bpp is rounded to quarter-octave levels, so that like images of a size keep one architecture and are
-# fitted as one stacked network by encode_many (as tiles.RATE_LEVELS); the predictions themselves are ~0.14 octave off.
+# fitted as one stacked network by encode_many (as tiles.RATE_LEVELS); the predictions themselves are ~0.15 octave off.
 LEVELS = 4
 # The network's bits a pixel never exceed this under quality: NIF's encode time grows with them (768x512 at 1.0 bpp,
-# effort 5: ~8 minutes on 2 cores), and past ~1 bpp JPEG's quality 90 and over are beyond what was calibrated.
+# effort 5: 7-10 minutes a core), and past the calibrated 1 bpp (JPEG's quality ~80-90 on photos) the law is an
+# extrapolation, which fell short on detailed crops (NOTES.md #236).
 MAX_BPP = 2.0
 _BLOCK = 4096  # the JPEG measure codes a large image in blocks of this side (JPEG's own limit is 65 500)
 
