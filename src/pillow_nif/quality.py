@@ -30,23 +30,27 @@ LEVELS = 4
 # effort 5: 7-10 minutes a core), and past the calibrated 1 bpp (JPEG's quality ~80-90 on photos) the law is an
 # extrapolation, which fell short on detailed crops (NOTES.md #236).
 MAX_BPP = 2.0
-_BLOCK = 4096  # the JPEG measure codes a large image in blocks of this side (JPEG's own limit is 65 500)
+_BLOCK = 4096  # the JPEGs of a large image are coded in blocks of this side (JPEG's own limit is 65 500)
+
+
+def jpegs(im, quality: int, optimize: bool = False):
+    """(block, its JPEG's bytes) for `im` (8-bit L or RGB) coded at `quality` in blocks of at most _BLOCK pixels a
+    side, in raster order: a JPEG's side is at most 65 500 pixels, and blocks at multiples of 16 change no pixel's
+    coding. The blocks carry no `info` (Pillow's JPEG writer takes a comment or XMP from it, and refuses one over
+    64 KB)."""
+    for y in range(0, im.height, _BLOCK):
+        for x in range(0, im.width, _BLOCK):
+            block = im.crop((x, y, min(x + _BLOCK, im.width), min(y + _BLOCK, im.height)))
+            block.info = {}
+            buf = io.BytesIO()
+            block.save(buf, "JPEG", quality=quality, optimize=optimize)
+            yield block, buf.getvalue()
 
 
 def jpeg_bits(planes, quality: int) -> int:
     """Bits of the entropy-coded data (no headers, so that small images are not dominated by them) of JPEGs at
-    `quality` (optimised Huffman tables) of 8-bit PIL images (L or RGB), summed over `planes` and over blocks of
-    _BLOCK pixels a side."""
-    total = 0
-    for im in planes:
-        for y in range(0, im.height, _BLOCK):
-            for x in range(0, im.width, _BLOCK):
-                block = im.crop((x, y, min(x + _BLOCK, im.width), min(y + _BLOCK, im.height)))
-                block.info = {}  # Pillow's JPEG writer takes a comment or XMP from info, and refuses one over 64 KB
-                buf = io.BytesIO()
-                block.save(buf, "JPEG", quality=quality, optimize=True)
-                total += 8 * _scan_bytes(buf.getvalue())
-    return total
+    `quality` (optimised Huffman tables) of 8-bit PIL images (L or RGB), summed over `planes` and their blocks."""
+    return sum(8 * _scan_bytes(data) for im in planes for _, data in jpegs(im, quality, optimize=True))
 
 
 def _scan_bytes(jpeg: bytes) -> int:

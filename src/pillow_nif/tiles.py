@@ -34,7 +34,6 @@ RANK_QUALITY = 30
 # Rates are rounded to quarter-octave levels, so that like tiles keep one architecture and are still fitted as one
 # stacked network.
 RATE_LEVELS = 4
-_BLOCK = 4096  # _jpeg_error's JPEGs, at most this many pixels a side
 
 
 def _jpeg_error(pixels: np.ndarray) -> float:
@@ -42,18 +41,15 @@ def _jpeg_error(pixels: np.ndarray) -> float:
     a greyscale image (any mode; no chroma subsampling to favour one channel)."""
     from PIL import Image
 
+    from .quality import jpegs
+
     err = 0.0
     for c in range(pixels.shape[2]):
-        plane = np.round(pixels[..., c] * 255).astype(np.uint8)
-        # in blocks: a JPEG's side is at most 65 500 pixels, and a tile of a long image's may be more
-        for y in range(0, plane.shape[0], _BLOCK):
-            for x in range(0, plane.shape[1], _BLOCK):
-                block = plane[y : y + _BLOCK, x : x + _BLOCK]
-                buf = io.BytesIO()
-                Image.fromarray(block).save(buf, "JPEG", quality=RANK_QUALITY)
-                with Image.open(buf) as im:
-                    err += float(np.sum((np.asarray(im, dtype=np.float64) - block) ** 2))
-    return err / plane.size / pixels.shape[2]
+        plane = Image.fromarray(np.round(pixels[..., c] * 255).astype(np.uint8))
+        for block, data in jpegs(plane, RANK_QUALITY):  # in blocks: a tile of a long image may pass JPEG's limit
+            with Image.open(io.BytesIO(data)) as im:
+                err += float(np.sum((np.asarray(im, dtype=np.float64) - np.asarray(block, dtype=np.float64)) ** 2))
+    return err / (pixels.shape[0] * pixels.shape[1] * pixels.shape[2])
 
 
 def tile_rates(crops, cfg: fit.FitConfig) -> list[float]:
