@@ -213,13 +213,16 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
     whose network rounded badly is fitted again alone, as encode_image would (fit.refit; replan(job, cfg) is its
     plan for a config)."""
     arrays = [_arrays(j) for j in group]
-    fitter = BatchFitter([a[1] for a in arrays], group[0].header.arch, device, eff, cfg, seed, use_fused)
+    gains = [fit.OutputGain.of(a[1], cfg) for a in arrays]
+    fitter = BatchFitter([g.normalise(a[1]) for g, a in zip(gains, arrays)], group[0].header.arch, device, eff, cfg,
+                         seed, use_fused)
     fit_mses = fitter.fit(lambda n: bar.update(n * len(group)))
+    fitter.shift_output(np.concatenate([g.offsets for g in gains]))  # each network now fits gain x its target
     fit_pixels, codings, files = [], [], []
-    targets = [torch.from_numpy(a[1]).float().to(device) for a in arrays]
+    targets = [torch.from_numpy(a[1] * g.gain).float().to(device) for g, a in zip(gains, arrays)]
     for i, (job, (_, _, maxval)) in enumerate(zip(group, arrays)):
         model = fitter.model.unstack(i)
-        fit_pixels.append(fit._render_model(model, job.header, maxval) if measure else None)
+        fit_pixels.append(fit._render_model(model, job.header, maxval, gains[i].gain) if measure else None)
         data, coding = fit.quantise(model, targets[i], job.plan, cfg, eff)
         codings.append(coding)
         files.append(data)
@@ -230,13 +233,14 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
             plan, model = job.plan, fitter.model.unstack(i)
             data = fit.tuned_file(model, plan, codings[i])
             if len(data) > plan.budget:  # rare: this image is quantised and tuned again alone, as encode_image would
-                alone = fit.Fitter(arrays[i][1], job.header.arch, device, eff, cfg, seed)
+                alone = fit.Fitter(arrays[i][1] * gains[i].gain, job.header.arch, device, eff, cfg, seed)
                 alone.model.load_state_dict(model.state_dict())
                 data = fit.tune_and_code(alone, plan, codings[i], files[i], fit_states[i], tuned=True)
             files[i] = data
     results = []
     for i, (job, data, (pixels, _, maxval)) in enumerate(zip(group, files, arrays)):
         loss = fit.rounding_loss(data, fitter.model.unstack(i), targets[i], float(fit_mses[i]), fitter.mse_stride)
+        data = fit.scale_output_steps(data, gains[i].gain)
         data = fit.add_alpha_ends(fit.add_post_filter(data, pixels, maxval, job.plan, device), pixels, device)
         data, fp, plan = fit.refit(data, fit_pixels[i], loss, job.plan, lambda c: replan(job, c), pixels, maxval,
                                    device, eff, cfg, seed, bar, measure)

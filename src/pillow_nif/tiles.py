@@ -66,7 +66,12 @@ def tile_rates(crops, cfg: fit.FitConfig) -> list[float]:
     if cfg.tile_rate_exponent == 0 or len(crops) < 2:
         return [1.0] * len(crops)
     area = np.array([c.width * c.height for c in crops], dtype=np.float64)
-    err = np.array([_jpeg_error(prepare_image(c)[0]) for c in crops])
+    pixels = [prepare_image(c) for c in crops]
+    scale = 1.0
+    if pixels[0][1] == "I;16":  # 10- or 12-bit data, or 8-bit, at its own detail (as quality.planes measures it):
+        top = round(max(float(p.max(initial=0)) for p, _, _ in pixels) * 65535)  # by 8-bit JPEG it had ranked
+        scale = 2.0 ** (16 - max(1, top.bit_length()))  # tiles of 8-bit values in I;16 by noise (-2.9 dB)
+    err = np.array([_jpeg_error(np.minimum(p * scale, 1.0)) for p, _, _ in pixels])
     weight = (err + 0.01) ** cfg.tile_rate_exponent  # + 0.01: a flat tile's error is 0
     lo, hi = cfg.tile_rate_range
 
