@@ -68,9 +68,11 @@ def tile_rates(crops, cfg: fit.FitConfig) -> list[float]:
     area = np.array([c.width * c.height for c in crops], dtype=np.float64)
     pixels = [prepare_image(c) for c in crops]
     scale = 1.0
-    if pixels[0][1] == "I;16":  # 10- or 12-bit data, or 8-bit, at its own detail (as quality.planes measures it):
-        top = round(max(float(p.max(initial=0)) for p, _, _ in pixels) * 65535)  # by 8-bit JPEG it had ranked
-        scale = 2.0 ** (16 - max(1, top.bit_length()))  # tiles of 8-bit values in I;16 by noise (-2.9 dB)
+    if pixels[0][1] == "I;16":
+        # By the 8 highest bits in use, as quality.planes measures an image: an 8-bit JPEG of 16-bit data's 1/257 had
+        # ranked tiles of 8-bit values in I;16 by noise (a tiled file 2.9 dB under the same picture in L).
+        top = round(max(float(p.max(initial=0)) for p, _, _ in pixels) * 65535)
+        scale = 2.0 ** (16 - max(1, top.bit_length()))
     err = np.array([_jpeg_error(np.minimum(p * scale, 1.0)) for p, _, _ in pixels])
     weight = (err + 0.01) ** cfg.tile_rate_exponent  # + 0.01: a flat tile's error is 0
     lo, hi = cfg.tile_rate_range
