@@ -219,7 +219,8 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
     fit_mses = fitter.fit(lambda n: bar.update(n * len(group)))
     fitter.shift_output(np.concatenate([g.offsets for g in gains]))  # each network now fits gain x its target
     fit_pixels, codings, files = [], [], []
-    targets = [torch.from_numpy(a[1] * g.gain).float().to(device) for g, a in zip(gains, arrays)]
+    scaled = [a[1] * g.gain for g, a in zip(gains, arrays)]  # what each network fits from here on
+    targets = [torch.from_numpy(t).float().to(device) for t in scaled]
     for i, (job, (_, _, maxval)) in enumerate(zip(group, arrays)):
         model = fitter.model.unstack(i)
         fit_pixels.append(fit._render_model(model, job.header, maxval, gains[i].gain) if measure else None)
@@ -233,7 +234,7 @@ def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitC
             plan, model = job.plan, fitter.model.unstack(i)
             data = fit.tuned_file(model, plan, codings[i])
             if len(data) > plan.budget:  # rare: this image is quantised and tuned again alone, as encode_image would
-                alone = fit.Fitter(arrays[i][1] * gains[i].gain, job.header.arch, device, eff, cfg, seed)
+                alone = fit.Fitter(scaled[i], job.header.arch, device, eff, cfg, seed)
                 alone.model.load_state_dict(model.state_dict())
                 data = fit.tune_and_code(alone, plan, codings[i], files[i], fit_states[i], tuned=True)
             files[i] = data
