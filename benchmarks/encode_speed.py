@@ -157,12 +157,13 @@ def graphed_step_time(fitter: fit.Fitter, steps: int, device: str) -> float:
     return (stage_seconds(fitter, 10 * steps, device) - stage_seconds(fitter, steps, device)) / (9 * steps)
 
 
-def target_and_arch(im: Image.Image, bpp: float, cfg: fit.FitConfig, eff: fit.Effort):
-    """Network-space target and the architecture encode_image would pick (no metadata)."""
+def target_and_arch(im: Image.Image, bpp: float, cfg: fit.FitConfig, level: int):
+    """Network-space target, and the architecture and the effort (fit.effort_for) encode_image would pick (no
+    metadata)."""
     from pillow_nif.batch import _arrays, _plan
 
-    job = _plan(0, im, bpp, "auto", {}, cfg, eff)
-    return _arrays(job)[1], job.header.arch
+    job = _plan(0, im, bpp, "auto", {}, cfg, level)
+    return _arrays(job)[1], job.header.arch, job.eff
 
 
 def section_kodak(args, out: dict, tmp: str) -> None:
@@ -183,8 +184,7 @@ def section_kodak(args, out: dict, tmp: str) -> None:
 def section_step(args, out: dict) -> None:
     cfg = fit.FitConfig()
     device = resolve_device(args.device)
-    eff = fit.EFFORTS[args.effort]
-    target, arch = target_and_arch(kodak_image(args.kodak), max(args.bpp), cfg, eff)
+    target, arch, eff = target_and_arch(kodak_image(args.kodak), max(args.bpp), cfg, args.effort)
     eager = dataclasses.replace(cfg, step_graph=False)  # the steps launched one by one from Python
     single = fit.Fitter(target, arch, device, eff, eager, 0)
     res = {"arch": {"widths": arch.widths, "mod_widths": arch.mod_widths, "params": arch.num_params()},
@@ -240,9 +240,8 @@ def section_tiles(args, out: dict) -> None:
         return
     from pillow_nif.kernels import nif_train
 
-    eff = fit.EFFORTS[args.effort]
     cfg = dataclasses.replace(fit.FitConfig(), fused_network=True)
-    target, arch = target_and_arch(kodak_image(args.kodak), max(args.bpp), cfg, eff)
+    target, arch, eff = target_and_arch(kodak_image(args.kodak), max(args.bpp), cfg, args.effort)
     saved = nif_train.GPU_BLOCKS, nif_train.GPU_WARPS
     res = {"default": f"{saved[0][0]}x{saved[0][1]}/{saved[1]}"}
     try:
@@ -321,9 +320,8 @@ def section_forward(args, out: dict) -> None:
     cfg = fit.FitConfig()
     device = resolve_device(args.device)
     ims = batch_images(args)
-    eff = fit.EFFORTS[args.effort]
-    plans = [target_and_arch(im, args.batch_bpp, cfg, eff) for im in ims]
-    targets, arch = [p[0] for p in plans], plans[0][1]
+    plans = [target_and_arch(im, args.batch_bpp, cfg, args.effort) for im in ims]
+    targets, arch, eff = [p[0] for p in plans], plans[0][1], plans[0][2]
     bmm = BatchFitter(targets, arch, device, eff, cfg, 0)
     vm = BatchFitter(targets, arch, device, eff, cfg, 0)
     vm.model = VmapNIF([bmm.model.unstack(i) for i in range(len(targets))]).to(device)

@@ -288,6 +288,6 @@ def test_a_stack_holds_at_most_cudas_grid_limit_of_networks():
     from pillow_nif import batch
 
     arch = bitstream.Architecture(0, (4,), 3, 1.4, 30.0)
-    jobs = [types.SimpleNamespace(header=types.SimpleNamespace(arch=arch, height=8, width=8))] * 70000
-    groups = batch._groups(jobs, "cuda", EFFORTS[1])
+    jobs = [types.SimpleNamespace(header=types.SimpleNamespace(arch=arch, height=8, width=8), eff=EFFORTS[1])] * 70000
+    groups = batch._groups(jobs, "cuda")
     assert max(map(len, groups)) <= batch.MAX_GROUP and sum(map(len, groups)) == 70000

@@ -65,7 +65,7 @@ def test_quality_of_a_large_image_covers_its_tiles():
     bpp = quality_bpp(im, 1, {}, "auto", cfg)
     from pillow_nif import tiles
 
-    grid, bpps, budget, _ = tiles.plan_tiles(im, bpp, {}, "auto", cfg, pillow_nif.fit.EFFORTS[1])
+    grid, bpps, budget, _ = tiles.plan_tiles(im, bpp, {}, "auto", cfg, 1)
     assert (grid.columns, grid.rows) == (2, 1) and budget == int(bpp * 1200 * 600 // 8)
 
 

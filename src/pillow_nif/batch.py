@@ -60,6 +60,7 @@ class _Job:
     index: int
     image: object  # PIL image
     plan: fit.Plan
+    eff: fit.Effort  # the level as it fits this image's size (fit.effort_for)
 
     @property
     def header(self) -> Header:
@@ -108,7 +109,6 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     if metadata is not None and len(metadata) != len(images):
         raise ValueError(f"metadata has {len(metadata)} entries for {len(images)} images")
     common = dict(icc_profile=icc_profile, exif=exif, xmp=xmp)
-    eff = fit.EFFORTS[effort]
     # Every image is checked (mode, budget) before any fitting starts.
     if metadata is not None and any(set(m) - set(METADATA) for m in metadata):
         raise ValueError(f"metadata entries take the keys {', '.join(METADATA)}")
@@ -123,17 +123,17 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
     bpps = [fit.quality_bpp(im, quality, meta[i], colour, cfg) if b is None and i not in flat else b
             for i, (im, b) in enumerate(zip(images, bpps))]
     # Images over cfg.tile_pixels are encoded one by one, each as its tiles fitted together (tiles.py).
-    large = {i: tiles.plan_tiles(im, bpps[i], {k: v for k, v in meta[i].items() if v}, colour, cfg, eff)
+    large = {i: tiles.plan_tiles(im, bpps[i], {k: v for k, v in meta[i].items() if v}, colour, cfg, effort)
              for i, im in enumerate(images) if i not in flat and fit.tile_grid(*im.size, cfg.tile_pixels) != (1, 1)}
-    jobs = [_plan(i, im, bpps[i], colour, meta[i], cfg, eff) for i, im in enumerate(images)
+    jobs = [_plan(i, im, bpps[i], colour, meta[i], cfg, effort) for i, im in enumerate(images)
             if i not in large and i not in flat]
 
     def replan(job: _Job, c: fit.FitConfig) -> fit.Plan:  # the plan of a refit (fit.refit)
-        return _plan(job.index, job.image, bpps[job.index], colour, meta[job.index], c, eff).plan
+        return _plan(job.index, job.image, bpps[job.index], colour, meta[job.index], c, effort).plan
 
     # One bar for the whole call: the tiled images' fits (each its own encode_batch, below) count into it too.
     tiled = {i: plan[3] for i, plan in large.items()}  # the steps of each one's tiles (tiles.plan_tiles)
-    bar = fit._progress(progress, sum(fit.fit_work(j.header, eff, cfg) for j in jobs) + sum(tiled.values()))
+    bar = fit._progress(progress, sum(fit.fit_work(j.header, j.eff, cfg) for j in jobs) + sum(tiled.values()))
     results: list[fit.EncodeResult | None] = [None] * len(images)
     for i, r in flat.items():
         results[i] = r
@@ -141,9 +141,9 @@ def encode_batch(images, bpp=None, quality=None, effort=5, device="auto", seed=0
             on_result(i, r)
     try:
         with fit.on_device(device):  # where Triton launches and CUDA graphs capture
-            for group in _groups(jobs, device, eff):
+            for group in _groups(jobs, device):
                 t0 = time.perf_counter()
-                done = _encode_group(group, device, eff, cfg, seed, use_fused, bar, measure, replan)
+                done = _encode_group(group, device, cfg, seed, use_fused, bar, measure, replan)
                 seconds = (time.perf_counter() - t0) / len(group)  # the group's time, shared out evenly
                 for job, r in zip(group, done):
                     r.seconds = seconds
@@ -175,9 +175,9 @@ def _forward(bar, counted: int) -> Callable[[int, int], None]:
     return fn
 
 
-def _plan(index: int, image, target_bpp: float, colour: str, meta: dict, cfg: fit.FitConfig, eff: fit.Effort) -> _Job:
-    p = fit.plan_encode(image, target_bpp, colour, meta, cfg, eff)
-    return _Job(index, image, p)
+def _plan(index: int, image, target_bpp: float, colour: str, meta: dict, cfg: fit.FitConfig, level: int) -> _Job:
+    eff = fit.effort_for(level, *image.size, cfg)
+    return _Job(index, image, fit.plan_encode(image, target_bpp, colour, meta, cfg, eff), eff)
 
 
 def _arrays(job: _Job) -> tuple[np.ndarray, np.ndarray, int]:
@@ -190,13 +190,13 @@ def _arrays(job: _Job) -> tuple[np.ndarray, np.ndarray, int]:
     return pixels, to_network_space(pixels, job.header.colour), maxval
 
 
-def _groups(jobs: list[_Job], device: str, eff: fit.Effort) -> list[list[_Job]]:
-    """Jobs of equal (architecture, height, width), in order of first appearance, split to bound memory."""
+def _groups(jobs: list[_Job], device: str) -> list[list[_Job]]:
+    """Jobs of equal (architecture, height, width, effort), in order of first appearance, split to bound memory."""
     by_key: dict[tuple, list[_Job]] = {}
     for j in jobs:
-        by_key.setdefault((j.header.arch, j.header.height, j.header.width), []).append(j)
+        by_key.setdefault((j.header.arch, j.header.height, j.header.width, j.eff), []).append(j)
     out = []
-    for (arch, h, w), js in by_key.items():
+    for (arch, h, w, eff), js in by_key.items():
         stride = fit.step_stride(h, w, eff)  # as Fitter
         pixels = math.ceil(h / stride) * math.ceil(w / stride)
         units = sum(arch.widths) + sum(arch.mod_widths) + arch.channels
@@ -207,11 +207,12 @@ def _groups(jobs: list[_Job], device: str, eff: fit.Effort) -> list[list[_Job]]:
     return out
 
 
-def _encode_group(group: list[_Job], device: str, eff: fit.Effort, cfg: fit.FitConfig, seed: int,
-                  use_fused: bool, bar, measure: bool, replan) -> list[fit.EncodeResult]:
+def _encode_group(group: list[_Job], device: str, cfg: fit.FitConfig, seed: int, use_fused: bool, bar,
+                  measure: bool, replan) -> list[fit.EncodeResult]:
     """encode_image for a group of like images: fit together, rate-control each, tune together, code each; an image
     whose network rounded badly is fitted again alone, as encode_image would (fit.refit; replan(job, cfg) is its
     plan for a config)."""
+    eff = group[0].eff
     arrays = [_arrays(j) for j in group]
     gains = [fit.OutputGain.of(a[1], cfg) for a in arrays]
     fitter = BatchFitter([g.normalise(a[1]) for g, a in zip(gains, arrays)], group[0].header.arch, device, eff, cfg,

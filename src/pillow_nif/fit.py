@@ -63,6 +63,9 @@ class Effort:
     # 768x512 +0.017 dB at 0.3 bpp (6 of 8 up), even at 1.0 (4), same time (NOTES.md #205). On 256x256 (a quarter
     # of the pixels measured) there was little noise to take: crops even, so they keep their files.
     alloc_control: bool = False
+    # What the level spends instead where a step of `batch` pixels would sample less than FitConfig.decay_fraction of
+    # the image (effort_for): full-size photos and tiles, where the recipe turns sparse (sparseness). None: the same.
+    large: Effort | None = None
 
 
 # Measured on a 256x256 Kodak crop (CPU): strided batches of 4k pixels and lr 3e-3 reach a given PSNR
@@ -95,6 +98,14 @@ class Effort:
 # +0.41 / +0.49 on the 24 crops (71 of 72 up) in 1.75 / 1.17 / 1.16x (at 0.3 bpp its networks now modulate,
 # SHORT_STAGE), and on the mean of 4 seeds at each of 10 centres of 128-192 pixels (+0.46 ... +1.31 dB); 2 x 200
 # gained less for more time (NOTES.md #196).
+# Efforts 8 and 9 were set on 256x256 crops, where their 16k pixels a step are a quarter of the image. A 768x512 photo
+# at 0.3 bpp they fitted 0.13 dB worse than effort 7 in 1.4-2.5x its time (4 images, NOTES.md #237), and no longer
+# recipe tried beat effort 7 there: 3 x 6000 steps of 8k -0.07 dB (2 images), 4 x 4000 of 8k -0.06 (3 images, all
+# down), both with their levels' 150-step tuning stages, which alone cost effort 7 0.10 dB (2 images); with effort 7's
+# tuning, 4 x 4000 came out even with it (+0.01, 2 images; NOTES.md #239).
+# So where their step would sample less than 1/16 of the pixels (effort_for: images of over 512 x 512 pixels, tiles)
+# they fit as effort 7 does. Only 0.3 bpp was measured at full size.
+_EFFORT_7 = Effort(3, 4000, 3, 100, 1 << 13, alloc_control=True)
 EFFORTS = {
     1: Effort(1, 400, 1, 40, 1 << 12, 1 << 13, 1 << 16, alloc_change=True),
     2: Effort(2, 400, 1, 60, 1 << 12, 1 << 14, 1 << 16),
@@ -102,9 +113,9 @@ EFFORTS = {
     4: Effort(2, 1500, 2, 80, 1 << 12, mse_pixels=1 << 16),
     5: Effort(2, 4000, 2, 80, 1 << 12, alloc_control=True),
     6: Effort(2, 4000, 2, 100, 1 << 13, alloc_control=True),
-    7: Effort(3, 4000, 3, 100, 1 << 13, alloc_control=True),
-    8: Effort(3, 4000, 3, 150, 1 << 14, alloc_control=True),
-    9: Effort(4, 4000, 4, 150, 1 << 14, alloc_control=True),
+    7: _EFFORT_7,
+    8: Effort(3, 4000, 3, 150, 1 << 14, alloc_control=True, large=_EFFORT_7),
+    9: Effort(4, 4000, 4, 150, 1 << 14, alloc_control=True, large=_EFFORT_7),
 }
 
 
@@ -361,6 +372,15 @@ def sparseness(h: int, w: int, arch: Architecture, effort: Effort, cfg: FitConfi
         return 0.0
     share = 1 / (step_stride(h, w, effort) ** 2 * cfg.decay_fraction)
     return min(1.0, max(0.0, (1 - share) / 0.75))
+
+
+def effort_for(level: int, width: int, height: int, cfg: FitConfig) -> Effort:
+    """Effort `level` as it fits one network to a width x height image (or tile): the level's `large` recipe where a
+    step of its `batch` pixels would sample less than cfg.decay_fraction of the pixels."""
+    eff = EFFORTS[level]
+    if eff.large is not None and step_stride(height, width, eff) ** 2 * cfg.decay_fraction > 1:
+        return eff.large
+    return eff
 
 
 def sparse_schedule(sparse: float, effort: Effort, cfg: FitConfig, arch: Architecture,
@@ -1643,7 +1663,7 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
     seed = int(seed)  # a NumPy integer too
     cfg = config or FitConfig()
     t0 = time.perf_counter()
-    eff = EFFORTS[effort]
+    eff = effort_for(effort, *image.size, cfg)
     image, alpha = split_constant_alpha(image if exact else fill_hidden(image))
     metadata = metadata_of(image, icc_profile, exif, xmp, alpha)
     flat = constant_result(image, metadata, target_bpp, cfg, progress)

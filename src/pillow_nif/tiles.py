@@ -98,7 +98,7 @@ def grid_of(w: int, h: int, mode: str, cfg: fit.FitConfig) -> bitstream.TileGrid
     return bitstream.TileGrid(w, h, mode, columns, rows, margin)
 
 
-def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.FitConfig, effort: fit.Effort):
+def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.FitConfig, effort: int):
     """(grid, each tile's bpp, the file's budget in bytes, the optimiser steps of the tiles' fits: what a progress
     bar over several images counts for this one) of an image over cfg.tile_pixels; OSError for a mode NIF cannot
     hold and ValueError for a budget too small for the tiles, before any work."""
@@ -126,8 +126,9 @@ def plan_tiles(image, target_bpp: float, metadata: dict, colour: str, cfg: fit.F
         planned = {}
         for i in fitted:
             if (key := (crops[i].size, bpps[i])) not in planned:
-                planned[key] = fit.plan_encode(crops[i], bpps[i], colour, {}, cfg, effort).header
-        return sum(fit.fit_work(planned[crops[i].size, bpps[i]], effort, cfg) for i in fitted)
+                eff = fit.effort_for(effort, *crops[i].size, cfg)
+                planned[key] = fit.plan_encode(crops[i], bpps[i], colour, {}, cfg, eff).header, eff
+        return sum(fit.fit_work(*planned[crops[i].size, bpps[i]], cfg) for i in fitted)
 
     uniform = [mean_bpp] * len(extents)
     try:
@@ -157,7 +158,7 @@ def encode_tiled(image, target_bpp: float, effort: int, device: str, seed: int, 
 
     t0 = time.perf_counter()
     metadata = {k: bytes(v) for k, v in metadata.items() if v}
-    grid, tile_bpps, budget, _ = plan or plan_tiles(image, target_bpp, metadata, colour, cfg, fit.EFFORTS[effort])
+    grid, tile_bpps, budget, _ = plan or plan_tiles(image, target_bpp, metadata, colour, cfg, effort)
     w, h, boxes = grid.width, grid.height, grid.extents()
     # tile_pixels 0: an extent may exceed tile_pixels by its margins, and is never tiled again. No metadata: the
     # file holds it once (a crop's info is the image's, and its ICC profile and EXIF had gone into every tile, out
