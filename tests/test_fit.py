@@ -89,8 +89,8 @@ def test_a_higher_effort_never_spends_less():
 
 
 def test_efforts_8_and_9_fit_a_full_size_photo_as_effort_7_does(monkeypatch):
-    """Their 16k pixels a step, a 25th of a 768x512 photo, fitted it 0.13 dB worse than effort 7 in twice its time or
-    more, and no longer recipe tried did better (benchmarks/NOTES.md #237, #239): where a step of 16k pixels would
+    """Their 16k pixels a step, a 25th of a 768x512 photo, fitted 4 such photos 0.14 dB worse than effort 7 on the
+    mean in 1.4-2.5x its time, and no longer recipe tried did better (benchmarks/NOTES.md #237, #239): where a step of 16k pixels would
     sample less than 1/16 of the image, they fit as effort 7 does, in every entry point. Small images keep 16k."""
     from pillow_nif.batch import encode_batch
 

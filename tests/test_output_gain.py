@@ -61,13 +61,13 @@ def test_shifting_the_output_keeps_the_fits_error(channels):
     target = np.random.default_rng(0).uniform(-1, 1, (16, 24, channels))
     f = Fitter(target, choose_architecture(24, 16, channels, 1500, cfg), "cpu", EFFORTS[1], cfg, 0)
     grid = range(16), range(24)
-    loss, mse = float(f.loss(*grid)), f.mse()  # loss builds the channel-major target
+    loss, mse = f.loss(*grid).item(), f.mse()  # loss builds the channel-major target
     offsets = np.linspace(-5, 3, channels)
     bias = f.model.genesis[-1].bias.detach().clone()
     f.shift_output(offsets)
     assert torch.allclose(f.model.genesis[-1].bias, bias + torch.tensor(offsets, dtype=torch.float32))
     assert torch.allclose(f.target, torch.from_numpy(target + offsets).float())
-    assert float(f.loss(*grid)) == pytest.approx(loss, rel=1e-4) and f.mse() == pytest.approx(mse, rel=1e-4)
+    assert f.loss(*grid).item() == pytest.approx(loss, rel=1e-4) and f.mse() == pytest.approx(mse, rel=1e-4)
 
 
 def test_the_file_stores_the_output_layer_at_its_steps_over_the_gain():
