@@ -98,14 +98,13 @@ class Effort:
 # +0.41 / +0.49 on the 24 crops (71 of 72 up) in 1.75 / 1.17 / 1.16x (at 0.3 bpp its networks now modulate,
 # SHORT_STAGE), and on the mean of 4 seeds at each of 10 centres of 128-192 pixels (+0.46 ... +1.31 dB); 2 x 200
 # gained less for more time (NOTES.md #196).
-# Efforts 8 and 9 were set on 256x256 crops, where their 16k pixels a step are a quarter of the image. A 768x512 photo
-# at 0.3 bpp they fitted 0.14 dB worse than effort 7 on the mean of 4 images (3 down, kodim23 +0.08 / +0.14) in
-# 1.4-2.5x its time (NOTES.md #237), and no longer
-# recipe tried beat effort 7 there: 3 x 6000 steps of 8k -0.07 dB (2 images), 4 x 4000 of 8k -0.06 (3 images, all
-# down), both with their levels' 150-step tuning stages, which alone cost effort 7 0.10 dB (2 images); with effort 7's
-# tuning, 4 x 4000 came out even with it (+0.01, 2 images; NOTES.md #239).
-# So where their step would sample less than 1/16 of the pixels (effort_for: images of over 512 x 512 pixels, tiles)
-# they fit as effort 7 does. Only 0.3 bpp was measured at full size.
+# Efforts 8 and 9 were set on 256x256 crops, where their 16k pixels a step are a quarter of the image. On 768x512
+# photos at 0.3 bpp they fitted 0.14 dB worse than effort 7 on the mean of 4 images (3 down; kodim23 +0.08 / +0.14)
+# in 1.4-2.5x its time (NOTES.md #237), and no longer recipe tried beat effort 7 there: 3 x 6000 steps of 8k -0.07 dB
+# (2 images), 4 x 4000 of 8k -0.06 (3 images, all down), both with the levels' 150-step tuning stages, which alone
+# cost effort 7 0.10 dB; with effort 7's tuning, 4 x 4000 came out even (+0.01, 2 images; 3 x 60 tuning: +0.03, a
+# lead; NOTES.md #239). So where their step would sample less than 1/16 of the pixels (effort_for: over 262 144
+# pixels, tiles of the default size) they fit as effort 7 does. Only 0.3 bpp was measured at full size.
 _EFFORT_7 = Effort(3, 4000, 3, 100, 1 << 13, alloc_control=True)
 EFFORTS = {
     1: Effort(1, 400, 1, 40, 1 << 12, 1 << 13, 1 << 16, alloc_change=True),
