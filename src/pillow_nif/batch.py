@@ -191,13 +191,14 @@ def _arrays(job: _Job) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _groups(jobs: list[_Job], device: str) -> list[list[_Job]]:
-    """Jobs of equal (architecture, height, width, effort), in order of first appearance, split to bound memory."""
+    """Jobs of equal (architecture, height, width), in order of first appearance, split to bound memory (one call's
+    jobs of one size share their effort, fit.effort_for)."""
     by_key: dict[tuple, list[_Job]] = {}
     for j in jobs:
-        by_key.setdefault((j.header.arch, j.header.height, j.header.width, j.eff), []).append(j)
+        by_key.setdefault((j.header.arch, j.header.height, j.header.width), []).append(j)
     out = []
-    for (arch, h, w, eff), js in by_key.items():
-        stride = fit.step_stride(h, w, eff)  # as Fitter
+    for (arch, h, w), js in by_key.items():
+        stride = fit.step_stride(h, w, js[0].eff)  # as Fitter
         pixels = math.ceil(h / stride) * math.ceil(w / stride)
         units = sum(arch.widths) + sum(arch.mod_widths) + arch.channels
         per_image = max(1, 4 * pixels * units)  # saved activations of a training step
