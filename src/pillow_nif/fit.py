@@ -102,9 +102,10 @@ class Effort:
 # photos at 0.3 bpp they fitted 0.14 dB worse than effort 7 on the mean of 4 images (3 down; kodim23 +0.08 / +0.14)
 # in 1.4-2.5x its time (NOTES.md #237), and no longer recipe tried beat effort 7 there: 3 x 6000 steps of 8k -0.07 dB
 # (2 images), 4 x 4000 of 8k -0.06 (3 images, all down), both with the levels' 150-step tuning stages, which alone
-# cost effort 7 0.10 dB; with effort 7's tuning, 4 x 4000 came out even (+0.01, 2 images; 3 x 60 tuning: +0.03, a
-# lead; NOTES.md #239). So where their step would sample less than 1/16 of the pixels (effort_for: over 262 144
-# pixels, tiles of the default size) they fit as effort 7 does. Only 0.3 bpp was measured at full size.
+# cost effort 7 0.10 dB; with effort 7's tuning, 4 x 4000 came out even (+0.01, 2 images; 3 x 60 tuning: +0.03;
+# NOTES.md #239, and at effort 5 the tuning's length was even on 8 images, #240). So where their step would sample
+# less than 1/16 of the pixels (effort_for: over 262 144 pixels, tiles of the default size) they fit as effort 7
+# does. Only 0.3 bpp was measured at full size.
 _EFFORT_7 = Effort(3, 4000, 3, 100, 1 << 13, alloc_control=True)
 EFFORTS = {
     1: Effort(1, 400, 1, 40, 1 << 12, 1 << 13, 1 << 16, alloc_change=True),
@@ -283,6 +284,9 @@ class FitConfig:
     polish: tuple[float, float] = (0.5, 1.5)
     polish_params: tuple[float, float] = (0.11, 0.2)
     polish_lr: float = 0.1
+    # The tuning's schedule measured again at effort 5 on cached fits (benchmarks/cached_fit.py, NOTES.md #240): at
+    # 0.3 bpp (8 images) 1, 1.5 or 3x the steps, or 0.5 / 1.0 of the rate, moved the files by -0.02 ... +0.01 dB on
+    # the mean (sd 0.02-0.04); at 0.5 bpp (2 images) every one of them lost 0.003-0.039 dB.
     sparse_qat_iters: float = 2.0
     sparse_qat_lr: float = 0.7
     # Where a fitting or tuning step samples part of the image, draw its pixels in proportion to their last measured
@@ -1692,22 +1696,37 @@ def _fit_and_code(pixels: np.ndarray, maxval: int, plan: Plan, device: str, eff:
                   bar, measure: bool) -> tuple[bytes, np.ndarray | None, float]:
     """The file of one fit of plan's network, the fit's rendered pixels (measure) and what rounding cost: the coded
     network's network-space PSNR below the fit's, in dB (before the post-filter)."""
+    fitter, gain, fit_mse = fit_network(pixels, plan, device, eff, cfg, seed, bar)
+    fit_pixels = _render_model(fitter.model, plan.header, maxval, gain.gain) if measure else None
+    data, loss = code_network(fitter, gain, fit_mse, pixels, maxval, plan, device, eff, cfg, bar)
+    return data, fit_pixels, loss
+
+
+def fit_network(pixels: np.ndarray, plan: Plan, device: str, eff: Effort, cfg: FitConfig, seed: int,
+                bar) -> tuple[Fitter, OutputGain, float]:
+    """One fit of plan's network to `pixels` ((H, W, C) in [0, 1]): the Fitter, its model fitted to gain x the
+    network-space target (the centre already in the output bias), the OutputGain and the fit's MSE."""
     from .colour import to_network_space
 
-    header = plan.header
-    target = to_network_space(pixels, header.colour)
+    target = to_network_space(pixels, plan.header.colour)
     gain = OutputGain.of(target, cfg)
-    fitter = Fitter(gain.normalise(target), header.arch, device, eff, cfg, seed)
+    fitter = Fitter(gain.normalise(target), plan.header.arch, device, eff, cfg, seed)
     fit_mse = fitter.fit(bar.update)
     fitter.shift_output(gain.offsets)  # from here on the network fits gain x the target
-    fit_pixels = _render_model(fitter.model, header, maxval, gain.gain) if measure else None
+    return fitter, gain, fit_mse
+
+
+def code_network(fitter: Fitter, gain: OutputGain, fit_mse: float, pixels: np.ndarray, maxval: int, plan: Plan,
+                 device: str, eff: Effort, cfg: FitConfig, bar) -> tuple[bytes, float]:
+    """The file of fit_network's fit (the fitter's model is tuned in place) and what rounding cost, in dB (network
+    space, before the post-filter). benchmarks/cached_fit.py calls it on copies of one fit."""
     # Quantisation-aware tuning at the steps the rate control picks, then a final rate check.
     data, codings = quantise(fitter.model, fitter.target, plan, cfg, eff)
     if eff.qat_stages:
         data = tune_and_code(fitter, plan, codings, data, fitter.state(), bar)
     loss = rounding_loss(data, fitter.model, fitter.target, fit_mse, fitter.mse_stride)
     data = scale_output_steps(data, gain.gain)
-    return add_alpha_ends(add_post_filter(data, pixels, maxval, plan, device), pixels, device), fit_pixels, loss
+    return add_alpha_ends(add_post_filter(data, pixels, maxval, plan, device), pixels, device), loss
 
 
 def rounding_loss(data: bytes, model, target, fit_mse: float, stride: int = 1) -> float:
