@@ -286,7 +286,7 @@ class FitConfig:
     polish_lr: float = 0.1
     # The tuning's schedule measured again at effort 5 on cached fits (benchmarks/cached_fit.py, NOTES.md #240): at
     # 0.3 bpp (8 images) 1, 1.5 or 3x the steps, or 0.5 / 1.0 of the rate, moved the files by -0.02 ... +0.01 dB on
-    # the mean (sd 0.02-0.04); at 0.5 bpp (2 images) every one of them lost 0.003-0.039 dB.
+    # the mean (sd 0.02-0.04); at 0.5 bpp (3 images) every one of them lost, by 0.003-0.071 dB.
     sparse_qat_iters: float = 2.0
     sparse_qat_lr: float = 0.7
     # Where a fitting or tuning step samples part of the image, draw its pixels in proportion to their last measured
