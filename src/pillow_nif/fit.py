@@ -178,8 +178,8 @@ class FitConfig:
     # network's (a crop's 1.0 bpp network has 12k parameters, 768x512's 0.3 bpp one 21k). Between the pixel counts
     # of `large_image` it falls from bits_per_param to large_bits_per_param, linearly in log2 of the pixels: at
     # 512x512 and 0.6 bpp (~5.0 bits) +0.25 dB over 5.5 and 0.04 below 4.75 (#148e). All on the CPU. Measured again
-    # with the later recipe (#241, #243): 4.25 bits -0.17 dB at 0.3 bpp (4 images); 5.25 -0.03 at 0.3 bpp (4), -0.01
-    # at 1.0 bpp (2).
+    # with the later recipe (#241, #243): 4.25 bits -0.17 dB at 0.3 bpp (4 images); 5.25 -0.03 at 0.3 bpp (4), -0.04
+    # at 1.0 bpp (4).
     large_bits_per_param: float = 4.75
     large_image: tuple[int, int] = (256 * 256, 768 * 512)
     # Rounding a network too large for its bits: where the coded network is more than `refit_loss` dB below the fit
