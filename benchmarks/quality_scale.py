@@ -3,6 +3,7 @@
 
     python benchmarks/quality_scale.py calibrate [--run benchmarks/results/kodak/rd_nif-e5-cpu-s0-s75.json]
     python benchmarks/quality_scale.py check --only kodim01,kodim05 --crop 256 --quality 30 60 85 --effort 5
+    python benchmarks/quality_scale.py sizes --size 32 --bpp 3 6 12 24 --out sizes.jsonl   (then: sizes --fit)
 
 `calibrate` reads a run of rd.py (NIF's files of the 24 Kodak images at several bpp), codes each image as JPEG at
 every quality 1-100 with the JPEG measure of `pillow_nif.quality` (its entropy-coded bits, and its PSNR), finds the
@@ -14,6 +15,13 @@ quality's bpp would be from the JPEG's at that quality (the NIF curve interpolat
 `check` encodes (pillow_nif.fit.encode_image, one thread) each image (or its centre `--crop` square, `--mode L` for
 grey) at each quality and prints, per encode, the bpp quality asked for, the file's bpp and PSNR and the JPEG's
 PSNR at that quality, then the mean and spread of the difference.
+
+`sizes` encodes the centre `--size` square of each image at each `--bpp` (effort 5, one thread), one JSON line per
+file appended to `--out` (a run resumes: encodes already there are skipped). `sizes --fit` reads those lines back
+and, for each crop and quality, interpolates the bits the network needed to reach the JPEG's PSNR at that quality
+(on the crop's PSNR curve in log bits, made monotone), divides them by the power law's, and prints each size's
+geometric mean of those ratios (quality.py's SMALL_FACTORS), and the one power of SMALL_PIXELS / pixels that would
+fit them all.
 """
 
 from __future__ import annotations
@@ -154,6 +162,80 @@ def check(args) -> None:
         Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
 
 
+def centre_crop(im, s: int):
+    w, h = im.size
+    return im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+
+
+def sizes(args) -> None:
+    import torch
+    from PIL import Image
+
+    from pillow_nif import fit
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    done = {(r["image"], r["size"], r["target_bpp"]) for r in _lines(out)}
+    for name in args.only.split(","):
+        for s in args.size:
+            im = centre_crop(Image.open(kodak_dir() / f"{name}.png").convert("RGB"), s)
+            for bpp in args.bpp:
+                if (name, s, bpp) in done:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    r = fit.encode_image(im, bpp, effort=args.effort, seed=args.seed)
+                except ValueError as e:  # a bpp under the least file's
+                    print(f"{name} {s} {bpp}: {e}", file=sys.stderr)
+                    continue
+                fixed = fit._least_overhead(s, s, "RGB", "auto", {}, fit.FitConfig())
+                rec = {"image": name, "size": s, "target_bpp": bpp, "effort": args.effort, "bytes": len(r.data),
+                       "payload_bpp": (len(r.data) - fixed) * 8 / (s * s), "psnr": r.psnr,
+                       "params": r.arch.num_params(), "seconds": time.perf_counter() - t0}
+                with out.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(json.dumps(rec), flush=True)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def fit_sizes(args) -> None:
+    """The size factors of quality.py, from `sizes` runs (see the module's doc)."""
+    from PIL import Image
+
+    from pillow_nif import quality
+
+    recs = _lines(Path(args.out))
+    rows = []  # (size, image, quality, log of needed bits over the law's)
+    for name, s in sorted({(r["image"], r["size"]) for r in recs}):
+        pts = sorted((r["payload_bpp"], r["psnr"]) for r in recs if (r["image"], r["size"]) == (name, s))
+        lb = np.log([p[0] for p in pts])
+        ps = np.maximum.accumulate([p[1] for p in pts])  # more bits never need to do worse: the encoder's best
+        im = centre_crop(Image.open(kodak_dir() / f"{name}.png").convert("RGB"), s)
+        for q in args.quality:
+            bits, jpeg_psnr = jpeg_point(im, q)
+            law = quality.GAIN * bits**quality.POWER
+            if not ps[0] <= jpeg_psnr <= ps[-1]:
+                print(f"{name} {s} q{q}: JPEG {jpeg_psnr:.2f} dB outside NIF's {ps[0]:.2f} ... {ps[-1]:.2f}")
+                continue
+            k = int(np.searchsorted(ps, jpeg_psnr))  # first point at or above: the step up's bits, interpolated
+            need = lb[0] if k == 0 else float(np.interp(jpeg_psnr, ps[k - 1 : k + 1], lb[k - 1 : k + 1]))
+            rows.append((s, name, q, need - math.log(law)))
+    ref = args.ref_pixels
+    x = np.array([max(0.0, math.log(ref / (s * s))) for s, *_ in rows])
+    y = np.array([r[3] for r in rows])
+    power = float(x @ y / (x @ x))  # through the origin: no change at ref_pixels and above
+    print(f"{len(rows)} (crop, quality) points; one power through 1 at {ref} pixels: {power:.4f}")
+    for s in sorted({r[0] for r in rows}):
+        sel = np.array([r[0] == s for r in rows])
+        pred = power * max(0.0, math.log(ref / (s * s)))
+        print(f"  {s}x{s}: needed / law x{math.exp(y[sel].mean()):.2f} (log sd {y[sel].std():.2f}, "
+              f"{sel.sum()} points; quality.small_factor x{quality.small_factor(s * s):.2f}), the power's "
+              f"x{math.exp(pred):.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="part", required=True)
@@ -170,8 +252,22 @@ def main() -> None:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--threads", type=int, default=1)
     k.add_argument("--out")
+    z = sub.add_parser("sizes")
+    z.add_argument("--only", default="kodim01,kodim03,kodim05,kodim13,kodim20,kodim23")
+    z.add_argument("--size", type=int, nargs="+", default=[16, 32, 64, 128])
+    z.add_argument("--bpp", type=float, nargs="+", default=[3, 6, 12, 24])
+    z.add_argument("--effort", type=int, default=5)
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--threads", type=int, default=1)
+    z.add_argument("--out", required=True, help="JSON lines, appended to (a run resumes)")
+    z.add_argument("--fit", action="store_true", help="fit the size factor to --out's records instead of encoding")
+    z.add_argument("--quality", type=int, nargs="+", default=[30, 50, 75, 90])
+    z.add_argument("--ref-pixels", type=int, default=256 * 256)
     args = p.parse_args()
-    (calibrate if args.part == "calibrate" else check)(args)
+    if args.part == "sizes":
+        (fit_sizes if args.fit else sizes)(args)
+    else:
+        (calibrate if args.part == "calibrate" else check)(args)
 
 
 if __name__ == "__main__":

@@ -1597,8 +1597,6 @@ def constant_file(image, metadata: dict, budget: int | None, cfg: FitConfig) -> 
     bytes and no fitting. A fit spent the whole budget on it (4030 bytes at 256x256 and 0.5 bpp, ~760 KB at
     4032x3024, where it took 48x a 768x512 encode's time). None for any other image, or where even this exceeds
     `budget` bytes (None: any)."""
-    from .render import load_network, render
-
     if image.width < 1 or image.height < 1:
         return None  # plan_encode says why
     try:
@@ -1608,8 +1606,17 @@ def constant_file(image, metadata: dict, budget: int | None, cfg: FitConfig) -> 
     if any(lo != hi for lo, hi in (bands if isinstance(bands[0], tuple) else (bands,))):
         return None
     pixel, mode, maxval = prepare_image(image.crop((0, 0, 1, 1)))  # OSError for a mode NIF cannot hold
-    level, value = np.round(pixel * maxval).ravel(), pixel.ravel() * 2 - 1  # the network's output space
-    w, h = image.size
+    data = one_colour_file(image.width, image.height, mode, np.round(pixel * maxval).ravel(), maxval, metadata, cfg)
+    return data if data is not None and (budget is None or len(data) <= budget) else None
+
+
+def one_colour_file(w: int, h: int, mode: str, level: np.ndarray, maxval: int, metadata: dict,
+                    cfg: FitConfig) -> bytes | None:
+    """The file of a w x h image of `mode` whose every pixel is `level` (one integer a channel): constant_file's
+    network; None where no step of _CONSTANT_STEPS lands on every channel's level."""
+    from .render import load_network, render
+
+    value = level / maxval * 2 - 1  # the network's output space
     arch = dataclasses.replace(choose_architecture(w, h, len(value), 1, cfg), widths=(1,), pe_freqs=0)
     header = Header(w, h, mode, bitstream.COLOUR_IDENTITY, arch)
     metadata = {k: bytes(v) for k, v in metadata.items() if v and k != "alpha_ends"}  # nothing fitted to snap
@@ -1626,8 +1633,42 @@ def constant_file(image, metadata: dict, budget: int | None, cfg: FitConfig) -> 
         # every pixel of the network is the same: one pixel of it checks them all (a decode at 1x1 would render the
         # stored size to resize it); on the CPU, where no kernel is compiled for it
         if np.array_equal(render(load_network(bitstream.loads(data)), 1, 1).ravel(), level):
-            return data if budget is None or len(data) <= budget else None
+            return data
     return None
+
+
+# A fitted file is checked against its image's mean colour where decoding it costs at most this many
+# multiply-adds (parameters x pixels; ~30 ms on one core of this project's CPU), which covers every network small
+# enough to lose to one colour.
+FLAT_CHECK_WORK = 1 << 26
+
+
+def no_worse_than_flat(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, device: str,
+                       cfg: FitConfig) -> tuple[bytes, Architecture]:
+    """(`data`, plan's architecture), or the file of the image's mean colour (one_colour_file) and its architecture
+    where that file fits the budget and decodes closer to the image. A network of a few dozen parameters, all that
+    ~80-100 bytes buy, can fit worse than no network at all: 16x16 and 32x32 Kodak crops at the bpp quality asked for
+    until session 82 (2.4-3.9 bpp at 16x16, 0.6-0.8 at 32x32) gave 20 of 48 effort-5 files up to 4.1 dB below their
+    mean colour's (NOTES.md #245)."""
+    h, w, _ = pixels.shape
+    if plan.header.arch.num_params() * w * h > FLAT_CHECK_WORK:
+        return data, plan.header.arch
+    level = np.round(pixels.reshape(-1, pixels.shape[2]).mean(0) * maxval)
+    flat = one_colour_file(w, h, plan.header.mode, level, maxval, plan.metadata, cfg)
+    if flat is None or len(flat) > (plan.total or plan.budget):
+        return data, plan.header.arch
+    if _small_file_mse(flat, pixels, maxval) < _small_file_mse(data, pixels, maxval):
+        return flat, bitstream.loads(flat).header.arch
+    return data, plan.header.arch
+
+
+def _small_file_mse(data: bytes, pixels: np.ndarray, maxval: int) -> float:
+    """_file_mse of a file whose network is small (FLAT_CHECK_WORK), rendered by torch on the CPU on any encode
+    device: no Triton kernel compiled for it on CUDA (one per architecture), a few milliseconds here."""
+    from .render import render_file
+
+    got = render_file(bitstream.loads(data), None, "cpu", "torch").astype(np.float64).reshape(pixels.shape)
+    return float(np.mean((got - np.round(pixels * maxval)) ** 2))
 
 
 def least_bpp(nbytes: int, w: int, h: int) -> float:
@@ -1689,9 +1730,10 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
             data, fit_pixels, loss = _fit_and_code(pixels, maxval, plan, device, eff, cfg, seed, bar, measure)
             data, fit_pixels, plan = refit(data, fit_pixels, loss, plan, lambda c: plan_encode(
                 image, target_bpp, colour, metadata, c, eff), pixels, maxval, device, eff, cfg, seed, bar, measure)
+            data, arch = no_worse_than_flat(data, pixels, maxval, plan, device, cfg)
     finally:
         bar.close()
-    return score(data, pixels, maxval, fit_pixels, device, time.perf_counter() - t0, plan.header.arch)
+    return score(data, pixels, maxval, fit_pixels, device, time.perf_counter() - t0, arch)
 
 
 def _fit_and_code(pixels: np.ndarray, maxval: int, plan: Plan, device: str, eff: Effort, cfg: FitConfig, seed: int,

@@ -28,8 +28,17 @@ GREY_GAIN = 1.15
 LEVELS = 4
 # The network's bits a pixel never exceed this under quality: NIF's encode time grows with them (768x512 at 1.0 bpp,
 # effort 5: 7-10 minutes a core), and past the calibrated 1 bpp (JPEG's quality ~80-90 on photos) the law is an
-# extrapolation, which fell short on detailed crops (NOTES.md #236).
+# extrapolation, which fell short on detailed crops (NOTES.md #236). An image under SMALL_PIXELS may take the bits of
+# MAX_BPP over SMALL_PIXELS: its encode costs no more than a 256x256 one's at MAX_BPP.
 MAX_BPP = 2.0
+# Small images need more bits a pixel than the law gives, for the same PSNR: a network's parameters buy less on fewer
+# pixels (its fixed layers, a coarser quantisation of few weights), where a JPEG's 8x8 blocks cost the same at any size.
+# The law's bits are multiplied by SMALL_FACTORS, (pixels, factor), interpolated in log pixels: the bits that reached the
+# JPEG's PSNR at qualities 30-90 over the law's, on centre crops of six Kodak images 16, 32, 64 and 128 pixels a side
+# (the geometric mean of each size's 21-24 points; `benchmarks/quality_scale.py sizes`; NOTES.md #246), and 1 from
+# 256x256 up, where the law held (#236).
+SMALL_PIXELS = 256 * 256
+SMALL_FACTORS = ((16 * 16, 4.54), (32 * 32, 3.27), (64 * 64, 2.13), (128 * 128, 1.25), (SMALL_PIXELS, 1.0))
 _BLOCK = 4096  # the JPEGs of a large image are coded in blocks of this side (JPEG's own limit is 65 500)
 
 
@@ -89,11 +98,23 @@ def planes(im) -> list:
 
 def payload_bpp(im, quality: float) -> float:
     """The bits a pixel that quality asks for the network of `im` (beyond the file's fixed bytes), at a
-    quarter-octave level and at most MAX_BPP."""
+    quarter-octave level and at most max_bpp."""
     w, h = im.size
     coded = planes(im)
     gain = GAIN * (GREY_GAIN if coded[0].mode == "L" else 1.0)
-    bpp = gain * (jpeg_bits(coded, round(quality)) / (w * h)) ** POWER
+    bpp = gain * (jpeg_bits(coded, round(quality)) / (w * h)) ** POWER * small_factor(w * h)
     if bpp <= 0:  # no entropy-coded bits (cannot happen: a scan has at least a byte)
         return 2.0 ** -10
-    return min(MAX_BPP, 2.0 ** (round(LEVELS * math.log2(bpp)) / LEVELS))
+    return min(max_bpp(w, h), 2.0 ** (round(LEVELS * math.log2(bpp)) / LEVELS))
+
+
+def small_factor(pixels: int) -> float:
+    """SMALL_FACTORS at `pixels`, interpolated in log pixels (the smallest's below 16x16, 1 from SMALL_PIXELS up)."""
+    x, y = zip(*SMALL_FACTORS)
+    return float(np.interp(math.log(pixels), np.log(x), y))
+
+
+def max_bpp(w: int, h: int) -> float:
+    """The most bits a pixel quality gives a w x h image's network: MAX_BPP, or under SMALL_PIXELS, MAX_BPP's bits
+    over SMALL_PIXELS (fit.plan_encode caps them again at the pixels' own)."""
+    return MAX_BPP * max(1.0, SMALL_PIXELS / (w * h))
