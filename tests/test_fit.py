@@ -1020,6 +1020,9 @@ def test_a_tiny_budget_never_decodes_worse_than_the_images_mean_colour(mode, bpp
         assert len(data) * 8 <= bpp * 16 * 16
         got = np.asarray(pillow_nif.decode(data), dtype=np.float64).reshape(want.shape)
         assert np.mean((got - want) ** 2) <= flat
+    # here the mean colour's file it is, and the result describes that file, not the network it replaced
+    r = encode_image(im, bpp=bpp, effort=1)
+    assert r.arch.widths == (1,) and r.fit_psnr == r.psnr
     # a budget that buys a real network keeps it
     data = pillow_nif.encode(im, bpp=8, effort=1)
     assert pillow_nif.info(data)["params"] > 100

@@ -167,7 +167,7 @@ def test_decoding_and_encoding_make_their_cuda_device_the_current_one(small_nif,
     monkeypatch.setattr(fit, "on_device", spy)
     # the check of a small network against the image's mean colour renders both on the CPU whatever the encode's
     # device (fit.no_worse_than_flat): its own on_device("cpu") is not the wiring under test
-    monkeypatch.setattr(fit, "no_worse_than_flat", lambda data, *a: (data, None))
+    monkeypatch.setattr(fit, "no_worse_than_flat", lambda data, *a: (data, None, a[-1]))
     pillow_nif.decode(small_nif, device="cpu")
     fit.encode_image(photo(24, 16), bpp=8, effort=1, device="cpu", measure=False)
     batch.encode_batch([photo(24, 16)], bpp=8, effort=1, device="cpu", measure=False)

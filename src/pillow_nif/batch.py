@@ -247,7 +247,7 @@ def _encode_group(group: list[_Job], device: str, cfg: fit.FitConfig, seed: int,
         data = fit.add_alpha_ends(fit.add_post_filter(data, pixels, maxval, job.plan, device), pixels, device)
         data, fp, plan = fit.refit(data, fit_pixels[i], loss, job.plan, lambda c: replan(job, c), pixels, maxval,
                                    device, eff, cfg, seed, bar, measure)
-        data, arch = fit.no_worse_than_flat(data, pixels, maxval, plan, device, cfg)
+        data, arch, fp = fit.no_worse_than_flat(data, pixels, maxval, plan, device, cfg, fp)
         results.append(fit.score(data, pixels, maxval, fp, device, 0.0, arch))
     return results
 

@@ -1643,32 +1643,34 @@ def one_colour_file(w: int, h: int, mode: str, level: np.ndarray, maxval: int, m
 FLAT_CHECK_WORK = 1 << 26
 
 
-def no_worse_than_flat(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, device: str,
-                       cfg: FitConfig) -> tuple[bytes, Architecture]:
-    """(`data`, plan's architecture), or the file of the image's mean colour (one_colour_file) and its architecture
-    where that file fits the budget and decodes closer to the image. A network of a few dozen parameters, all that
-    ~80-100 bytes buy, can fit worse than no network at all: 16x16 and 32x32 Kodak crops at the bpp quality asked for
-    until session 82 (2.4-3.9 bpp at 16x16, 0.6-0.8 at 32x32) gave 20 of 48 effort-5 files up to 4.1 dB below their
-    mean colour's (NOTES.md #245)."""
+def no_worse_than_flat(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan, device: str, cfg: FitConfig,
+                       fit_pixels: np.ndarray | None = None) -> tuple[bytes, Architecture, np.ndarray | None]:
+    """(`data`, plan's architecture, `fit_pixels`), or the file of the image's mean colour (one_colour_file), its
+    architecture and its pixels (the file's fit, then: no network of it was fitted) where that file fits the budget
+    and decodes closer to the image. A network of a few dozen parameters, all that ~80-100 bytes buy, can fit worse
+    than no network at all: 16x16 and 32x32 Kodak crops at the bpp quality asked for until session 82 (2.4-3.9 bpp
+    at 16x16, 0.6-0.8 at 32x32) gave 20 of 48 effort-5 files up to 4.1 dB below their mean colour's (NOTES.md #245)."""
     h, w, _ = pixels.shape
+    kept = data, plan.header.arch, fit_pixels
     if plan.header.arch.num_params() * w * h > FLAT_CHECK_WORK:
-        return data, plan.header.arch
+        return kept
     level = np.round(pixels.reshape(-1, pixels.shape[2]).mean(0) * maxval)
     flat = one_colour_file(w, h, plan.header.mode, level, maxval, plan.metadata, cfg)
     if flat is None or len(flat) > (plan.total or plan.budget):
-        return data, plan.header.arch
-    if _small_file_mse(flat, pixels, maxval) < _small_file_mse(data, pixels, maxval):
-        return flat, bitstream.loads(flat).header.arch
-    return data, plan.header.arch
+        return kept
+    ref = np.round(pixels * maxval)
+    flat_pixels = _small_render(flat).reshape(pixels.shape)
+    if np.mean((flat_pixels - ref) ** 2) < np.mean((_small_render(data).reshape(pixels.shape) - ref) ** 2):
+        return flat, bitstream.loads(flat).header.arch, None if fit_pixels is None else flat_pixels
+    return kept
 
 
-def _small_file_mse(data: bytes, pixels: np.ndarray, maxval: int) -> float:
-    """_file_mse of a file whose network is small (FLAT_CHECK_WORK), rendered by torch on the CPU on any encode
-    device: no Triton kernel compiled for it on CUDA (one per architecture), a few milliseconds here."""
+def _small_render(data: bytes) -> np.ndarray:
+    """The decoded pixels (float64) of a file whose network is small (FLAT_CHECK_WORK), rendered by torch on the CPU
+    on any encode device: no Triton kernel compiled for it on CUDA (one per architecture), a few milliseconds here."""
     from .render import render_file
 
-    got = render_file(bitstream.loads(data), None, "cpu", "torch").astype(np.float64).reshape(pixels.shape)
-    return float(np.mean((got - np.round(pixels * maxval)) ** 2))
+    return render_file(bitstream.loads(data), None, "cpu", "torch").astype(np.float64)
 
 
 def least_bpp(nbytes: int, w: int, h: int) -> float:
@@ -1730,7 +1732,7 @@ def encode_image(image, bpp=None, quality=None, effort=5, device="auto", seed=0,
             data, fit_pixels, loss = _fit_and_code(pixels, maxval, plan, device, eff, cfg, seed, bar, measure)
             data, fit_pixels, plan = refit(data, fit_pixels, loss, plan, lambda c: plan_encode(
                 image, target_bpp, colour, metadata, c, eff), pixels, maxval, device, eff, cfg, seed, bar, measure)
-            data, arch = no_worse_than_flat(data, pixels, maxval, plan, device, cfg)
+            data, arch, fit_pixels = no_worse_than_flat(data, pixels, maxval, plan, device, cfg, fit_pixels)
     finally:
         bar.close()
     return score(data, pixels, maxval, fit_pixels, device, time.perf_counter() - t0, arch)

@@ -33,10 +33,10 @@ LEVELS = 4
 MAX_BPP = 2.0
 # Small images need more bits a pixel than the law gives, for the same PSNR: a network's parameters buy less on fewer
 # pixels (its fixed layers, a coarser quantisation of few weights), where a JPEG's 8x8 blocks cost the same at any size.
-# The law's bits are multiplied by SMALL_FACTORS, (pixels, factor), interpolated in log pixels: the bits that reached the
-# JPEG's PSNR at qualities 30-90 over the law's, on centre crops of six Kodak images 16, 32, 64 and 128 pixels a side
-# (the geometric mean of each size's 21-24 points; `benchmarks/quality_scale.py sizes`; NOTES.md #246), and 1 from
-# 256x256 up, where the law held (#236).
+# The law's bits are multiplied by SMALL_FACTORS, (pixels, factor), interpolated in log pixels: the bits that reached
+# the JPEG's PSNR at qualities 30-90 over the law's, on centre crops of six Kodak images (RGB) 16, 32, 64 and 128 pixels
+# a side (the geometric mean of each size's 21-24 points; `benchmarks/quality_scale.py sizes`; NOTES.md #246), and 1
+# from 256x256 up, where the law held (#236).
 SMALL_PIXELS = 256 * 256
 SMALL_FACTORS = ((16 * 16, 4.54), (32 * 32, 3.27), (64 * 64, 2.13), (128 * 128, 1.25), (SMALL_PIXELS, 1.0))
 _BLOCK = 4096  # the JPEGs of a large image are coded in blocks of this side (JPEG's own limit is 65 500)
@@ -111,10 +111,10 @@ def payload_bpp(im, quality: float) -> float:
 def small_factor(pixels: int) -> float:
     """SMALL_FACTORS at `pixels`, interpolated in log pixels (the smallest's below 16x16, 1 from SMALL_PIXELS up)."""
     x, y = zip(*SMALL_FACTORS)
-    return float(np.interp(math.log(pixels), np.log(x), y))
+    return float(np.interp(math.log(max(pixels, 1)), np.log(x), y))
 
 
 def max_bpp(w: int, h: int) -> float:
     """The most bits a pixel quality gives a w x h image's network: MAX_BPP, or under SMALL_PIXELS, MAX_BPP's bits
     over SMALL_PIXELS (fit.plan_encode caps them again at the pixels' own)."""
-    return MAX_BPP * max(1.0, SMALL_PIXELS / (w * h))
+    return MAX_BPP * max(1.0, SMALL_PIXELS / max(w * h, 1))
