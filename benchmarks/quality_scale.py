@@ -140,9 +140,7 @@ def check(args) -> None:
     for name in names:
         im = Image.open(kodak_dir() / f"{name}.png").convert(args.mode)
         if args.crop:
-            w, h = im.size
-            s = args.crop
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            im = centre_crop(im, args.crop)
         for q in args.quality:
             _, jpeg_psnr = jpeg_point(im, q)
             asked = fit.quality_bpp(im, q, {}, "auto", fit.FitConfig())

@@ -1659,7 +1659,7 @@ def no_worse_than_flat(data: bytes, pixels: np.ndarray, maxval: int, plan: Plan,
     if flat is None or len(flat) > (plan.total or plan.budget):
         return kept
     ref = np.round(pixels * maxval)
-    flat_pixels = _small_render(flat).reshape(pixels.shape)
+    flat_pixels = np.broadcast_to(level, pixels.shape)  # what it decodes to: one_colour_file checked its level
     if np.mean((flat_pixels - ref) ** 2) < np.mean((_small_render(data).reshape(pixels.shape) - ref) ** 2):
         return flat, bitstream.loads(flat).header.arch, None if fit_pixels is None else flat_pixels
     return kept
